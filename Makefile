@@ -1,0 +1,78 @@
+# mq - see README.md.  `make demo` and `make check` install what they
+# need (apt-get as root, else they print the exact command to run).
+
+PREFIX  ?= /usr/local
+DESTDIR ?=
+BINDIR   = $(DESTDIR)$(PREFIX)/bin
+MANDIR   = $(DESTDIR)$(PREFIX)/share/man
+
+CC      ?= cc
+WARN     = -std=c11 -Wall -Wextra -Werror
+CFLAGS  ?= -O2 -g
+PKGS     = yaml-0.1 zlib
+PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+PKG_LIBS   = $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -lyaml -lz)
+SAN      = -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
+
+BATS_FILES = $(sort $(wildcard tests/*.bats))
+
+.PHONY: all deps demo check check-werror unit bats bats-asan lint bench install uninstall clean
+
+all: mq
+
+mq: mq.c mq.h
+	$(CC) $(WARN) $(CFLAGS) $(PKG_CFLAGS) -o $@ mq.c $(PKG_LIBS)
+
+# Sanitizer build, and a build with the fault-injecting syscall table.
+mq-asan: mq.c mq.h
+	$(CC) $(WARN) -O1 -g $(SAN) $(PKG_CFLAGS) -o $@ mq.c $(PKG_LIBS)
+
+mq-fault: mq.c mq.h
+	$(CC) $(WARN) -O1 -g -DMQ_FAULTS $(PKG_CFLAGS) -o $@ mq.c $(PKG_LIBS)
+
+tests/unit: tests/unit.c mq.c mq.h
+	$(CC) $(WARN) -O1 -g $(SAN) -DMQ_FAULTS $(PKG_CFLAGS) -I. -o $@ tests/unit.c $(PKG_LIBS)
+
+deps:
+	@sh tests/deps.sh
+
+demo: deps
+	@$(MAKE) --no-print-directory mq
+	@sh examples/demo.sh ./mq
+
+# The gate: warnings as errors, unit tests (under ASan+UBSan), the bats
+# suite against the normal build and again against the sanitizer build,
+# and the man pages through mandoc -Tlint.
+check: deps
+	@$(MAKE) --no-print-directory check-werror unit lint bats bats-asan
+
+check-werror:
+	$(CC) $(WARN) -O2 $(PKG_CFLAGS) -fsyntax-only mq.c
+	$(CC) $(WARN) -O2 -DMQ_TEST $(PKG_CFLAGS) -fsyntax-only mq.c
+
+unit: tests/unit
+	./tests/unit
+
+bats: mq mq-fault
+	MQ=$(CURDIR)/mq MQ_FAULT_BIN=$(CURDIR)/mq-fault bats --jobs 1 $(BATS_FILES)
+
+bats-asan: mq-asan mq-fault
+	MQ=$(CURDIR)/mq-asan MQ_FAULT_BIN=$(CURDIR)/mq-fault MQ_ASAN=1 bats $(BATS_FILES)
+
+lint:
+	mandoc -Tlint -Wwarning man/*.[1-8]
+
+bench: mq
+	@sh tests/bench.sh ./mq
+
+install: mq
+	mkdir -p $(BINDIR) $(MANDIR)/man1 $(MANDIR)/man5
+	install -m 0755 mq $(BINDIR)/mq
+	install -m 0644 man/mq.1 $(MANDIR)/man1/mq.1
+	install -m 0644 man/mq.yaml.5 man/mq-format.5 $(MANDIR)/man5/
+
+uninstall:
+	rm -f $(BINDIR)/mq $(MANDIR)/man1/mq.1 $(MANDIR)/man5/mq.yaml.5 $(MANDIR)/man5/mq-format.5
+
+clean:
+	rm -f mq mq-asan mq-fault tests/unit

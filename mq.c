@@ -1,0 +1,4968 @@
+/*
+ * mq - a durable message queue in one C file.
+ *
+ * mq keeps queues in a spool directory.  Each queue is a directory of
+ * partitions; each partition is an append-only log of checksummed batches
+ * split into segment files, with a derived offset index and time index per
+ * segment, a head file naming where durable (published) data ends, and
+ * consumer-group offset files.  Processes coordinate with flock(2): one
+ * writer per partition, one consumer per group and partition, readers take
+ * no lock.  The formats are documented byte by byte in mq.h.
+ *
+ * Layers, bottom up; a layer calls only lower-numbered ones, and nothing
+ * above layer 12 prints or exits:
+ *
+ *   1. Utilities: errors, buffers, numbers, durations, names, clock
+ *   2. Durable files: the syscall table, full writes, fsync, locks
+ *   3. Configuration: settings table, mq.yaml and queue meta (libyaml)
+ *   4. Record format: batch encode/decode, crc, compression (pure)
+ *   5. Segments: segment files, index and time index, tail scan
+ *   6. Partitions and queues: open/create, append, recover, read, retain
+ *   7. Consumer groups: offset files
+ *   8. Verification and repair
+ *  12. CLI: option parser, output formats, commands and the command table
+ *  13. main
+ *
+ * (Layers 9-11, the server, replication and nameserver, come with later
+ * work; the numbers are kept so the outline stays stable.)
+ *
+ * Build switches: MQ_TEST compiles without main() for tests/unit.c, which
+ * includes this file; MQ_FAULTS adds fault injection to the syscall table,
+ * driven by the MQ_FAULT environment variable (see dur_fault_init()).
+ */
+#define _GNU_SOURCE /* O_CLOEXEC, memmem, fdatasync on older libcs */
+#include <assert.h>
+#include <ctype.h>
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+#ifdef __linux__
+#include <sys/inotify.h>
+#endif
+
+#include <yaml.h>
+#include <zlib.h>
+
+#include "mq.h"
+
+#ifndef O_NOFOLLOW
+#define O_NOFOLLOW 0
+#endif
+
+/* ===================================================================
+ * 1. Utilities: errors, buffers, numbers, durations, names, clock
+ *
+ * Pure helpers with no I/O besides the clock.  Errors travel in a
+ * struct mq_err filled by the deepest function that knows the cause.
+ * =================================================================== */
+
+/* snprintf through a va_list: every path in mq is built from a spool
+ * path capped in spool_init() plus short names, so it always fits; this
+ * wrapper keeps that single argument out of gcc's truncation guesses. */
+static int strfmt(char *out, size_t n, const char *f, ...)
+	__attribute__((format(printf, 3, 4)));
+static int strfmt(char *out, size_t n, const char *f, ...)
+{
+	va_list ap;
+	va_start(ap, f);
+	int r = vsnprintf(out, n, f, ap);
+	va_end(ap);
+	return r;
+}
+
+struct mq_err {
+	int code;      /* an enum mq_exit value: how the CLI should exit */
+	int sys;       /* saved errno, 0 if none */
+	char msg[768]; /* one lower-case line, no final full stop */
+};
+
+static int err_vset(struct mq_err *e, int code, int sys, const char *fmt,
+                    va_list ap)
+{
+	if (!e)
+		return -1;
+	e->code = code;
+	e->sys = sys;
+	vsnprintf(e->msg, sizeof e->msg, fmt, ap);
+	if (sys) {
+		size_t n = strlen(e->msg);
+		strfmt(e->msg + n, sizeof e->msg - n, ": %s", strerror(sys));
+	}
+	return -1;
+}
+
+/* Fill e with code and a message; returns -1 so callers can return it. */
+static int err_set(struct mq_err *e, int code, const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	err_vset(e, code, 0, fmt, ap);
+	va_end(ap);
+	return -1;
+}
+
+/* Like err_set, appending strerror(errno); errno is read first. */
+static int err_sys(struct mq_err *e, int code, const char *fmt, ...)
+{
+	int sys = errno;
+	va_list ap;
+	va_start(ap, fmt);
+	err_vset(e, code, sys, fmt, ap);
+	va_end(ap);
+	errno = sys;
+	return -1;
+}
+
+/* Exit code for an errno from an I/O call: full disk and I/O are 74. */
+static int err_code_for(int sys)
+{
+	return sys == EWOULDBLOCK || sys == EAGAIN ? MQ_EX_TEMPFAIL : MQ_EX_IOERR;
+}
+
+struct buf {
+	char *p;
+	size_t len, cap; /* bytes used, bytes allocated */
+};
+
+/* Make room for n more bytes.  Allocation failure aborts: mq has no
+ * useful way to continue without memory and must not half-write. */
+static void buf_reserve(struct buf *b, size_t n)
+{
+	if (b->len + n <= b->cap)
+		return;
+	size_t cap = b->cap ? b->cap : 4096;
+	while (cap < b->len + n)
+		cap *= 2;
+	char *p = realloc(b->p, cap);
+	if (!p) {
+		fprintf(stderr, "mq: out of memory (%zu bytes)\n", cap);
+		abort();
+	}
+	b->p = p;
+	b->cap = cap;
+}
+
+static void buf_add(struct buf *b, const void *p, size_t n)
+{
+	buf_reserve(b, n);
+	if (n)
+		memcpy(b->p + b->len, p, n);
+	b->len += n;
+}
+
+static void buf_adds(struct buf *b, const char *s) { buf_add(b, s, strlen(s)); }
+
+static void buf_printf(struct buf *b, const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	int n = vsnprintf(NULL, 0, fmt, ap);
+	va_end(ap);
+	buf_reserve(b, (size_t)n + 1);
+	va_start(ap, fmt);
+	vsnprintf(b->p + b->len, (size_t)n + 1, fmt, ap);
+	va_end(ap);
+	b->len += (size_t)n;
+}
+
+static void buf_free(struct buf *b)
+{
+	free(b->p);
+	b->p = NULL;
+	b->len = b->cap = 0;
+}
+
+/* Little-endian field access: the only way integers reach the disk. */
+static void le16_put(unsigned char *p, uint16_t v) { p[0] = (unsigned char)v; p[1] = (unsigned char)(v >> 8); }
+static void le32_put(unsigned char *p, uint32_t v)
+{
+	for (int i = 0; i < 4; i++)
+		p[i] = (unsigned char)(v >> (8 * i));
+}
+static void le64_put(unsigned char *p, uint64_t v)
+{
+	for (int i = 0; i < 8; i++)
+		p[i] = (unsigned char)(v >> (8 * i));
+}
+static uint16_t le16_get(const unsigned char *p) { return (uint16_t)(p[0] | p[1] << 8); }
+static uint32_t le32_get(const unsigned char *p)
+{
+	return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+static uint64_t le64_get(const unsigned char *p)
+{
+	return (uint64_t)le32_get(p) | (uint64_t)le32_get(p + 4) << 32;
+}
+
+/* LEB128 varints.  varint_get returns bytes used, or 0 if the input ends
+ * early or the value does not fit 64 bits. */
+static size_t varint_put(unsigned char *p, uint64_t v)
+{
+	size_t n = 0;
+	while (v >= 0x80) {
+		p[n++] = (unsigned char)(v | 0x80);
+		v >>= 7;
+	}
+	p[n++] = (unsigned char)v;
+	return n;
+}
+
+static size_t varint_get(const unsigned char *p, const unsigned char *end, uint64_t *v)
+{
+	uint64_t r = 0;
+	for (size_t n = 0; n < 10 && p + n < end; n++) {
+		r |= (uint64_t)(p[n] & 0x7f) << (7 * n);
+		if (!(p[n] & 0x80)) {
+			if (n == 9 && p[n] > 1)
+				return 0;
+			*v = r;
+			return n + 1;
+		}
+	}
+	return 0;
+}
+
+static uint64_t zigzag(int64_t v) { return ((uint64_t)v << 1) ^ (uint64_t)(v >> 63); }
+static int64_t unzigzag(uint64_t v) { return (int64_t)(v >> 1) ^ -(int64_t)(v & 1); }
+
+/* FNV-1a 32-bit: the documented partition hash (mq.h, MQ_KEY_HASH). */
+static uint32_t fnv1a(const void *p, size_t n)
+{
+	const unsigned char *s = p;
+	uint32_t h = MQ_FNV_BASIS;
+	for (size_t i = 0; i < n; i++)
+		h = (h ^ s[i]) * MQ_FNV_PRIME;
+	return h;
+}
+
+static uint32_t tag_hash(const void *p, size_t n)
+{
+	uint32_t h = fnv1a(p, n);
+	return h ? h : 1;
+}
+
+static int cmp_str(const void *a, const void *b)
+{
+	return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+static int64_t now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_REALTIME, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int64_t mono_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Queue and group names: [A-Za-z0-9][A-Za-z0-9._-]{0,127}.  Anything else
+ * could escape the spool ("../x", "a/b") or hide (".x"). */
+static int name_valid(const char *s)
+{
+	size_t n = strlen(s);
+	if (n == 0 || n > MQ_NAME_MAX || !isalnum((unsigned char)s[0]))
+		return 0;
+	for (size_t i = 0; i < n; i++) {
+		unsigned char c = (unsigned char)s[i];
+		if (!(isalnum(c) || c == '.' || c == '_' || c == '-') || c >= 0x80)
+			return 0;
+	}
+	return 1;
+}
+
+/* Parse an unsigned decimal that must fill the whole string. */
+static int parse_u64(const char *s, uint64_t *out)
+{
+	if (!s || !isdigit((unsigned char)*s))
+		return -1;
+	errno = 0;
+	char *end;
+	unsigned long long v = strtoull(s, &end, 10);
+	if (errno || *end)
+		return -1;
+	*out = v;
+	return 0;
+}
+
+/* Parse NUMBER[suffix] where suffix scales; suffixes is a list of
+ * {name, multiplier}.  The result must not overflow int64. */
+struct unit {
+	const char *name;
+	int64_t mul;
+};
+
+static int parse_scaled(const char *s, const struct unit *units, int64_t *out)
+{
+	if (!s || !isdigit((unsigned char)*s))
+		return -1;
+	errno = 0;
+	char *end;
+	unsigned long long v = strtoull(s, &end, 10);
+	if (errno)
+		return -1;
+	for (const struct unit *u = units; u->name; u++) {
+		if (strcmp(end, u->name) == 0) {
+			if (v > (unsigned long long)(INT64_MAX / u->mul))
+				return -1;
+			*out = (int64_t)v * u->mul;
+			return 0;
+		}
+	}
+	return -1;
+}
+
+/* Durations: 500ms 10s 5m 1h 2d; a bare number is seconds. */
+static int parse_duration_ms(const char *s, int64_t *ms)
+{
+	static const struct unit u[] = {
+		{"ms", 1}, {"", 1000}, {"s", 1000}, {"m", 60000}, {"h", 3600000},
+		{"d", 86400000}, {NULL, 0}};
+	return parse_scaled(s, u, ms);
+}
+
+/* Sizes: 4k 64M 1G (powers of 1024, either case); a bare number is bytes. */
+static int parse_size(const char *s, int64_t *bytes)
+{
+	static const struct unit u[] = {
+		{"", 1}, {"b", 1}, {"B", 1}, {"k", 1 << 10}, {"K", 1 << 10},
+		{"kb", 1 << 10}, {"KB", 1 << 10}, {"KiB", 1 << 10}, {"m", 1 << 20},
+		{"M", 1 << 20}, {"MB", 1 << 20}, {"MiB", 1 << 20}, {"g", 1 << 30},
+		{"G", 1 << 30}, {"GB", 1 << 30}, {"GiB", 1 << 30}, {NULL, 0}};
+	return parse_scaled(s, u, bytes);
+}
+
+/* Times: RFC 3339 (2026-12-01T09:00[:SS][.mmm][Z|+HH:MM], local time
+ * without a zone; a space may replace the T), epoch seconds (all digits,
+ * or @SECONDS), or a duration meaning that long ago ("10m"). */
+static int parse_time_ms(const char *s, int64_t *ms)
+{
+	uint64_t v;
+	if (*s == '@')
+		s++;
+	if (parse_u64(s, &v) == 0) {
+		if (v > (uint64_t)INT64_MAX / 1000)
+			return -1;
+		*ms = (int64_t)v * 1000;
+		return 0;
+	}
+	int64_t d;
+	if (parse_duration_ms(s, &d) == 0) {
+		*ms = now_ms() - d;
+		return 0;
+	}
+	struct tm tm = {0};
+	int frac = 0, n = 0, got;
+	got = sscanf(s, "%4d-%2d-%2d%*1[T ]%2d:%2d%n", &tm.tm_year, &tm.tm_mon,
+	             &tm.tm_mday, &tm.tm_hour, &tm.tm_min, &n);
+	if (got != 5 || n == 0)
+		return -1;
+	const char *p = s + n;
+	if (*p == ':') {
+		if (!isdigit((unsigned char)p[1]) || !isdigit((unsigned char)p[2]))
+			return -1;
+		tm.tm_sec = (p[1] - '0') * 10 + (p[2] - '0');
+		p += 3;
+		if (*p == '.') {
+			int digits = 0;
+			for (p++; isdigit((unsigned char)*p); p++, digits++)
+				if (digits < 3)
+					frac = frac * 10 + (*p - '0');
+			for (; digits > 0 && digits < 3; digits++)
+				frac *= 10;
+		}
+	}
+	tm.tm_year -= 1900;
+	tm.tm_mon -= 1;
+	int64_t secs;
+	if (*p == 0) {
+		tm.tm_isdst = -1;
+		time_t t = mktime(&tm);
+		if (t == (time_t)-1)
+			return -1;
+		secs = (int64_t)t;
+	} else {
+		int off = 0;
+		if (*p == 'Z' || *p == 'z') {
+			p++;
+		} else if (*p == '+' || *p == '-') {
+			int hh, mm;
+			if (sscanf(p + 1, "%2d:%2d", &hh, &mm) != 2 || strlen(p) != 6)
+				return -1;
+			off = (hh * 60 + mm) * 60 * (*p == '-' ? -1 : 1);
+			p += 6;
+		}
+		if (*p)
+			return -1;
+		secs = (int64_t)timegm(&tm) - off;
+	}
+	*ms = secs * 1000 + frac;
+	return 0;
+}
+
+/* Format a duration for humans: 950ms, 12s, 5m3s, 2h10m, 3d4h. */
+static void fmt_duration(char *out, size_t n, int64_t ms)
+{
+	if (ms < 0)
+		ms = 0;
+	if (ms < 1000)
+		strfmt(out, n, "%" PRId64 "ms", ms);
+	else if (ms < 60000)
+		strfmt(out, n, "%" PRId64 "s", ms / 1000);
+	else if (ms < 3600000)
+		strfmt(out, n, "%" PRId64 "m%" PRId64 "s", ms / 60000, ms / 1000 % 60);
+	else if (ms < 86400000)
+		strfmt(out, n, "%" PRId64 "h%" PRId64 "m", ms / 3600000, ms / 60000 % 60);
+	else
+		strfmt(out, n, "%" PRId64 "d%" PRId64 "h", ms / 86400000, ms / 3600000 % 24);
+}
+
+/* Format a size: exact with a binary suffix when it divides, else bytes. */
+static void fmt_size(char *out, size_t n, int64_t v)
+{
+	if (v >= (1 << 30) && v % (1 << 30) == 0)
+		strfmt(out, n, "%" PRId64 "G", v >> 30);
+	else if (v >= (1 << 20) && v % (1 << 20) == 0)
+		strfmt(out, n, "%" PRId64 "M", v >> 20);
+	else if (v >= (1 << 10) && v % (1 << 10) == 0)
+		strfmt(out, n, "%" PRId64 "k", v >> 10);
+	else
+		strfmt(out, n, "%" PRId64, v);
+}
+
+/* ===================================================================
+ * 2. Durable files: the syscall table, full writes, fsync, locks
+ *
+ * Every call that changes the disk goes through `sys`, so a test build
+ * (MQ_FAULTS) can fail the Nth call of a kind or kill the process there.
+ * Functions here retry EINTR and short writes, and fill an mq_err naming
+ * the file; they never decide policy (what to do after a failed fsync is
+ * the caller's business, and the answer is always "fail, never retry").
+ * =================================================================== */
+
+struct mq_sys {
+	ssize_t (*write)(int, const void *, size_t);
+	ssize_t (*pwrite)(int, const void *, size_t, off_t);
+	int (*fsync)(int);
+	int (*fdatasync)(int);
+	int (*rename)(const char *, const char *);
+	int (*open)(const char *, int, ...);
+	int (*ftruncate)(int, off_t);
+	int (*unlink)(const char *);
+	int (*mkdir)(const char *, mode_t);
+	int (*rmdir)(const char *);
+};
+
+#ifdef MQ_FAULTS
+/*
+ * MQ_FAULT=CALL:N:WHAT[:sticky] makes the Nth call (counting from 1) of
+ * CALL (write pwrite fsync fdatasync rename open ftruncate unlink mkdir)
+ * fail.  WHAT is eio, enospc, short (write half, then fail the rest), or
+ * kill (SIGKILL the process just before the call).  sticky keeps failing
+ * every later call of that kind too.
+ */
+static struct {
+	char call[16];
+	long n, seen;
+	int what; /* 0 none, EIO, ENOSPC, -1 short, -2 kill */
+	int sticky;
+} fault;
+
+static void dur_fault_init(void)
+{
+	const char *s = getenv("MQ_FAULT");
+	char what[16] = "", sticky[16] = "";
+	if (!s || sscanf(s, "%15[a-z]:%ld:%15[a-z]:%15s", fault.call, &fault.n, what,
+	                 sticky) < 3)
+		return;
+	fault.what = !strcmp(what, "eio") ? EIO : !strcmp(what, "enospc") ? ENOSPC
+	             : !strcmp(what, "short") ? -1 : !strcmp(what, "kill") ? -2 : 0;
+	fault.sticky = !strcmp(sticky, "sticky");
+}
+
+/* Returns 0 to let the call run, -1 (errno set) to fail it, 1 for short. */
+static int fault_hit(const char *call)
+{
+	if (!fault.what || strcmp(call, fault.call))
+		return 0;
+	fault.seen++;
+	if (fault.seen < fault.n || (fault.seen > fault.n && !fault.sticky))
+		return 0;
+	if (fault.what == -2)
+		kill(getpid(), SIGKILL);
+	if (fault.what == -1)
+		return 1;
+	errno = fault.what;
+	return -1;
+}
+
+static ssize_t f_write(int fd, const void *p, size_t n)
+{
+	int f = fault_hit("write");
+	if (f < 0)
+		return -1;
+	return write(fd, p, f ? n / 2 : n);
+}
+static ssize_t f_pwrite(int fd, const void *p, size_t n, off_t o)
+{
+	int f = fault_hit("pwrite");
+	if (f < 0)
+		return -1;
+	return pwrite(fd, p, f ? n / 2 : n, o);
+}
+#define FAULT_WRAP1(name, T1)                                                  \
+	static int f_##name(T1 a) { return fault_hit(#name) ? -1 : name(a); }
+#define FAULT_WRAP2(name, T1, T2)                                              \
+	static int f_##name(T1 a, T2 b) { return fault_hit(#name) ? -1 : name(a, b); }
+FAULT_WRAP1(fsync, int)
+FAULT_WRAP1(fdatasync, int)
+FAULT_WRAP2(rename, const char *, const char *)
+FAULT_WRAP2(ftruncate, int, off_t)
+FAULT_WRAP1(unlink, const char *)
+FAULT_WRAP2(mkdir, const char *, mode_t)
+FAULT_WRAP1(rmdir, const char *)
+static int f_open(const char *path, int flags, ...)
+{
+	mode_t mode = 0;
+	if (flags & O_CREAT) {
+		va_list ap;
+		va_start(ap, flags);
+		mode = (mode_t)va_arg(ap, int);
+		va_end(ap);
+	}
+	if (fault_hit("open"))
+		return -1;
+	return open(path, flags, mode);
+}
+static struct mq_sys sys = {f_write, f_pwrite, f_fsync, f_fdatasync, f_rename,
+                            f_open, f_ftruncate, f_unlink, f_mkdir, f_rmdir};
+#else
+static void dur_fault_init(void) {}
+static struct mq_sys sys = {write, pwrite, fsync, fdatasync, rename,
+                            open, ftruncate, unlink, mkdir, rmdir};
+#endif
+
+/* Write all n bytes at the current position; a short write that makes
+ * no progress (full disk) ends in an error, never a silent loss. */
+static int dur_write_all(int fd, const void *p, size_t n, const char *path,
+                         struct mq_err *e)
+{
+	const char *s = p;
+	while (n > 0) {
+		ssize_t w = sys.write(fd, s, n);
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w <= 0) {
+			if (w == 0)
+				errno = ENOSPC;
+			return err_sys(e, err_code_for(errno), "cannot write '%s'", path);
+		}
+		s += w;
+		n -= (size_t)w;
+	}
+	return 0;
+}
+
+static int dur_pwrite_all(int fd, const void *p, size_t n, off_t off,
+                          const char *path, struct mq_err *e)
+{
+	const char *s = p;
+	while (n > 0) {
+		ssize_t w = sys.pwrite(fd, s, n, off);
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w <= 0) {
+			if (w == 0)
+				errno = ENOSPC;
+			return err_sys(e, err_code_for(errno), "cannot write '%s'", path);
+		}
+		s += w;
+		n -= (size_t)w;
+		off += w;
+	}
+	return 0;
+}
+
+/* Read up to n bytes at off; returns bytes read (short only at EOF). */
+static ssize_t dur_pread(int fd, void *p, size_t n, off_t off, const char *path,
+                         struct mq_err *e)
+{
+	size_t got = 0;
+	while (got < n) {
+		ssize_t r = pread(fd, (char *)p + got, n - got, off + (off_t)got);
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r < 0)
+			return err_sys(e, MQ_EX_IOERR, "cannot read '%s'", path);
+		if (r == 0)
+			break;
+		got += (size_t)r;
+	}
+	return (ssize_t)got;
+}
+
+/*
+ * Make a file's data durable.  A failure is final: the kernel may have
+ * dropped the dirty pages and marked them clean, so a second fdatasync
+ * could "succeed" without the data being on disk.  Callers fail the
+ * command and cut the unsafe bytes off instead of retrying.
+ */
+static int dur_datasync(int fd, const char *path, struct mq_err *e)
+{
+	if (sys.fdatasync(fd) < 0)
+		return err_sys(e, MQ_EX_IOERR, "cannot fsync '%s'", path);
+	return 0;
+}
+
+static int dur_sync(int fd, const char *path, struct mq_err *e)
+{
+	if (sys.fsync(fd) < 0)
+		return err_sys(e, MQ_EX_IOERR, "cannot fsync '%s'", path);
+	return 0;
+}
+
+/* fsync a directory so that names created, renamed or removed in it
+ * survive a power loss. */
+static int dur_sync_dir(const char *dir, struct mq_err *e)
+{
+	int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (fd < 0)
+		return err_sys(e, MQ_EX_IOERR, "cannot open directory '%s'", dir);
+	int r = dur_sync(fd, dir, e);
+	close(fd);
+	return r;
+}
+
+/* Parent directory of path, into out. */
+static void dur_dirname(const char *path, char *out, size_t n)
+{
+	strfmt(out, n, "%s", path);
+	char *slash = strrchr(out, '/');
+	if (slash == out)
+		out[1] = 0;
+	else if (slash)
+		*slash = 0;
+	else
+		strfmt(out, n, ".");
+}
+
+/*
+ * Replace the file at path with data, atomically: write ".NAME.tmp" with
+ * O_EXCL, fsync it, rename it over NAME, fsync the directory.  A crash
+ * leaves either the old or the new file (and maybe a stale temporary,
+ * which the next replace removes first).
+ */
+static int dur_replace(const char *path, const void *data, size_t n,
+                       struct mq_err *e)
+{
+	char dir[PATH_MAX], tmp[PATH_MAX + 16];
+	dur_dirname(path, dir, sizeof dir);
+	const char *base = strrchr(path, '/');
+	base = base ? base + 1 : path;
+	strfmt(tmp, sizeof tmp, "%s/.%s.tmp", dir, base);
+	sys.unlink(tmp);
+	int fd = sys.open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+	if (fd < 0)
+		return err_sys(e, err_code_for(errno), "cannot create '%s'", tmp);
+	if (dur_write_all(fd, data, n, tmp, e) < 0 || dur_sync(fd, tmp, e) < 0) {
+		close(fd);
+		sys.unlink(tmp);
+		return -1;
+	}
+	close(fd);
+	if (sys.rename(tmp, path) < 0) {
+		err_sys(e, MQ_EX_IOERR, "cannot rename '%s' to '%s'", tmp, path);
+		sys.unlink(tmp);
+		return -1;
+	}
+	return dur_sync_dir(dir, e);
+}
+
+/* Create a directory if missing (EEXIST is fine). */
+static int dur_mkdir(const char *path, struct mq_err *e)
+{
+	if (sys.mkdir(path, 0755) < 0 && errno != EEXIST)
+		return err_sys(e, err_code_for(errno), "cannot create directory '%s'", path);
+	return 0;
+}
+
+/* flock with EINTR retried.  Returns 0, or -1 with code 75 when nonblock
+ * and another process holds it. */
+static int dur_lock(int fd, int op, const char *path, struct mq_err *e)
+{
+	while (flock(fd, op) < 0) {
+		if (errno == EINTR)
+			continue;
+		if (errno == EWOULDBLOCK)
+			return err_set(e, MQ_EX_TEMPFAIL, "'%s' is locked by another process", path);
+		return err_sys(e, MQ_EX_IOERR, "cannot lock '%s'", path);
+	}
+	return 0;
+}
+
+static void dur_close(int *fd)
+{
+	if (*fd >= 0)
+		close(*fd);
+	*fd = -1;
+}
+
+/* Remove a directory tree (only regular files and directories; a symlink
+ * is unlinked, never followed). */
+static int dur_rmtree(const char *path, struct mq_err *e)
+{
+	DIR *d = opendir(path);
+	if (!d)
+		return err_sys(e, MQ_EX_IOERR, "cannot open directory '%s'", path);
+	struct dirent *de;
+	char sub[PATH_MAX];
+	int r = 0;
+	while ((de = readdir(d)) && r == 0) {
+		if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, ".."))
+			continue;
+		strfmt(sub, sizeof sub, "%s/%s", path, de->d_name);
+		struct stat st;
+		if (lstat(sub, &st) < 0)
+			continue;
+		if (S_ISDIR(st.st_mode))
+			r = dur_rmtree(sub, e);
+		else if (sys.unlink(sub) < 0 && errno != ENOENT)
+			r = err_sys(e, MQ_EX_IOERR, "cannot remove '%s'", sub);
+	}
+	closedir(d);
+	if (r == 0 && sys.rmdir(path) < 0 && errno != ENOENT)
+		r = err_sys(e, MQ_EX_IOERR, "cannot remove directory '%s'", path);
+	return r;
+}
+
+static int64_t file_size(const char *path)
+{
+	struct stat st;
+	return lstat(path, &st) < 0 ? -1 : (int64_t)st.st_size;
+}
+
+/* ===================================================================
+ * 3. Configuration: settings table, mq.yaml and queue meta (libyaml)
+ *
+ * A queue's effective settings are layered, later wins: built-in
+ * defaults, mq.yaml "defaults:", mq.yaml "queues: NAME:", the queue's
+ * meta.yaml (what `mq create` was told), then command-line flags.  Each
+ * setting remembers where its value came from for `mq config`.
+ * =================================================================== */
+
+enum fsync_mode { MQ_FSYNC_NEVER, MQ_FSYNC_INTERVAL, MQ_FSYNC_BATCH, MQ_FSYNC_ALWAYS };
+
+struct qconf {
+	int64_t partitions;
+	int64_t fsync;           /* enum fsync_mode */
+	int64_t fsync_ms;        /* interval for MQ_FSYNC_INTERVAL, ms */
+	int64_t segment_bytes;   /* roll a segment past this, bytes */
+	int64_t retain_age_ms;   /* 0 = keep by age forever */
+	int64_t retain_bytes;    /* 0 = no size limit, bytes per partition */
+	int64_t compression;     /* 0 none, 1 zlib */
+	int64_t max_message;     /* largest body + key + tag + headers, bytes */
+	char src[8][PATH_MAX + 32]; /* where each setting came from */
+};
+
+enum set_kind { SET_INT, SET_SIZE, SET_DURATION, SET_FSYNC, SET_COMPRESSION };
+
+/* The settings table drives mq.yaml parsing, `mq create` flags and
+ * `mq config` output alike. */
+static const struct setting {
+	const char *name;
+	enum set_kind kind;
+	size_t off; /* offsetof the int64_t field in struct qconf */
+	int64_t min, max;
+	const char *help;
+} settings[] = {
+	{"partitions", SET_INT, offsetof(struct qconf, partitions), 1, MQ_MAX_PARTITIONS,
+	 "number of partitions (fixed when the queue is created)"},
+	{"fsync", SET_FSYNC, offsetof(struct qconf, fsync), 0, 3,
+	 "always, batch, interval:MS or never"},
+	{"segment-bytes", SET_SIZE, offsetof(struct qconf, segment_bytes),
+	 MQ_MIN_SEGMENT_BYTES, MQ_MAX_SEGMENT_BYTES, "roll segments at this size"},
+	{"retain-age", SET_DURATION, offsetof(struct qconf, retain_age_ms), 0, INT64_MAX,
+	 "remove sealed segments older than this (0 = never)"},
+	{"retain-bytes", SET_SIZE, offsetof(struct qconf, retain_bytes), 0, INT64_MAX,
+	 "keep at most this much per partition (0 = no limit)"},
+	{"compression", SET_COMPRESSION, offsetof(struct qconf, compression), 0, 1,
+	 "none or zlib, per batch"},
+	{"max-message-bytes", SET_SIZE, offsetof(struct qconf, max_message), 1,
+	 MQ_MAX_MESSAGE_LIMIT, "largest message accepted"},
+};
+#define NSETTINGS (sizeof settings / sizeof settings[0])
+
+static int64_t *conf_field(struct qconf *c, const struct setting *s)
+{
+	return (int64_t *)(void *)((char *)c + s->off);
+}
+
+static void conf_defaults(struct qconf *c)
+{
+	memset(c, 0, sizeof *c);
+	c->partitions = MQ_DEF_PARTITIONS;
+	c->fsync = MQ_FSYNC_BATCH;
+	c->segment_bytes = MQ_DEF_SEGMENT_BYTES;
+	c->max_message = MQ_DEF_MAX_MESSAGE;
+	for (size_t i = 0; i < NSETTINGS; i++)
+		strfmt(c->src[i], sizeof c->src[i], "built-in default");
+}
+
+/*
+ * Set one setting from its text form.  Returns 0, or -1 with a message
+ * (without location: the caller knows the file and line).
+ */
+static int conf_set(struct qconf *c, const char *name, const char *val,
+                    const char *src, struct mq_err *e)
+{
+	for (size_t i = 0; i < NSETTINGS; i++) {
+		const struct setting *s = &settings[i];
+		if (strcmp(s->name, name))
+			continue;
+		int64_t v = 0;
+		int bad = 0;
+		switch (s->kind) {
+		case SET_INT: {
+			uint64_t u;
+			bad = parse_u64(val, &u) < 0 || u > INT64_MAX;
+			v = (int64_t)u;
+			break;
+		}
+		case SET_SIZE: bad = parse_size(val, &v) < 0; break;
+		case SET_DURATION: bad = parse_duration_ms(val, &v) < 0; break;
+		case SET_COMPRESSION:
+			v = !strcmp(val, "zlib") ? 1 : 0;
+			bad = strcmp(val, "zlib") && strcmp(val, "none");
+			break;
+		case SET_FSYNC:
+			if (!strcmp(val, "always")) v = MQ_FSYNC_ALWAYS;
+			else if (!strcmp(val, "batch")) v = MQ_FSYNC_BATCH;
+			else if (!strcmp(val, "never")) v = MQ_FSYNC_NEVER;
+			else if (!strncmp(val, "interval:", 9) &&
+			         parse_duration_ms(val + 9, &c->fsync_ms) == 0 && c->fsync_ms > 0)
+				v = MQ_FSYNC_INTERVAL;
+			else
+				bad = 1;
+			break;
+		}
+		if (bad || v < s->min || v > s->max)
+			return err_set(e, MQ_EX_USAGE, "bad value '%s' for '%s' (%s)", val, name, s->help);
+		*conf_field(c, s) = v;
+		strfmt(c->src[i], sizeof c->src[i], "%s", src);
+		return 0;
+	}
+	return err_set(e, MQ_EX_USAGE, "unknown key '%s'", name);
+}
+
+/* The text form of a setting, as conf_set would accept it. */
+static void conf_format(const struct qconf *c, size_t i, char *out, size_t n)
+{
+	const struct setting *s = &settings[i];
+	int64_t v = *conf_field((struct qconf *)c, s);
+	switch (s->kind) {
+	case SET_INT: strfmt(out, n, "%" PRId64, v); break;
+	case SET_SIZE: fmt_size(out, n, v); break;
+	case SET_DURATION:
+		if (v == 0)
+			strfmt(out, n, "0");
+		else
+			fmt_duration(out, n, v);
+		break;
+	case SET_COMPRESSION: strfmt(out, n, "%s", v ? "zlib" : "none"); break;
+	case SET_FSYNC: {
+		static const char *names[] = {"never", "interval", "batch", "always"};
+		if (v == MQ_FSYNC_INTERVAL)
+			strfmt(out, n, "interval:%" PRId64 "ms", c->fsync_ms);
+		else
+			strfmt(out, n, "%s", names[v]);
+		break;
+	}
+	}
+}
+
+/* The spool configuration: mq.yaml loaded as a document and kept, so a
+ * queue's section can be applied when the queue is opened. */
+struct cfg {
+	char path[PATH_MAX];
+	int loaded;
+	yaml_document_t doc;
+};
+
+static const char *yaml_scalar(yaml_node_t *n)
+{
+	return n && n->type == YAML_SCALAR_NODE ? (const char *)n->data.scalar.value : NULL;
+}
+
+/* Apply a mapping of settings (a "defaults:" or "queues: Q:" block, or a
+ * meta.yaml) to c.  Errors name file, line and key. */
+static int cfg_apply_map(yaml_document_t *doc, yaml_node_t *map, const char *file,
+                         const char *what, struct qconf *c, struct mq_err *e)
+{
+	if (!map || map->type != YAML_MAPPING_NODE)
+		return err_set(e, MQ_EX_USAGE, "%s:%lu: '%s' must be a mapping of settings",
+		               file, map ? (unsigned long)map->start_mark.line + 1 : 0, what);
+	for (yaml_node_pair_t *p = map->data.mapping.pairs.start;
+	     p < map->data.mapping.pairs.top; p++) {
+		yaml_node_t *k = yaml_document_get_node(doc, p->key);
+		yaml_node_t *v = yaml_document_get_node(doc, p->value);
+		const char *ks = yaml_scalar(k), *vs = yaml_scalar(v);
+		unsigned long line = (unsigned long)k->start_mark.line + 1;
+		char src[PATH_MAX + 32];
+		strfmt(src, sizeof src, "%s:%lu", file, line);
+		if (!ks || !vs)
+			return err_set(e, MQ_EX_USAGE, "%s: key and value must be plain scalars", src);
+		struct mq_err sub;
+		if (conf_set(c, ks, vs, src, &sub) < 0)
+			return err_set(e, MQ_EX_USAGE, "%s: %s", src, sub.msg);
+	}
+	return 0;
+}
+
+static int cfg_load_doc(const char *path, yaml_document_t *doc, int *found,
+                        struct mq_err *e)
+{
+	*found = 0;
+	FILE *f = fopen(path, "rb");
+	if (!f) {
+		if (errno == ENOENT)
+			return 0;
+		return err_sys(e, MQ_EX_IOERR, "cannot open '%s'", path);
+	}
+	yaml_parser_t parser;
+	yaml_parser_initialize(&parser);
+	yaml_parser_set_input_file(&parser, f);
+	int ok = yaml_parser_load(&parser, doc);
+	if (!ok)
+		err_set(e, MQ_EX_USAGE, "%s:%lu: %s", path,
+		        (unsigned long)parser.problem_mark.line + 1,
+		        parser.problem ? parser.problem : "bad YAML");
+	yaml_parser_delete(&parser);
+	fclose(f);
+	if (!ok)
+		return -1;
+	*found = 1;
+	return 0;
+}
+
+/*
+ * Load SPOOL/mq.yaml if present and check it completely (unknown keys and
+ * bad values are errors now, not when some queue happens to be opened).
+ */
+static int cfg_load(struct cfg *cfg, const char *spool, struct mq_err *e)
+{
+	memset(cfg, 0, sizeof *cfg);
+	strfmt(cfg->path, sizeof cfg->path, "%s/mq.yaml", spool);
+	int found;
+	if (cfg_load_doc(cfg->path, &cfg->doc, &found, e) < 0)
+		return -1;
+	if (!found)
+		return 0;
+	cfg->loaded = 1;
+	yaml_node_t *root = yaml_document_get_root_node(&cfg->doc);
+	if (!root)
+		return 0; /* an empty file is an empty configuration */
+	if (root->type != YAML_MAPPING_NODE)
+		return err_set(e, MQ_EX_USAGE, "%s:%lu: the top level must be a mapping", cfg->path,
+		               (unsigned long)root->start_mark.line + 1);
+	for (yaml_node_pair_t *p = root->data.mapping.pairs.start;
+	     p < root->data.mapping.pairs.top; p++) {
+		yaml_node_t *k = yaml_document_get_node(&cfg->doc, p->key);
+		yaml_node_t *v = yaml_document_get_node(&cfg->doc, p->value);
+		const char *ks = yaml_scalar(k);
+		unsigned long line = (unsigned long)k->start_mark.line + 1;
+		struct qconf scratch;
+		conf_defaults(&scratch);
+		if (ks && !strcmp(ks, "defaults")) {
+			if (cfg_apply_map(&cfg->doc, v, cfg->path, "defaults", &scratch, e) < 0)
+				return -1;
+		} else if (ks && !strcmp(ks, "queues")) {
+			if (v->type != YAML_MAPPING_NODE)
+				return err_set(e, MQ_EX_USAGE, "%s:%lu: 'queues' must map queue names to settings",
+				               cfg->path, line);
+			for (yaml_node_pair_t *q = v->data.mapping.pairs.start;
+			     q < v->data.mapping.pairs.top; q++) {
+				yaml_node_t *qk = yaml_document_get_node(&cfg->doc, q->key);
+				const char *qn = yaml_scalar(qk);
+				if (!qn || !name_valid(qn))
+					return err_set(e, MQ_EX_USAGE, "%s:%lu: bad queue name '%s'", cfg->path,
+					               (unsigned long)qk->start_mark.line + 1, qn ? qn : "?");
+				if (cfg_apply_map(&cfg->doc, yaml_document_get_node(&cfg->doc, q->value),
+				                  cfg->path, qn, &scratch, e) < 0)
+					return -1;
+			}
+		} else {
+			return err_set(e, MQ_EX_USAGE, "%s:%lu: unknown key '%s'", cfg->path, line,
+			               ks ? ks : "?");
+		}
+	}
+	return 0;
+}
+
+static void cfg_free(struct cfg *cfg)
+{
+	if (cfg->loaded)
+		yaml_document_delete(&cfg->doc);
+	cfg->loaded = 0;
+}
+
+/* Find a top-level key's value node in mq.yaml, or NULL. */
+static yaml_node_t *cfg_section(struct cfg *cfg, const char *key)
+{
+	if (!cfg->loaded)
+		return NULL;
+	yaml_node_t *root = yaml_document_get_root_node(&cfg->doc);
+	if (!root || root->type != YAML_MAPPING_NODE)
+		return NULL;
+	for (yaml_node_pair_t *p = root->data.mapping.pairs.start;
+	     p < root->data.mapping.pairs.top; p++) {
+		const char *ks = yaml_scalar(yaml_document_get_node(&cfg->doc, p->key));
+		if (ks && !strcmp(ks, key))
+			return yaml_document_get_node(&cfg->doc, p->value);
+	}
+	return NULL;
+}
+
+/* Settings for queue `name` from mq.yaml (defaults, then its section). */
+static int cfg_queue(struct cfg *cfg, const char *name, struct qconf *c,
+                     struct mq_err *e)
+{
+	conf_defaults(c);
+	yaml_node_t *d = cfg_section(cfg, "defaults");
+	if (d && cfg_apply_map(&cfg->doc, d, cfg->path, "defaults", c, e) < 0)
+		return -1;
+	yaml_node_t *qs = cfg_section(cfg, "queues");
+	if (!qs || qs->type != YAML_MAPPING_NODE)
+		return 0;
+	for (yaml_node_pair_t *p = qs->data.mapping.pairs.start; p < qs->data.mapping.pairs.top; p++) {
+		const char *qn = yaml_scalar(yaml_document_get_node(&cfg->doc, p->key));
+		if (qn && !strcmp(qn, name))
+			return cfg_apply_map(&cfg->doc, yaml_document_get_node(&cfg->doc, p->value),
+			                     cfg->path, name, c, e);
+	}
+	return 0;
+}
+
+/* Apply a queue's meta.yaml over c.  A missing file is not an error. */
+static int cfg_apply_meta(const char *path, struct qconf *c, struct mq_err *e)
+{
+	yaml_document_t doc;
+	int found;
+	if (cfg_load_doc(path, &doc, &found, e) < 0)
+		return -1;
+	if (!found)
+		return 0;
+	yaml_node_t *root = yaml_document_get_root_node(&doc);
+	int r = root ? cfg_apply_map(&doc, root, path, "meta", c, e) : 0;
+	yaml_document_delete(&doc);
+	return r;
+}
+
+/* ===================================================================
+ * 4. Record format: batch encode/decode, crc, compression
+ *
+ * Pure functions over memory; the layout is documented in mq.h.  An
+ * encoder appends batches to a caller's buffer with base offset and crc
+ * left blank; rec_finish() fills both when the writer knows the offset.
+ * A decoder trusts nothing before the crc has been checked.
+ * =================================================================== */
+
+struct rec_hdr {
+	uint8_t version, flags;
+	uint16_t hdr_len;
+	uint32_t len, crc, count, raw_len, pseq;
+	uint64_t base, pid;
+	int64_t first_ts, max_ts;
+};
+
+/* A decoded message; pointers into the batch's payload. */
+struct rec_msg {
+	uint64_t offset;
+	int64_t ts;
+	const unsigned char *key, *tag, *hdrs, *body;
+	size_t klen, tlen, hlen, blen;
+	int has_key, has_tag;
+	uint64_t nhdrs;
+};
+
+/* The encoder state for the batch being built at the end of `out`. */
+struct rec_enc {
+	struct buf out;   /* complete batches, then the open one */
+	struct buf tags;  /* u32 tag hash per message, in order */
+	size_t open_at;   /* position of the open batch's header, or SIZE_MAX */
+	uint32_t count;   /* messages in the open batch */
+	int64_t first_ts, max_ts;
+	uint64_t nmsgs;   /* messages in out, all batches */
+	int compress;     /* close batches with zlib */
+};
+
+static void rec_enc_init(struct rec_enc *enc, int compress)
+{
+	memset(enc, 0, sizeof *enc);
+	enc->open_at = SIZE_MAX;
+	enc->compress = compress;
+}
+
+static void rec_enc_reset(struct rec_enc *enc)
+{
+	enc->out.len = enc->tags.len = 0;
+	enc->open_at = SIZE_MAX;
+	enc->count = 0;
+	enc->nmsgs = 0;
+}
+
+static void rec_enc_free(struct rec_enc *enc)
+{
+	buf_free(&enc->out);
+	buf_free(&enc->tags);
+}
+
+/* crc of a whole batch: bytes 0..11 then 16..len-1 (mq.h). */
+static uint32_t rec_crc(const unsigned char *b, uint32_t len)
+{
+	uLong c = crc32(0L, Z_NULL, 0);
+	c = crc32(c, b, 12);
+	return (uint32_t)crc32(c, b + 16, len - 16);
+}
+
+/*
+ * Close the open batch: write its header (base offset and crc blank) and
+ * compress the payload if asked and worth it.  Returns -1 only if zlib
+ * fails, which leaves the batch uncompressed and valid.
+ */
+static void rec_enc_close(struct rec_enc *enc)
+{
+	if (enc->open_at == SIZE_MAX)
+		return;
+	unsigned char *h = (unsigned char *)enc->out.p + enc->open_at;
+	size_t raw = enc->out.len - enc->open_at - MQ_BATCH_HDR;
+	uint8_t flags = 0;
+	if (enc->compress && raw > 64) {
+		uLongf zlen = compressBound((uLong)raw);
+		unsigned char *z = malloc(zlen);
+		if (z && compress2(z, &zlen, h + MQ_BATCH_HDR, (uLong)raw, 1) == Z_OK && zlen < raw) {
+			memcpy(h + MQ_BATCH_HDR, z, zlen);
+			enc->out.len = enc->open_at + MQ_BATCH_HDR + zlen;
+			flags |= MQ_BF_ZLIB;
+		}
+		free(z);
+	}
+	le32_put(h, MQ_BATCH_MAGIC);
+	h[4] = MQ_BATCH_VERSION;
+	h[5] = flags;
+	le16_put(h + 6, MQ_BATCH_HDR);
+	le32_put(h + 8, (uint32_t)(enc->out.len - enc->open_at));
+	le32_put(h + 24, enc->count);
+	le32_put(h + 28, (uint32_t)raw);
+	le64_put(h + 32, (uint64_t)enc->first_ts);
+	le64_put(h + 40, (uint64_t)enc->max_ts);
+	enc->open_at = SIZE_MAX;
+	enc->count = 0;
+}
+
+/* Bytes a message record takes, its leading length varint included. */
+static size_t rec_msg_size(const struct rec_msg *m, uint32_t delta, int64_t tsd,
+                           size_t *inner)
+{
+	unsigned char tmp[10];
+	size_t n = varint_put(tmp, delta) + varint_put(tmp, zigzag(tsd)) +
+	           varint_put(tmp, m->has_key ? m->klen + 1 : 0) + m->klen +
+	           varint_put(tmp, m->has_tag ? m->tlen + 1 : 0) + m->tlen +
+	           (m->hlen ? m->hlen : 1) + m->blen;
+	*inner = n;
+	return n + varint_put(tmp, n);
+}
+
+/*
+ * Append one message (m->hdrs holds the encoded header block: varint
+ * count then pairs, or hlen 0 for none).  Opens a new batch when none is
+ * open or the open one has reached MQ_BATCH_TARGET.
+ */
+static void rec_enc_add(struct rec_enc *enc, const struct rec_msg *m)
+{
+	if (enc->open_at != SIZE_MAX &&
+	    enc->out.len - enc->open_at + m->blen > MQ_BATCH_TARGET)
+		rec_enc_close(enc);
+	if (enc->open_at == SIZE_MAX) {
+		enc->open_at = enc->out.len;
+		buf_reserve(&enc->out, MQ_BATCH_HDR);
+		memset(enc->out.p + enc->out.len, 0, MQ_BATCH_HDR);
+		enc->out.len += MQ_BATCH_HDR;
+		enc->first_ts = enc->max_ts = m->ts;
+	}
+	int64_t tsd = m->ts - enc->first_ts;
+	size_t inner, total = rec_msg_size(m, enc->count, tsd, &inner);
+	buf_reserve(&enc->out, total);
+	unsigned char *p = (unsigned char *)enc->out.p + enc->out.len;
+	p += varint_put(p, inner);
+	p += varint_put(p, enc->count);
+	p += varint_put(p, zigzag(tsd));
+	p += varint_put(p, m->has_key ? m->klen + 1 : 0);
+	if (m->klen)
+		memcpy(p, m->key, m->klen), p += m->klen;
+	p += varint_put(p, m->has_tag ? m->tlen + 1 : 0);
+	if (m->tlen)
+		memcpy(p, m->tag, m->tlen), p += m->tlen;
+	if (m->hlen)
+		memcpy(p, m->hdrs, m->hlen), p += m->hlen;
+	else
+		*p++ = 0;
+	if (m->blen)
+		memcpy(p, m->body, m->blen);
+	enc->out.len += total;
+	if (m->ts > enc->max_ts)
+		enc->max_ts = m->ts;
+	enc->count++;
+	enc->nmsgs++;
+	uint32_t th = m->has_tag ? tag_hash(m->tag, m->tlen) : 0;
+	buf_add(&enc->tags, &th, sizeof th);
+}
+
+/* Set a closed batch's base offset and crc; it is then ready to write. */
+static void rec_finish(unsigned char *b, uint64_t base)
+{
+	le64_put(b + 16, base);
+	le32_put(b + 12, rec_crc(b, le32_get(b + 8)));
+}
+
+/*
+ * Parse and sanity-check a batch header from avail bytes at p.  Returns 0,
+ * or -1 with a reason (code 65) that the caller prefixes with path:pos.
+ */
+static int rec_parse_hdr(const unsigned char *p, size_t avail, struct rec_hdr *h,
+                         struct mq_err *e)
+{
+	if (avail < MQ_BATCH_HDR)
+		return err_set(e, MQ_EX_DATAERR, "truncated batch header (%zu bytes)", avail);
+	if (le32_get(p) != MQ_BATCH_MAGIC)
+		return err_set(e, MQ_EX_DATAERR, "bad batch magic 0x%08x", le32_get(p));
+	h->version = p[4];
+	h->flags = p[5];
+	h->hdr_len = le16_get(p + 6);
+	h->len = le32_get(p + 8);
+	h->crc = le32_get(p + 12);
+	h->base = le64_get(p + 16);
+	h->count = le32_get(p + 24);
+	h->raw_len = le32_get(p + 28);
+	h->first_ts = (int64_t)le64_get(p + 32);
+	h->max_ts = (int64_t)le64_get(p + 40);
+	h->pid = le64_get(p + 48);
+	h->pseq = le32_get(p + 56);
+	if (h->version != MQ_BATCH_VERSION)
+		return err_set(e, MQ_EX_DATAERR, "unknown batch version %u", h->version);
+	if (h->hdr_len < MQ_BATCH_HDR || h->len < h->hdr_len || h->len > MQ_BATCH_MAX)
+		return err_set(e, MQ_EX_DATAERR, "bad batch length %" PRIu32, h->len);
+	if (h->count == 0 || h->raw_len > MQ_BATCH_MAX || (h->flags & ~MQ_BF_ZLIB))
+		return err_set(e, MQ_EX_DATAERR, "bad batch header fields");
+	return 0;
+}
+
+static int rec_check_crc(const unsigned char *p, const struct rec_hdr *h,
+                         struct mq_err *e)
+{
+	uint32_t c = rec_crc(p, h->len);
+	if (c != h->crc)
+		return err_set(e, MQ_EX_DATAERR, "bad checksum (stored 0x%08x, computed 0x%08x)",
+		               h->crc, c);
+	return 0;
+}
+
+/* Iterator over the messages of a checked batch. */
+struct rec_iter {
+	const unsigned char *p, *end;
+	uint64_t base;
+	int64_t first_ts;
+	uint32_t left;
+};
+
+/*
+ * Point it at a checked batch's messages, inflating into scratch if the
+ * batch is compressed.  Returns 0 or -1 (65).
+ */
+static int rec_iter_init(struct rec_iter *it, const unsigned char *b,
+                         const struct rec_hdr *h, struct buf *scratch, struct mq_err *e)
+{
+	const unsigned char *pl = b + h->hdr_len;
+	size_t plen = h->len - h->hdr_len;
+	if (h->flags & MQ_BF_ZLIB) {
+		scratch->len = 0;
+		buf_reserve(scratch, h->raw_len + 1);
+		uLongf out = h->raw_len;
+		if (uncompress((Bytef *)scratch->p, &out, pl, (uLong)plen) != Z_OK || out != h->raw_len)
+			return err_set(e, MQ_EX_DATAERR, "cannot inflate batch payload");
+		pl = (const unsigned char *)scratch->p;
+		plen = out;
+	} else if (plen != h->raw_len) {
+		return err_set(e, MQ_EX_DATAERR, "payload length %zu, header says %" PRIu32, plen,
+		               h->raw_len);
+	}
+	it->p = pl;
+	it->end = pl + plen;
+	it->base = h->base;
+	it->first_ts = h->first_ts;
+	it->left = h->count;
+	return 0;
+}
+
+/* Next message: 1 got one, 0 batch done, -1 malformed record (65). */
+static int rec_next(struct rec_iter *it, struct rec_msg *m, struct mq_err *e)
+{
+	if (it->left == 0)
+		return it->p == it->end ? 0 : err_set(e, MQ_EX_DATAERR, "trailing bytes after last message");
+	uint64_t len, v;
+	size_t n = varint_get(it->p, it->end, &len);
+	if (!n || len > (uint64_t)(it->end - it->p - n))
+		return err_set(e, MQ_EX_DATAERR, "bad message length");
+	const unsigned char *p = it->p + n, *end = p + len;
+	it->p = end;
+	it->left--;
+#define TAKE(var)                                                              \
+	do {                                                                       \
+		size_t k_ = varint_get(p, end, &(var));                                \
+		if (!k_)                                                               \
+			return err_set(e, MQ_EX_DATAERR, "bad message field");             \
+		p += k_;                                                               \
+	} while (0)
+	TAKE(v);
+	m->offset = it->base + v;
+	TAKE(v);
+	m->ts = it->first_ts + unzigzag(v);
+	TAKE(v);
+	if (v > 0 && v - 1 > (uint64_t)(end - p))
+		return err_set(e, MQ_EX_DATAERR, "bad key length");
+	m->has_key = v > 0;
+	m->klen = v ? v - 1 : 0;
+	m->key = p;
+	p += m->klen;
+	TAKE(v);
+	if (v > 0 && v - 1 > (uint64_t)(end - p))
+		return err_set(e, MQ_EX_DATAERR, "bad tag length");
+	m->has_tag = v > 0;
+	m->tlen = v ? v - 1 : 0;
+	m->tag = p;
+	p += m->tlen;
+	const unsigned char *hstart = p;
+	TAKE(m->nhdrs);
+	for (uint64_t i = 0; i < m->nhdrs * 2; i++) {
+		TAKE(v);
+		if (v > (uint64_t)(end - p))
+			return err_set(e, MQ_EX_DATAERR, "bad header length");
+		p += v;
+	}
+#undef TAKE
+	m->hdrs = hstart;
+	m->hlen = (size_t)(p - hstart);
+	m->body = p;
+	m->blen = (size_t)(end - p);
+	return 1;
+}
+
+/* Walk an encoded header block (checked by rec_next).  Returns 1 and the
+ * next pair, or 0 at the end; *pp is the cursor, *left the pairs left. */
+static int rec_hdr_next(const unsigned char **pp, uint64_t *left,
+                        const unsigned char **name, size_t *nlen,
+                        const unsigned char **val, size_t *vlen)
+{
+	if (*left == 0)
+		return 0;
+	uint64_t n = 0;
+	const unsigned char *p = *pp;
+	p += varint_get(p, p + 10, &n);
+	*name = p, *nlen = n, p += n;
+	p += varint_get(p, p + 10, &n);
+	*val = p, *vlen = n, p += n;
+	*pp = p;
+	(*left)--;
+	return 1;
+}
+
+/* ===================================================================
+ * 5. Segments: segment files, index and time index, tail scan
+ *
+ * Owns file names and the mapping between offsets, file positions and
+ * times inside one segment.  Uses layers 1-4.  Never changes a file it
+ * was not asked to; recovery policy lives in layer 6.
+ * =================================================================== */
+
+static void seg_path(char *out, size_t n, const char *pdir, uint64_t base,
+                     const char *suffix)
+{
+	strfmt(out, n, "%s/%0*" PRIu64 "%s", pdir, MQ_SEG_DIGITS, base, suffix);
+}
+
+/* Largest run of missing offsets (cut out by a repair) a scan accepts
+ * between two batches; a larger jump is damage. */
+#define MQ_MAX_GAP (1u << 24)
+
+static int cmp_u64(const void *a, const void *b)
+{
+	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+	return x < y ? -1 : x > y;
+}
+
+/* Sorted base offsets of the segments (.log files) in pdir. */
+static int seg_list(const char *pdir, uint64_t **bases, size_t *n, struct mq_err *e)
+{
+	*bases = NULL;
+	*n = 0;
+	DIR *d = opendir(pdir);
+	if (!d)
+		return err_sys(e, errno == ENOENT ? MQ_EX_NOINPUT : MQ_EX_IOERR,
+		               "cannot open partition '%s'", pdir);
+	size_t cap = 0;
+	struct dirent *de;
+	while ((de = readdir(d))) {
+		const char *s = de->d_name;
+		if (strlen(s) != MQ_SEG_DIGITS + 4 || strcmp(s + MQ_SEG_DIGITS, MQ_LOG_SUFFIX))
+			continue;
+		uint64_t v = 0;
+		int ok = 1;
+		for (int i = 0; i < MQ_SEG_DIGITS; i++) {
+			if (!isdigit((unsigned char)s[i]))
+				ok = 0;
+			v = v * 10 + (uint64_t)(s[i] - '0');
+		}
+		if (!ok)
+			continue;
+		if (*n == cap) {
+			cap = cap ? cap * 2 : 16;
+			uint64_t *nb = realloc(*bases, cap * sizeof **bases);
+			if (!nb)
+				abort();
+			*bases = nb;
+		}
+		(*bases)[(*n)++] = v;
+	}
+	closedir(d);
+	qsort(*bases, *n, sizeof **bases, cmp_u64);
+	return 0;
+}
+
+/*
+ * Read and check the batch at pos of a segment (limit = bytes that may be
+ * read).  Returns 1 with the batch in b (b->p[0] is its first byte), 0 if
+ * pos == limit, -1 with "path:pos: reason" (code 65 for bad data).
+ */
+static int seg_read_batch(int fd, const char *path, uint64_t pos, uint64_t limit,
+                          struct buf *b, struct rec_hdr *h, struct mq_err *e)
+{
+	if (pos >= limit)
+		return 0;
+	struct mq_err sub;
+	b->len = 0;
+	buf_reserve(b, MQ_BATCH_HDR);
+	size_t want = limit - pos < MQ_BATCH_HDR ? (size_t)(limit - pos) : MQ_BATCH_HDR;
+	ssize_t r = dur_pread(fd, b->p, want, (off_t)pos, path, e);
+	if (r < 0)
+		return -1;
+	if (rec_parse_hdr((unsigned char *)b->p, (size_t)r, h, &sub) < 0)
+		return err_set(e, MQ_EX_DATAERR, "%s:%" PRIu64 ": %s", path, pos, sub.msg);
+	if (h->len > limit - pos)
+		return err_set(e, MQ_EX_DATAERR, "%s:%" PRIu64 ": batch of %" PRIu32
+		               " bytes runs past the end (%" PRIu64 ")", path, pos, h->len, limit);
+	buf_reserve(b, h->len);
+	r = dur_pread(fd, b->p, h->len, (off_t)pos, path, e);
+	if (r < 0)
+		return -1;
+	if ((size_t)r < h->len)
+		return err_set(e, MQ_EX_DATAERR, "%s:%" PRIu64 ": batch cut short", path, pos);
+	b->len = h->len;
+	if (rec_check_crc((unsigned char *)b->p, h, &sub) < 0)
+		return err_set(e, MQ_EX_DATAERR, "%s:%" PRIu64 ": %s", path, pos, sub.msg);
+	return 1;
+}
+
+/* Index entries for the messages of one batch at pos. */
+static void seg_idx_entries(struct buf *idx, uint64_t pos, const uint32_t *tags,
+                            uint32_t count)
+{
+	buf_reserve(idx, (size_t)count * MQ_IDX_ENTRY);
+	unsigned char *p = (unsigned char *)idx->p + idx->len;
+	for (uint32_t i = 0; i < count; i++, p += MQ_IDX_ENTRY) {
+		le32_put(p, (uint32_t)pos);
+		le32_put(p + 4, tags ? tags[i] : 0);
+	}
+	idx->len += (size_t)count * MQ_IDX_ENTRY;
+}
+
+/* Tag hashes of a checked batch's messages (for rebuilding an index). */
+static int seg_batch_tags(const unsigned char *b, const struct rec_hdr *h,
+                          struct buf *scratch, struct buf *tags, struct mq_err *e)
+{
+	struct rec_iter it;
+	struct rec_msg m;
+	tags->len = 0;
+	if (rec_iter_init(&it, b, h, scratch, e) < 0)
+		return -1;
+	int r;
+	while ((r = rec_next(&it, &m, e)) == 1) {
+		uint32_t th = m.has_tag ? tag_hash(m.tag, m.tlen) : 0;
+		buf_add(tags, &th, sizeof th);
+	}
+	if (r == 0 && tags->len / 4 != h->count)
+		return err_set(e, MQ_EX_DATAERR, "batch holds %zu messages, header says %" PRIu32,
+		               tags->len / 4, h->count);
+	return r;
+}
+
+/* Look up offset's batch position in an index fd.  Returns 1 found, 0 not
+ * in the index (short file), -1 I/O error. */
+static int seg_idx_lookup(int fd, const char *path, uint64_t rel, uint64_t *pos,
+                          uint32_t *tag, struct mq_err *e)
+{
+	unsigned char ent[MQ_IDX_ENTRY];
+	ssize_t r = dur_pread(fd, ent, sizeof ent, (off_t)(rel * MQ_IDX_ENTRY), path, e);
+	if (r < 0)
+		return -1;
+	if (r < (ssize_t)sizeof ent)
+		return 0;
+	*pos = le32_get(ent);
+	if (tag)
+		*tag = le32_get(ent + 4);
+	return 1;
+}
+
+/*
+ * Starting offset for "first message at or after time ts" in a segment,
+ * from its time index: the offset of the last entry whose max ts < ts (or
+ * the segment base).
+ */
+static int seg_tix_seek(const char *tixpath, uint64_t base, int64_t ts, uint64_t *off,
+                        struct mq_err *e)
+{
+	*off = base;
+	int fd = open(tixpath, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return errno == ENOENT ? 0 : err_sys(e, MQ_EX_IOERR, "cannot open '%s'", tixpath);
+	struct stat st;
+	fstat(fd, &st);
+	uint64_t n = (uint64_t)st.st_size / MQ_TIX_ENTRY, lo = 0, hi = n;
+	unsigned char ent[MQ_TIX_ENTRY];
+	/* Binary search: first entry with max ts >= ts. */
+	while (lo < hi) {
+		uint64_t mid = lo + (hi - lo) / 2;
+		if (dur_pread(fd, ent, sizeof ent, (off_t)(mid * MQ_TIX_ENTRY), tixpath, e) < 0) {
+			close(fd);
+			return -1;
+		}
+		if ((int64_t)le64_get(ent) < ts)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	if (lo > 0 && dur_pread(fd, ent, sizeof ent, (off_t)((lo - 1) * MQ_TIX_ENTRY),
+	                        tixpath, e) == sizeof ent)
+		*off = le64_get(ent + 8);
+	close(fd);
+	return 0;
+}
+
+/* ===================================================================
+ * 6. Partitions and queues: open/create, append, recover, read
+ *
+ * Owns a partition's files and the rules that keep them consistent:
+ *  - one writer at a time holds P/lock (flock); only it appends, rolls,
+ *    truncates or deletes segments;
+ *  - the writer publishes the end of acknowledged data in P/head only
+ *    after the sync its fsync mode requires; readers read up to the
+ *    published end and never past it, without taking any lock;
+ *  - a segment other than the one head names is sealed: complete,
+ *    synced, and never changed again (except by `mq verify --repair`).
+ * Uses layers 1-5.  Reports notable events (a cut torn tail) through the
+ * spool's notice hook; never prints.
+ * =================================================================== */
+
+struct spool {
+	char dir[PATH_MAX];
+	struct cfg cfg;
+	void (*notice)(void *ctx, const char *msg); /* recoveries, warnings */
+	void *notice_ctx;
+};
+
+static void sp_notice(struct spool *sp, const char *fmt, ...)
+{
+	char msg[1024];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof msg, fmt, ap);
+	va_end(ap);
+	if (sp->notice)
+		sp->notice(sp->notice_ctx, msg);
+}
+
+struct head {
+	uint64_t next;     /* next offset to assign */
+	uint64_t seg_base; /* active segment */
+	uint64_t seg_len;  /* published bytes of the active segment */
+	int64_t time_ms;   /* when published */
+};
+
+static void head_encode(unsigned char *b, const struct head *h)
+{
+	le32_put(b, MQ_HEAD_MAGIC);
+	le64_put(b + 8, h->next);
+	le64_put(b + 16, h->seg_base);
+	le64_put(b + 24, h->seg_len);
+	le64_put(b + 32, (uint64_t)h->time_ms);
+	le32_put(b + 4, (uint32_t)crc32(0L, b + 8, MQ_HEAD_SIZE - 8));
+}
+
+static int head_decode(const unsigned char *b, struct head *h)
+{
+	if (le32_get(b) != MQ_HEAD_MAGIC ||
+	    le32_get(b + 4) != (uint32_t)crc32(0L, b + 8, MQ_HEAD_SIZE - 8))
+		return -1;
+	h->next = le64_get(b + 8);
+	h->seg_base = le64_get(b + 16);
+	h->seg_len = le64_get(b + 24);
+	h->time_ms = (int64_t)le64_get(b + 32);
+	return h->seg_base <= h->next ? 0 : -1;
+}
+
+struct queue;
+
+struct part {
+	struct queue *q;
+	int id;
+	char dir[PATH_MAX];
+	int lock_fd, head_fd; /* -1 until needed; head_fd O_RDWR when writable */
+	int locked;           /* we hold the writer lock */
+	/* Writer state, valid while locked: */
+	struct head h;        /* last published */
+	uint64_t next;        /* next offset to assign */
+	uint64_t log_base;    /* segment the fds below belong to */
+	uint64_t seg_len;     /* bytes written to it (>= h.seg_len) */
+	uint64_t idx_len, tix_len; /* bytes in the index files */
+	int64_t tix_max_ts;   /* cumulative max ts for the next tix entry */
+	int tix_loaded;       /* tix_max_ts read from the file */
+	int log_fd, idx_fd, tix_fd;
+	int rolled;           /* a roll happened since the lock was taken */
+	int broken;           /* a sync failed: no more appends here */
+	struct buf scratch, idxbuf, tixbuf, tags;
+};
+
+struct queue {
+	struct spool *sp;
+	char name[MQ_NAME_MAX + 1];
+	char dir[PATH_MAX];
+	struct qconf conf;
+	int nparts;
+	struct part *parts;
+};
+
+static void part_path(const struct part *p, char *out, size_t n, uint64_t base,
+                      const char *suffix)
+{
+	seg_path(out, n, p->dir, base, suffix);
+}
+
+/* Open P/head (read-write when we may, else read-only). */
+static int head_open(struct part *p, int create, struct mq_err *e)
+{
+	if (p->head_fd >= 0)
+		return 0;
+	char path[PATH_MAX + 8];
+	strfmt(path, sizeof path, "%s/head", p->dir);
+	p->head_fd = sys.open(path, O_RDWR | O_CLOEXEC | O_NOFOLLOW | (create ? O_CREAT : 0), 0644);
+	if (p->head_fd < 0 && (errno == EACCES || errno == EROFS || errno == EPERM))
+		p->head_fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+	if (p->head_fd < 0)
+		return err_sys(e, errno == ENOENT ? MQ_EX_NOINPUT : MQ_EX_IOERR,
+		               "cannot open '%s'", path);
+	return 0;
+}
+
+/*
+ * Read the head.  Returns 1 valid, 0 missing or damaged, -1 I/O error.
+ * A crc mismatch is usually a concurrent rewrite, so read again a few
+ * times before calling it damaged.
+ */
+static int head_read(struct part *p, struct head *h, struct mq_err *e)
+{
+	if (head_open(p, 0, e) < 0)
+		return e->code == MQ_EX_NOINPUT ? 0 : -1;
+	unsigned char b[MQ_HEAD_SIZE];
+	for (int tries = 0; tries < 200; tries++) {
+		ssize_t r = dur_pread(p->head_fd, b, sizeof b, 0, "head", e);
+		if (r < 0)
+			return -1;
+		if (r == sizeof b && head_decode(b, h) == 0)
+			return 1;
+		if (r < (ssize_t)sizeof b && tries > 2)
+			return 0;
+		if (tries > 20)
+			usleep(100);
+	}
+	return 0;
+}
+
+static int part_publish(struct part *p, int sync, struct mq_err *e)
+{
+	struct head h = {p->next, p->log_base, p->seg_len, now_ms()};
+	unsigned char b[MQ_HEAD_SIZE];
+	head_encode(b, &h);
+	if (head_open(p, 1, e) < 0 ||
+	    dur_pwrite_all(p->head_fd, b, sizeof b, 0, "head", e) < 0)
+		return -1;
+	if (sync && dur_sync(p->head_fd, "head", e) < 0)
+		return -1;
+	p->h = h;
+	return 0;
+}
+
+static void part_close_seg(struct part *p)
+{
+	dur_close(&p->log_fd);
+	dur_close(&p->idx_fd);
+	dur_close(&p->tix_fd);
+}
+
+/* Open the three files of segment base for writing. */
+static int part_open_seg(struct part *p, uint64_t base, int flags, struct mq_err *e)
+{
+	static const char *sfx[3] = {MQ_LOG_SUFFIX, MQ_IDX_SUFFIX, MQ_TIX_SUFFIX};
+	int *fds[3] = {&p->log_fd, &p->idx_fd, &p->tix_fd};
+	char path[PATH_MAX + 32];
+	part_close_seg(p);
+	for (int i = 0; i < 3; i++) {
+		part_path(p, path, sizeof path, base, sfx[i]);
+		*fds[i] = sys.open(path, O_RDWR | O_CLOEXEC | O_NOFOLLOW | flags, 0644);
+		if (*fds[i] < 0) {
+			err_sys(e, errno == ENOENT ? MQ_EX_DATAERR : err_code_for(errno),
+			        "cannot open segment file '%s'", path);
+			part_close_seg(p);
+			return -1;
+		}
+	}
+	p->log_base = base;
+	p->tix_loaded = 0;
+	return 0;
+}
+
+/* Find the next position >= from where a valid batch starts (by magic
+ * and crc), or -1 if none before limit. */
+static int64_t seg_find_valid(int fd, const char *path, uint64_t from, uint64_t limit,
+                              struct buf *b)
+{
+	static const unsigned char magic[4] = {'M', 'Q', 'B', '1'};
+	struct buf chunk = {0};
+	int64_t found = -1;
+	struct mq_err e;
+	buf_reserve(&chunk, 1 << 20);
+	for (uint64_t at = from; at < limit && found < 0;) {
+		ssize_t r = dur_pread(fd, chunk.p, 1 << 20, (off_t)at, path, &e);
+		if (r <= 0)
+			break;
+		for (const char *s = chunk.p; found < 0 && s < chunk.p + r;) {
+			s = memmem(s, (size_t)(chunk.p + r - s), magic, 4);
+			if (!s)
+				break;
+			uint64_t pos = at + (uint64_t)(s - chunk.p);
+			struct rec_hdr h;
+			if (seg_read_batch(fd, path, pos, limit, b, &h, &e) == 1)
+				found = (int64_t)pos;
+			s++;
+		}
+		at += (uint64_t)r > 3 ? (uint64_t)r - 3 : (uint64_t)r;
+	}
+	buf_free(&chunk);
+	return found;
+}
+
+/* Append a tix entry for a batch at pos if it crosses a MQ_TIX_INTERVAL
+ * boundary (or starts the segment). */
+static void part_tix_note(struct part *p, uint64_t pos, uint32_t len, uint64_t base,
+                          int64_t max_ts)
+{
+	if (!p->tix_loaded) {
+		unsigned char ent[MQ_TIX_ENTRY];
+		struct mq_err e;
+		p->tix_max_ts = INT64_MIN;
+		if (p->tix_len >= MQ_TIX_ENTRY &&
+		    dur_pread(p->tix_fd, ent, sizeof ent, (off_t)(p->tix_len - MQ_TIX_ENTRY), "tix",
+		              &e) == sizeof ent)
+			p->tix_max_ts = (int64_t)le64_get(ent);
+		p->tix_loaded = 1;
+	}
+	if (max_ts > p->tix_max_ts)
+		p->tix_max_ts = max_ts;
+	if (pos != 0 && (pos + len - 1) / MQ_TIX_INTERVAL == (pos - 1) / MQ_TIX_INTERVAL)
+		return;
+	unsigned char ent[MQ_TIX_ENTRY];
+	le64_put(ent, (uint64_t)p->tix_max_ts);
+	le64_put(ent + 8, base);
+	buf_add(&p->tixbuf, ent, sizeof ent);
+}
+
+/* Write the index and time-index entries gathered in idxbuf/tixbuf. */
+static int part_write_indexes(struct part *p, struct mq_err *e)
+{
+	if (p->idxbuf.len && dur_pwrite_all(p->idx_fd, p->idxbuf.p, p->idxbuf.len,
+	                                    (off_t)p->idx_len, "idx", e) < 0)
+		return -1;
+	p->idx_len += p->idxbuf.len;
+	if (p->tixbuf.len && dur_pwrite_all(p->tix_fd, p->tixbuf.p, p->tixbuf.len,
+	                                    (off_t)p->tix_len, "tix", e) < 0)
+		return -1;
+	p->tix_len += p->tixbuf.len;
+	p->idxbuf.len = p->tixbuf.len = 0;
+	return 0;
+}
+
+/*
+ * Scan the active segment from pos (offset next) to its end, rebuilding
+ * index entries, and cut a torn tail.  Damage followed by valid batches
+ * is not a torn write but corruption: refuse (65) and leave it to
+ * `mq verify --repair`, so no acknowledged batch behind it is cut.
+ */
+static int part_scan_tail(struct part *p, uint64_t pos, uint64_t next, uint64_t size,
+                          struct mq_err *e)
+{
+	char path[PATH_MAX + 32];
+	part_path(p, path, sizeof path, p->log_base, MQ_LOG_SUFFIX);
+	struct rec_hdr h;
+	struct mq_err sub;
+	for (;;) {
+		int r = seg_read_batch(p->log_fd, path, pos, size, &p->scratch, &h, &sub);
+		if (r == 0)
+			break;
+		if (r == 1 && (h.base < next || h.base - next > MQ_MAX_GAP))
+			r = err_set(&sub, MQ_EX_DATAERR, "%s:%" PRIu64 ": batch base offset %" PRIu64
+			            ", expected %" PRIu64, path, pos, h.base, next);
+		if (r == 1 && h.base > next) { /* offsets cut out by a repair */
+			seg_idx_entries(&p->idxbuf, pos, NULL, (uint32_t)(h.base - next));
+			next = h.base;
+		}
+		struct buf inflate = {0};
+		if (r == 1 && seg_batch_tags((unsigned char *)p->scratch.p, &h, &inflate, &p->tags,
+		                             &sub) < 0)
+			r = err_set(&sub, MQ_EX_DATAERR, "%s:%" PRIu64 ": %s", path, pos, sub.msg);
+		buf_free(&inflate);
+		if (r < 0) {
+			if (sub.code != MQ_EX_DATAERR) {
+				*e = sub;
+				return -1;
+			}
+			if (seg_find_valid(p->log_fd, path, pos + 1, size, &p->scratch) >= 0)
+				return err_set(e, MQ_EX_DATAERR, "%s; valid data follows, so this is damage, "
+				               "not a torn write: run 'mq verify --repair %s'", sub.msg, p->q->name);
+			if (sys.ftruncate(p->log_fd, (off_t)pos) < 0)
+				return err_sys(e, MQ_EX_IOERR, "cannot truncate '%s'", path);
+			sp_notice(p->q->sp, "%s/%d: cut a torn tail of %" PRIu64 " bytes at %s:%" PRIu64
+			          " (offsets from %" PRIu64 " were never acknowledged)",
+			          p->q->name, p->id, size - pos, path, pos, next);
+			break;
+		}
+		seg_idx_entries(&p->idxbuf, pos, (uint32_t *)(void *)p->tags.p, h.count);
+		part_tix_note(p, pos, h.len, h.base, h.max_ts);
+		pos += h.len;
+		next += h.count;
+	}
+	p->seg_len = pos;
+	p->next = next;
+	return 0;
+}
+
+/* Check that the index's last entry names a batch that holds its offset. */
+static int part_idx_sane(struct part *p, uint64_t entries)
+{
+	if (entries == 0)
+		return 1;
+	uint64_t pos;
+	struct mq_err e;
+	struct rec_hdr h;
+	unsigned char hb[MQ_BATCH_HDR];
+	if (seg_idx_lookup(p->idx_fd, "idx", entries - 1, &pos, NULL, &e) != 1 ||
+	    dur_pread(p->log_fd, hb, sizeof hb, (off_t)pos, "log", &e) != sizeof hb ||
+	    rec_parse_hdr(hb, sizeof hb, &h, &e) < 0)
+		return 0;
+	uint64_t off = p->log_base + entries - 1;
+	return h.base <= off && off < h.base + h.count;
+}
+
+/*
+ * Bring the writer state in line with the disk; called with the writer
+ * lock held.  Fast path (the usual case): head is valid and the files
+ * have exactly the sizes it implies, which costs three small syscalls.
+ * Otherwise a previous writer died: scan from the published end (or the
+ * segment start if the head is unusable), cut a torn tail, rebuild the
+ * index where it disagrees, sync what survived and publish it.  The work
+ * is bounded by one segment, whatever the partition holds.
+ */
+static int part_recover(struct part *p, struct mq_err *e)
+{
+	struct head h;
+	int valid = head_read(p, &h, e);
+	if (valid < 0)
+		return -1;
+	char path[PATH_MAX + 32];
+	if (valid) {
+		part_path(p, path, sizeof path, h.seg_base, MQ_LOG_SUFFIX);
+		if (file_size(path) < 0)
+			valid = 0;
+	}
+	uint64_t base = valid ? h.seg_base : 0;
+	if (!valid) {
+		uint64_t *segs;
+		size_t n;
+		if (seg_list(p->dir, &segs, &n, e) < 0)
+			return -1;
+		base = n ? segs[n - 1] : 0;
+		free(segs);
+	}
+	if ((p->log_fd < 0 || p->log_base != base) && part_open_seg(p, base, O_CREAT, e) < 0)
+		return -1;
+	struct stat ls, is, ts;
+	if (fstat(p->log_fd, &ls) < 0 || fstat(p->idx_fd, &is) < 0 || fstat(p->tix_fd, &ts) < 0)
+		return err_sys(e, MQ_EX_IOERR, "cannot stat segment of %s/%d", p->q->name, p->id);
+	uint64_t size = (uint64_t)ls.st_size;
+	p->tix_len = (uint64_t)ts.st_size - (uint64_t)ts.st_size % MQ_TIX_ENTRY;
+	p->tix_loaded = 0;
+	p->idxbuf.len = p->tixbuf.len = 0;
+	if (valid && size == h.seg_len && (uint64_t)is.st_size == (h.next - base) * MQ_IDX_ENTRY) {
+		p->h = h;
+		p->next = h.next;
+		p->seg_len = h.seg_len;
+		p->idx_len = (uint64_t)is.st_size;
+		return 0;
+	}
+	/* Slow path: something was left behind by a writer that died. */
+	uint64_t pos = valid ? h.seg_len : 0, next = valid ? h.next : base;
+	if (size < pos) /* the head claims more than exists: trust the log */
+		pos = 0, next = base;
+	uint64_t entries = next - base;
+	if ((uint64_t)is.st_size < entries * MQ_IDX_ENTRY || !part_idx_sane(p, entries)) {
+		if (pos > 0)
+			sp_notice(p->q->sp, "%s/%d: rebuilding the index of segment %" PRIu64,
+			          p->q->name, p->id, base);
+		pos = 0, next = base, entries = 0;
+	}
+	p->idx_len = entries * MQ_IDX_ENTRY;
+	if (pos == 0)
+		p->tix_len = 0;
+	if (sys.ftruncate(p->idx_fd, (off_t)p->idx_len) < 0 ||
+	    sys.ftruncate(p->tix_fd, (off_t)p->tix_len) < 0)
+		return err_sys(e, MQ_EX_IOERR, "cannot truncate the index of %s/%d", p->q->name, p->id);
+	p->log_base = base;
+	if (part_scan_tail(p, pos, next, size, e) < 0 || part_write_indexes(p, e) < 0)
+		return -1;
+	/* What survived may never have been synced: sync before publishing. */
+	part_path(p, path, sizeof path, base, MQ_LOG_SUFFIX);
+	if (dur_datasync(p->log_fd, path, e) < 0)
+		return -1;
+	return part_publish(p, 0, e);
+}
+
+/* Take the writer lock only (no recovery): for `mq verify`. */
+static int part_flock(struct part *p, int nonblock, struct mq_err *e)
+{
+	char path[PATH_MAX + 8];
+	strfmt(path, sizeof path, "%s/lock", p->dir);
+	if (p->lock_fd < 0) {
+		p->lock_fd = sys.open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0644);
+		if (p->lock_fd < 0)
+			return err_sys(e, errno == ENOENT ? MQ_EX_NOINPUT : err_code_for(errno),
+			               "cannot open '%s'", path);
+	}
+	if (dur_lock(p->lock_fd, LOCK_EX | (nonblock ? LOCK_NB : 0), path, e) < 0)
+		return -1;
+	p->locked = 1;
+	p->rolled = 0;
+	return 0;
+}
+
+/* Become the partition's writer: lock, then bring state in line with
+ * the disk (part_recover). */
+static int part_lock(struct part *p, int nonblock, struct mq_err *e)
+{
+	if (part_flock(p, nonblock, e) < 0)
+		return -1;
+	if (part_recover(p, e) < 0) {
+		flock(p->lock_fd, LOCK_UN);
+		p->locked = 0;
+		return -1;
+	}
+	return 0;
+}
+
+static void part_unlock(struct part *p)
+{
+	if (p->locked)
+		flock(p->lock_fd, LOCK_UN);
+	p->locked = 0;
+}
+
+/*
+ * A sync failed: the bytes past the published end may be lost even if a
+ * later fsync "succeeds", so cut them off now and take this partition out
+ * of service for the life of the process.  What was acknowledged before
+ * (up to the published end) is untouched.
+ */
+static void part_fail(struct part *p)
+{
+	p->broken = 1;
+	if (p->h.seg_base == p->log_base) {
+		sys.ftruncate(p->log_fd, (off_t)p->h.seg_len);
+		sys.ftruncate(p->idx_fd, (off_t)((p->h.next - p->log_base) * MQ_IDX_ENTRY));
+	}
+}
+
+static int part_sync(struct part *p, struct mq_err *e)
+{
+	char path[PATH_MAX + 32];
+	part_path(p, path, sizeof path, p->log_base, MQ_LOG_SUFFIX);
+	if (dur_datasync(p->log_fd, path, e) < 0) {
+		part_fail(p);
+		return -1;
+	}
+	return 0;
+}
+
+/*
+ * Seal the active segment and start a new one at the next offset.
+ * Order, and what a crash between steps leaves:
+ *  1. sync the old log and indexes (sealed data must be durable);
+ *  2. create the new empty files (a crash leaves empty orphans, which
+ *     a later roll truncates and reuses: no head ever named them);
+ *  3. sync the directory, then publish and fsync the head naming the new
+ *     segment (after this, a stale head can never name an older one).
+ */
+static int part_roll(struct part *p, struct mq_err *e)
+{
+	if (part_sync(p, e) < 0)
+		return -1;
+	if (dur_datasync(p->idx_fd, "idx", e) < 0 || dur_datasync(p->tix_fd, "tix", e) < 0)
+		return -1;
+	if (part_open_seg(p, p->next, O_CREAT | O_TRUNC, e) < 0)
+		return -1;
+	p->seg_len = p->idx_len = p->tix_len = 0;
+	p->tix_loaded = 1;
+	p->tix_max_ts = INT64_MIN;
+	p->rolled = 1;
+	if (dur_sync_dir(p->dir, e) < 0)
+		return -1;
+	return part_publish(p, 1, e);
+}
+
+/* Write [from, to) of enc's batches plus gathered index entries; on
+ * failure cut everything written past the old end. */
+static int part_write(struct part *p, const char *data, size_t n, struct mq_err *e)
+{
+	uint64_t old_len = p->seg_len, old_idx = p->idx_len, old_tix = p->tix_len;
+	char path[PATH_MAX + 32];
+	part_path(p, path, sizeof path, p->log_base, MQ_LOG_SUFFIX);
+	if (dur_pwrite_all(p->log_fd, data, n, (off_t)p->seg_len, path, e) < 0 ||
+	    part_write_indexes(p, e) < 0) {
+		int saved = errno;
+		sys.ftruncate(p->log_fd, (off_t)old_len);
+		sys.ftruncate(p->idx_fd, (off_t)old_idx);
+		sys.ftruncate(p->tix_fd, (off_t)old_tix);
+		p->idx_len = old_idx;
+		p->tix_len = old_tix;
+		p->idxbuf.len = p->tixbuf.len = 0;
+		errno = saved;
+		return -1;
+	}
+	p->seg_len += n;
+	return 0;
+}
+
+/*
+ * Append the closed batches in enc (lock held): assign offsets, write
+ * log and index, rolling the segment when it would pass segment-bytes.
+ * Nothing is synced or published here.  *first gets the first offset.
+ */
+static int part_append(struct part *p, struct rec_enc *enc, uint64_t *first,
+                       struct mq_err *e)
+{
+	if (p->broken)
+		return err_set(e, MQ_EX_IOERR, "%s/%d: an earlier sync failed; not writing more",
+		               p->q->name, p->id);
+	*first = p->next;
+	const uint32_t *tags = (const uint32_t *)(const void *)enc->tags.p;
+	size_t at = 0, chunk = 0;
+	uint64_t pos = p->seg_len;
+	while (at < enc->out.len) {
+		unsigned char *b = (unsigned char *)enc->out.p + at;
+		uint32_t len = le32_get(b + 8), count = le32_get(b + 24);
+		if (pos > 0 && pos + len > (uint64_t)p->q->conf.segment_bytes) {
+			if (part_write(p, enc->out.p + chunk, at - chunk, e) < 0 || part_roll(p, e) < 0)
+				return -1;
+			chunk = at;
+			pos = 0;
+		}
+		rec_finish(b, p->next);
+		seg_idx_entries(&p->idxbuf, pos, tags, count);
+		part_tix_note(p, pos, len, p->next, (int64_t)le64_get(b + 40));
+		tags += count;
+		pos += len;
+		p->next += count;
+		at += len;
+	}
+	if (part_write(p, enc->out.p + chunk, at - chunk, e) < 0) {
+		p->next = *first; /* offsets past the failure were never written */
+		return -1;
+	}
+	return 0;
+}
+
+/* A drained partition's active segment is rolled away past this size. */
+#define MQ_DRAINED_ROLL (64u << 10)
+
+/* Remove segment base's three files (sealed segments only). */
+static int part_remove_seg(struct part *p, uint64_t base, struct mq_err *e)
+{
+	static const char *sfx[3] = {MQ_LOG_SUFFIX, MQ_IDX_SUFFIX, MQ_TIX_SUFFIX};
+	char path[PATH_MAX + 32];
+	for (int i = 0; i < 3; i++) {
+		part_path(p, path, sizeof path, base, sfx[i]);
+		if (sys.unlink(path) < 0 && errno != ENOENT)
+			return err_sys(e, MQ_EX_IOERR, "cannot remove '%s'", path);
+	}
+	return 0;
+}
+
+static int64_t seg_bytes(struct part *p, uint64_t base)
+{
+	char path[PATH_MAX + 32];
+	int64_t t = 0, s;
+	part_path(p, path, sizeof path, base, MQ_LOG_SUFFIX);
+	if ((s = file_size(path)) > 0) t += s;
+	part_path(p, path, sizeof path, base, MQ_IDX_SUFFIX);
+	if ((s = file_size(path)) > 0) t += s;
+	part_path(p, path, sizeof path, base, MQ_TIX_SUFFIX);
+	if ((s = file_size(path)) > 0) t += s;
+	return t;
+}
+
+/*
+ * Retention, lock held: remove the oldest sealed segments that every
+ * group has consumed (all offsets < consumed), that are older than
+ * retain-age, or while the partition exceeds retain-bytes.  When
+ * everything is consumed and the active segment holds roll_min bytes or
+ * more (MQ_DRAINED_ROLL, or 1 for a purge), it is rolled and removed too, so a drained queue uses
+ * almost no disk (and a consumer that keeps up does not roll per get).  Readers still inside a removed
+ * segment keep reading it through their open descriptor.  Returns the
+ * number of segments removed.
+ */
+static int part_retain(struct part *p, uint64_t consumed, uint64_t roll_min, struct mq_err *e)
+{
+	uint64_t *segs;
+	size_t n;
+	if (seg_list(p->dir, &segs, &n, e) < 0)
+		return -1;
+	const struct qconf *c = &p->q->conf;
+	int64_t total = 0, cutoff = c->retain_age_ms ? now_ms() - c->retain_age_ms : INT64_MIN;
+	for (size_t i = 0; i < n; i++)
+		total += seg_bytes(p, segs[i]);
+	int removed = 0;
+	for (size_t i = 0; i + 1 < n && segs[i] < p->log_base; i++) {
+		char path[PATH_MAX + 32];
+		struct stat st;
+		part_path(p, path, sizeof path, segs[i], MQ_LOG_SUFFIX);
+		int old = cutoff != INT64_MIN && stat(path, &st) == 0 &&
+		          (int64_t)st.st_mtime * 1000 < cutoff;
+		int big = c->retain_bytes && total > c->retain_bytes;
+		if (!(segs[i + 1] <= consumed || old || big))
+			break;
+		total -= seg_bytes(p, segs[i]);
+		if (part_remove_seg(p, segs[i], e) < 0)
+			goto fail;
+		removed++;
+	}
+	if (consumed >= p->next && p->seg_len >= roll_min && p->seg_len > 0) {
+		uint64_t old = p->log_base;
+		if (part_roll(p, e) < 0 || part_remove_seg(p, old, e) < 0)
+			goto fail;
+		removed++;
+	}
+	free(segs);
+	return removed && dur_sync_dir(p->dir, e) < 0 ? -1 : removed;
+fail:
+	free(segs);
+	return -1;
+}
+
+/* ----- queues ----- */
+
+struct kv {
+	const char *k, *v;
+};
+
+
+static void q_dir(const struct spool *sp, const char *name, char *out, size_t n)
+{
+	strfmt(out, n, "%s/%s", sp->dir, name);
+}
+
+static int q_check_name(const char *what, const char *name, struct mq_err *e)
+{
+	if (!name_valid(name))
+		return err_set(e, MQ_EX_USAGE, "bad %s name '%s': use 1-%d of A-Z a-z 0-9 . _ -, "
+		               "starting with a letter or digit", what, name, MQ_NAME_MAX);
+	return 0;
+}
+
+/* Effective settings: mq.yaml, then meta.yaml (if the queue exists), then
+ * the command line's. */
+static int q_conf(struct spool *sp, const char *name, const struct kv *set, int nset,
+                  struct qconf *c, struct mq_err *e)
+{
+	char path[PATH_MAX + 200];
+	if (cfg_queue(&sp->cfg, name, c, e) < 0)
+		return -1;
+	strfmt(path, sizeof path, "%s/%s/meta.yaml", sp->dir, name);
+	if (cfg_apply_meta(path, c, e) < 0)
+		return -1;
+	for (int i = 0; i < nset; i++)
+		if (conf_set(c, set[i].k, set[i].v, "command line", e) < 0)
+			return -1;
+	return 0;
+}
+
+/* Write one small file in a directory being built (not yet visible). */
+static int q_write_new(const char *path, const void *data, size_t n, struct mq_err *e)
+{
+	int fd = sys.open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+	if (fd < 0)
+		return err_sys(e, err_code_for(errno), "cannot create '%s'", path);
+	int r = dur_write_all(fd, data, n, path, e);
+	if (r == 0 && n)
+		r = dur_sync(fd, path, e);
+	close(fd);
+	return r;
+}
+
+/*
+ * Create queue `name`.  The whole tree is built under a hidden name and
+ * renamed into place, so other processes see no queue or a complete one;
+ * a crash leaves only a hidden ".new-" directory, ignored by everything.
+ * Returns 1 created, 0 it already existed (someone else won a race), -1.
+ */
+static int q_create(struct spool *sp, const char *name, const struct kv *set, int nset,
+                    struct mq_err *e)
+{
+	struct qconf c;
+	char tmp[PATH_MAX], path[PATH_MAX + 64], final[PATH_MAX];
+	if (q_check_name("queue", name, e) < 0 || cfg_queue(&sp->cfg, name, &c, e) < 0)
+		return -1;
+	struct buf meta = {0};
+	buf_adds(&meta, "# settings given when this queue was created; see mq.yaml(5)\n");
+	for (int i = 0; i < nset; i++) {
+		if (conf_set(&c, set[i].k, set[i].v, "command line", e) < 0)
+			goto fail_meta;
+		if (strcmp(set[i].k, "partitions"))
+			buf_printf(&meta, "%s: %s\n", set[i].k, set[i].v);
+	}
+	buf_printf(&meta, "partitions: %" PRId64 "\n", c.partitions);
+	strfmt(tmp, sizeof tmp, "%s/.new-%s.%ld", sp->dir, name, (long)getpid());
+	q_dir(sp, name, final, sizeof final);
+	dur_rmtree(tmp, e); /* a leftover of ours from a crash, if any */
+	if (dur_mkdir(tmp, e) < 0)
+		goto fail_meta;
+	strfmt(path, sizeof path, "%s/meta.yaml", tmp);
+	if (q_write_new(path, meta.p, meta.len, e) < 0)
+		goto fail;
+	strfmt(path, sizeof path, "%s/groups", tmp);
+	if (dur_mkdir(path, e) < 0)
+		goto fail;
+	for (int64_t i = 0; i < c.partitions; i++) {
+		static const char *files[] = {"lock", "00000000000000000000.log",
+		                              "00000000000000000000.idx", "00000000000000000000.tix"};
+		unsigned char hb[MQ_HEAD_SIZE];
+		struct head h = {0, 0, 0, now_ms()};
+		strfmt(path, sizeof path, "%s/%" PRId64, tmp, i);
+		if (dur_mkdir(path, e) < 0)
+			goto fail;
+		for (size_t f = 0; f < sizeof files / sizeof files[0]; f++) {
+			strfmt(path, sizeof path, "%s/%" PRId64 "/%s", tmp, i, files[f]);
+			if (q_write_new(path, "", 0, e) < 0)
+				goto fail;
+		}
+		head_encode(hb, &h);
+		strfmt(path, sizeof path, "%s/%" PRId64 "/head", tmp, i);
+		if (q_write_new(path, hb, sizeof hb, e) < 0)
+			goto fail;
+		strfmt(path, sizeof path, "%s/%" PRId64, tmp, i);
+		if (dur_sync_dir(path, e) < 0)
+			goto fail;
+	}
+	if (dur_sync_dir(tmp, e) < 0)
+		goto fail;
+	if (sys.rename(tmp, final) < 0) {
+		if (errno == EEXIST || errno == ENOTEMPTY) {
+			dur_rmtree(tmp, e);
+			buf_free(&meta);
+			return 0;
+		}
+		err_sys(e, err_code_for(errno), "cannot create queue '%s'", name);
+		goto fail;
+	}
+	buf_free(&meta);
+	return dur_sync_dir(sp->dir, e) < 0 ? -1 : 1;
+fail:
+	{
+		struct mq_err ignored;
+		dur_rmtree(tmp, &ignored);
+	}
+fail_meta:
+	buf_free(&meta);
+	return -1;
+}
+
+static int q_exists(struct spool *sp, const char *name)
+{
+	char path[PATH_MAX];
+	struct stat st;
+	q_dir(sp, name, path, sizeof path);
+	return lstat(path, &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+static void q_close(struct queue *q)
+{
+	if (!q)
+		return;
+	for (int i = 0; i < q->nparts; i++) {
+		struct part *p = &q->parts[i];
+		part_unlock(p);
+		part_close_seg(p);
+		dur_close(&p->lock_fd);
+		dur_close(&p->head_fd);
+		buf_free(&p->scratch);
+		buf_free(&p->idxbuf);
+		buf_free(&p->tixbuf);
+		buf_free(&p->tags);
+	}
+	free(q->parts);
+	free(q);
+}
+
+/*
+ * Open queue `name` (creating it first when create is set and it does not
+ * exist).  set/nset are settings from the command line, applied last.
+ */
+static int q_open(struct spool *sp, const char *name, int create, const struct kv *set,
+                  int nset, struct queue **out, struct mq_err *e)
+{
+	*out = NULL;
+	if (q_check_name("queue", name, e) < 0)
+		return -1;
+	if (!q_exists(sp, name)) {
+		if (!create)
+			return err_set(e, MQ_EX_NOINPUT, "no such queue '%s'", name);
+		if (dur_mkdir(sp->dir, e) < 0 || q_create(sp, name, set, nset, e) < 0)
+			return -1;
+	}
+	struct queue *q = calloc(1, sizeof *q);
+	if (!q)
+		abort();
+	q->sp = sp;
+	strfmt(q->name, sizeof q->name, "%s", name);
+	q_dir(sp, name, q->dir, sizeof q->dir);
+	if (q_conf(sp, name, set, nset, &q->conf, e) < 0) {
+		free(q);
+		return -1;
+	}
+	q->nparts = (int)q->conf.partitions;
+	q->parts = calloc((size_t)q->nparts, sizeof *q->parts);
+	if (!q->parts)
+		abort();
+	for (int i = 0; i < q->nparts; i++) {
+		struct part *p = &q->parts[i];
+		p->q = q;
+		p->id = i;
+		strfmt(p->dir, sizeof p->dir, "%s/%d", q->dir, i);
+		p->lock_fd = p->head_fd = p->log_fd = p->idx_fd = p->tix_fd = -1;
+	}
+	*out = q;
+	return 0;
+}
+
+/* Names of all queues in the spool, sorted. */
+static int q_list(struct spool *sp, char ***names, size_t *n, struct mq_err *e)
+{
+	*names = NULL;
+	*n = 0;
+	DIR *d = opendir(sp->dir);
+	if (!d) {
+		if (errno == ENOENT)
+			return 0;
+		return err_sys(e, MQ_EX_IOERR, "cannot open spool '%s'", sp->dir);
+	}
+	struct dirent *de;
+	size_t cap = 0;
+	while ((de = readdir(d))) {
+		if (!name_valid(de->d_name) || !q_exists(sp, de->d_name))
+			continue;
+		if (*n == cap) {
+			cap = cap ? cap * 2 : 16;
+			*names = realloc(*names, cap * sizeof **names);
+			if (!*names)
+				abort();
+		}
+		(*names)[(*n)++] = strdup(de->d_name);
+	}
+	closedir(d);
+	qsort(*names, *n, sizeof **names, cmp_str);
+	return 0;
+}
+
+/*
+ * Remove queue `name`: rename it to a hidden name (atomic: from then on
+ * it is gone for everyone), sync the spool, then delete the tree.  A crash
+ * during the delete leaves a hidden ".rm-" directory that the next
+ * `mq rm` clears.
+ */
+static int q_remove(struct spool *sp, const char *name, struct mq_err *e)
+{
+	char path[PATH_MAX], tmp[PATH_MAX + 64];
+	if (q_check_name("queue", name, e) < 0)
+		return -1;
+	if (!q_exists(sp, name))
+		return err_set(e, MQ_EX_NOINPUT, "no such queue '%s'", name);
+	q_dir(sp, name, path, sizeof path);
+	strfmt(tmp, sizeof tmp, "%s/.rm-%s.%ld", sp->dir, name, (long)getpid());
+	if (sys.rename(path, tmp) < 0)
+		return err_sys(e, MQ_EX_IOERR, "cannot remove queue '%s'", name);
+	if (dur_sync_dir(sp->dir, e) < 0)
+		return -1;
+	int r = dur_rmtree(tmp, e);
+	DIR *d = opendir(sp->dir);
+	struct dirent *de;
+	while (d && (de = readdir(d))) {
+		if (strncmp(de->d_name, ".rm-", 4) == 0) {
+			struct mq_err ignored;
+			strfmt(tmp, sizeof tmp, "%s/%s", sp->dir, de->d_name);
+			dur_rmtree(tmp, &ignored);
+		}
+	}
+	if (d)
+		closedir(d);
+	return r;
+}
+
+/* ----- reading ----- */
+
+/*
+ * A lock-free reader of one partition.  It delivers messages at offsets
+ * >= want in order, up to the published end, and never returns a message
+ * from a batch whose crc failed.  Offsets that no longer exist (removed by
+ * retention or purge, or cut out by a repair) are skipped and recorded
+ * in skip_from/skip_to.
+ */
+struct reader {
+	struct part *p;
+	uint64_t want;          /* next offset to deliver */
+	struct head h;          /* last head read */
+	uint64_t *segs;         /* segment bases, from the last listing */
+	size_t nsegs;
+	uint64_t seg;           /* base of the open segment */
+	int fd;
+	char path[PATH_MAX + 32];
+	uint64_t pos;           /* position of the next batch to read */
+	uint64_t limit;         /* bytes of this segment that may be read */
+	int sealed;             /* not the active segment: limit = file size */
+	int check_idx;          /* the next batch came from an index lookup */
+	struct buf rb;          /* file bytes [rb_at, rb_at + rb.len) */
+	uint64_t rb_at;
+	struct buf inflate;
+	struct rec_iter it;
+	int in_batch;
+	uint64_t batch_pos;     /* position of the batch being iterated */
+	uint64_t skip_from, skip_to; /* last range of missing offsets */
+	int64_t min_ts;         /* skip messages older than this (time seek) */
+};
+
+/* Read the head; if a writer died leaving unpublished bytes (or a bad
+ * head), recover the partition first, unless a live writer holds it. */
+static int rd_head(struct reader *r, struct mq_err *e)
+{
+	struct part *p = r->p;
+	int valid = head_read(p, &r->h, e);
+	if (valid < 0)
+		return -1;
+	if (valid) {
+		char path[PATH_MAX + 32];
+		part_path(p, path, sizeof path, r->h.seg_base, MQ_LOG_SUFFIX);
+		int64_t size = file_size(path);
+		if (size >= 0 && (uint64_t)size == r->h.seg_len)
+			return 0;
+	}
+	struct mq_err le;
+	if (part_lock(p, valid, &le) == 0) {
+		part_unlock(p);
+		valid = head_read(p, &r->h, e);
+		if (valid < 0)
+			return -1;
+	} else if (!valid) {
+		*e = le;
+		return -1;
+	}
+	return valid ? 0 : err_set(e, MQ_EX_DATAERR, "%s/%d: head file is damaged", p->q->name, p->id);
+}
+
+static int rd_list(struct reader *r, struct mq_err *e)
+{
+	free(r->segs);
+	return seg_list(r->p->dir, &r->segs, &r->nsegs, e);
+}
+
+/* Open segment base for reading.  Returns 1, 0 if it is gone, -1. */
+static int rd_open_seg(struct reader *r, uint64_t base, struct mq_err *e)
+{
+	dur_close(&r->fd);
+	part_path(r->p, r->path, sizeof r->path, base, MQ_LOG_SUFFIX);
+	r->fd = open(r->path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+	if (r->fd < 0)
+		return errno == ENOENT ? 0 : err_sys(e, MQ_EX_IOERR, "cannot open '%s'", r->path);
+	r->seg = base;
+	r->pos = 0;
+	r->rb.len = 0;
+	r->rb_at = 0;
+	r->in_batch = 0;
+	r->sealed = base < r->h.seg_base;
+	if (r->sealed) {
+		struct stat st;
+		if (fstat(r->fd, &st) < 0)
+			return err_sys(e, MQ_EX_IOERR, "cannot stat '%s'", r->path);
+		r->limit = (uint64_t)st.st_size;
+	} else {
+		r->limit = r->h.seg_len;
+	}
+	return 1;
+}
+
+/* Position the reader at offset want (clamped to what exists). */
+static int rd_seek(struct reader *r, uint64_t want, struct mq_err *e)
+{
+	r->want = want;
+	r->in_batch = 0;
+	r->check_idx = 0;
+	for (int tries = 0; tries < 100; tries++) {
+		if (rd_list(r, e) < 0)
+			return -1;
+		size_t i = r->nsegs;
+		while (i > 0 && r->segs[i - 1] > r->want)
+			i--;
+		if (i == 0) {
+			if (r->nsegs == 0)
+				return err_set(e, MQ_EX_DATAERR, "%s/%d: no segment files", r->p->q->name, r->p->id);
+			r->skip_from = r->want, r->skip_to = r->segs[0];
+			r->want = r->segs[0];
+			i = 1;
+		}
+		int k = rd_open_seg(r, r->segs[i - 1], e);
+		if (k < 0)
+			return -1;
+		if (k == 0)
+			continue; /* removed under us: list again */
+		if (r->want > r->seg && r->want < r->h.next) {
+			char ipath[PATH_MAX + 32];
+			part_path(r->p, ipath, sizeof ipath, r->seg, MQ_IDX_SUFFIX);
+			int fd = open(ipath, O_RDONLY | O_CLOEXEC);
+			uint64_t pos;
+			if (fd >= 0 && seg_idx_lookup(fd, ipath, r->want - r->seg, &pos, NULL, e) == 1 &&
+			    pos < r->limit) {
+				r->pos = pos;
+				r->check_idx = 1;
+			}
+			if (fd >= 0)
+				close(fd);
+		}
+		return 0;
+	}
+	return err_set(e, MQ_EX_TEMPFAIL, "%s/%d: segments keep disappearing", r->p->q->name, r->p->id);
+}
+
+static int rd_open(struct reader *r, struct part *p, uint64_t want, struct mq_err *e)
+{
+	memset(r, 0, sizeof *r);
+	r->p = p;
+	r->fd = -1;
+	r->min_ts = INT64_MIN;
+	if (rd_head(r, e) < 0)
+		return -1;
+	return rd_seek(r, want, e);
+}
+
+static void rd_close(struct reader *r)
+{
+	dur_close(&r->fd);
+	free(r->segs);
+	r->segs = NULL;
+	buf_free(&r->rb);
+	buf_free(&r->inflate);
+}
+
+/* Make rb hold n bytes from pos (or up to limit).  Returns bytes held. */
+static ssize_t rd_fill(struct reader *r, size_t n, struct mq_err *e)
+{
+	uint64_t have_end = r->rb_at + r->rb.len;
+	if (r->pos >= r->rb_at && r->pos + n <= have_end)
+		return (ssize_t)n;
+	if (r->pos >= r->rb_at && r->pos < have_end) {
+		size_t keep = (size_t)(have_end - r->pos);
+		memmove(r->rb.p, r->rb.p + (r->pos - r->rb_at), keep);
+		r->rb.len = keep;
+	} else {
+		r->rb.len = 0;
+	}
+	r->rb_at = r->pos;
+	size_t want = n < (1u << 20) ? (1u << 20) : n;
+	uint64_t room = r->limit - (r->rb_at + r->rb.len);
+	if (want - r->rb.len > room)
+		want = r->rb.len + (size_t)room;
+	if (want > r->rb.len) {
+		buf_reserve(&r->rb, want - r->rb.len);
+		ssize_t got = dur_pread(r->fd, r->rb.p + r->rb.len, want - r->rb.len,
+		                        (off_t)(r->rb_at + r->rb.len), r->path, e);
+		if (got < 0)
+			return -1;
+		r->rb.len += (size_t)got;
+	}
+	return (ssize_t)(r->rb.len < n ? r->rb.len : n);
+}
+
+/* Move on from an exhausted segment.  Returns 1 moved, 0 at the end. */
+static int rd_advance(struct reader *r, struct mq_err *e)
+{
+	if (!r->sealed) {
+		struct head h;
+		int v = head_read(r->p, &h, e);
+		if (v < 0)
+			return -1;
+		if (v)
+			r->h = h;
+		if (r->h.seg_base == r->seg) {
+			r->limit = r->h.seg_len;
+			return r->pos < r->limit;
+		}
+		struct stat st; /* rolled: this segment is sealed now */
+		if (fstat(r->fd, &st) < 0)
+			return err_sys(e, MQ_EX_IOERR, "cannot stat '%s'", r->path);
+		r->sealed = 1;
+		r->limit = (uint64_t)st.st_size;
+		return 1;
+	}
+	for (int pass = 0; pass < 2; pass++) {
+		for (size_t i = 0; i < r->nsegs; i++) {
+			if (r->segs[i] <= r->seg)
+				continue;
+			int k = rd_open_seg(r, r->segs[i], e);
+			if (k != 0)
+				return k;
+		}
+		if (rd_list(r, e) < 0)
+			return -1;
+	}
+	return 0;
+}
+
+/*
+ * Next message at offset >= want.  Returns 1 (m valid until the next
+ * call), 0 at the published end, -1 on error: a bad batch is code 65 with
+ * "path:position" in the message, and nothing of it is returned.
+ */
+static int rd_next(struct reader *r, struct rec_msg *m, struct mq_err *e)
+{
+	struct mq_err sub;
+	for (;;) {
+		if (r->in_batch) {
+			int k = rec_next(&r->it, m, &sub);
+			if (k < 0)
+				return err_set(e, MQ_EX_DATAERR, "%s:%" PRIu64 ": %s", r->path, r->batch_pos,
+				               sub.msg);
+			if (k == 1) {
+				if (m->offset < r->want)
+					continue;
+				r->want = m->offset + 1;
+				if (m->ts < r->min_ts)
+					continue;
+				r->min_ts = INT64_MIN;
+				return 1;
+			}
+			r->in_batch = 0;
+		}
+		if (r->pos >= r->limit) {
+			int k = rd_advance(r, e);
+			if (k <= 0)
+				return k;
+			continue;
+		}
+		ssize_t got = rd_fill(r, MQ_BATCH_HDR, e);
+		if (got < 0)
+			return -1;
+		struct rec_hdr h;
+		const unsigned char *b = (unsigned char *)r->rb.p + (r->pos - r->rb_at);
+		if (rec_parse_hdr(b, (size_t)got, &h, &sub) < 0 || h.len > r->limit - r->pos)
+			return err_set(e, MQ_EX_DATAERR, "%s:%" PRIu64 ": %s", r->path, r->pos,
+			               sub.msg[0] && h.len <= r->limit - r->pos ? sub.msg : "batch runs past the end of the data");
+		if (r->check_idx) {
+			r->check_idx = 0;
+			if (h.base > r->want || h.base + h.count <= r->want) {
+				r->pos = 0; /* the index misled us: scan the segment */
+				continue;
+			}
+		}
+		if (h.base + h.count <= r->want) { /* skip without checking the body */
+			r->pos += h.len;
+			continue;
+		}
+		if ((got = rd_fill(r, h.len, e)) < 0)
+			return -1;
+		b = (unsigned char *)r->rb.p + (r->pos - r->rb_at);
+		if ((size_t)got < h.len)
+			return err_set(e, MQ_EX_DATAERR, "%s:%" PRIu64 ": batch cut short", r->path, r->pos);
+		if (rec_check_crc(b, &h, &sub) < 0 || rec_iter_init(&r->it, b, &h, &r->inflate, &sub) < 0)
+			return err_set(e, MQ_EX_DATAERR, "%s:%" PRIu64 ": %s", r->path, r->pos, sub.msg);
+		if (h.base > r->want) {
+			r->skip_from = r->want, r->skip_to = h.base;
+			r->want = h.base;
+		}
+		r->batch_pos = r->pos;
+		r->pos += h.len;
+		r->in_batch = 1;
+	}
+}
+
+/* First offset at or after time ts (approximate start; the reader's
+ * min_ts finishes the job). */
+static int part_offset_for_time(struct part *p, int64_t ts, uint64_t *off, struct mq_err *e)
+{
+	uint64_t *segs;
+	size_t n;
+	*off = 0;
+	if (seg_list(p->dir, &segs, &n, e) < 0)
+		return -1;
+	int r = 0;
+	for (size_t i = n; i-- > 0;) {
+		char path[PATH_MAX + 32];
+		unsigned char ent[MQ_TIX_ENTRY];
+		part_path(p, path, sizeof path, segs[i], MQ_TIX_SUFFIX);
+		int fd = open(path, O_RDONLY | O_CLOEXEC);
+		int older = fd >= 0 && pread(fd, ent, sizeof ent, 0) == sizeof ent &&
+		            (int64_t)le64_get(ent) < ts;
+		if (fd >= 0)
+			close(fd);
+		if (older || i == 0) {
+			r = seg_tix_seek(path, segs[i], ts, off, e);
+			break;
+		}
+	}
+	free(segs);
+	return r;
+}
+
+/* ===================================================================
+ * 7. Consumer groups: offset files and consumption-driven retention
+ *
+ * A group's progress in a partition is data: groups/G/P.off, two
+ * checksummed slots written alternately (mq.h).  The file is also the
+ * group's lock for that partition: one consumer of a group reads a
+ * partition at a time, so each message goes to exactly one of them.
+ * Uses layers 1-6.
+ * =================================================================== */
+
+static void grp_path(const struct queue *q, const char *g, int part, char *out, size_t n)
+{
+	if (part < 0)
+		strfmt(out, n, "%s/groups/%s", q->dir, g);
+	else
+		strfmt(out, n, "%s/groups/%s/%d.off", q->dir, g, part);
+}
+
+/* Open (creating if asked) group g's offset file for partition part. */
+static int grp_open(struct queue *q, const char *g, int part, int create, int *fd,
+                    struct mq_err *e)
+{
+	char dir[PATH_MAX + 200], path[PATH_MAX + 220];
+	*fd = -1;
+	if (q_check_name("group", g, e) < 0)
+		return -1;
+	grp_path(q, g, -1, dir, sizeof dir);
+	grp_path(q, g, part, path, sizeof path);
+	if (create && file_size(dir) < 0) {
+		char groups[PATH_MAX + 16];
+		strfmt(groups, sizeof groups, "%s/groups", q->dir);
+		if (dur_mkdir(groups, e) < 0 || dur_mkdir(dir, e) < 0 || dur_sync_dir(groups, e) < 0)
+			return -1;
+	}
+	int existed = file_size(path) >= 0;
+	*fd = sys.open(path, (create ? O_RDWR | O_CREAT : O_RDONLY) | O_CLOEXEC | O_NOFOLLOW, 0644);
+	if (*fd < 0)
+		return err_sys(e, errno == ENOENT ? MQ_EX_NOINPUT : err_code_for(errno),
+		               "cannot open '%s'", path);
+	if (create && !existed && dur_sync_dir(dir, e) < 0)
+		return -1;
+	return 0;
+}
+
+/* Read a committed offset: the valid slot with the higher sequence.  No
+ * valid slot (new group, or both damaged) reads as offset 0, seq 0. */
+static int grp_read(int fd, uint64_t *off, uint64_t *seq, struct mq_err *e)
+{
+	unsigned char b[2 * MQ_OFF_SLOT];
+	ssize_t n = dur_pread(fd, b, sizeof b, 0, "offset file", e);
+	if (n < 0)
+		return -1;
+	*off = *seq = 0;
+	for (int s = 0; s < 2; s++) {
+		const unsigned char *p = b + s * MQ_OFF_SLOT;
+		if (n < (s + 1) * MQ_OFF_SLOT || le32_get(p) != MQ_OFF_MAGIC ||
+		    le32_get(p + 4) != (uint32_t)crc32(0L, p + 8, MQ_OFF_SLOT - 8))
+			continue;
+		if (le64_get(p + 8) > *seq) {
+			*seq = le64_get(p + 8);
+			*off = le64_get(p + 16);
+		}
+	}
+	return 0;
+}
+
+/* Commit offset off as sequence seq (previous + 1), synced when asked.
+ * On failure the other slot still holds the previous commit. */
+static int grp_commit(int fd, uint64_t seq, uint64_t off, int sync, struct mq_err *e)
+{
+	unsigned char p[MQ_OFF_SLOT];
+	le32_put(p, MQ_OFF_MAGIC);
+	le64_put(p + 8, seq);
+	le64_put(p + 16, off);
+	le64_put(p + 24, (uint64_t)now_ms());
+	le32_put(p + 4, (uint32_t)crc32(0L, p + 8, MQ_OFF_SLOT - 8));
+	if (dur_pwrite_all(fd, p, sizeof p, (off_t)(seq % 2) * MQ_OFF_SLOT, "offset file", e) < 0)
+		return -1;
+	return sync ? dur_datasync(fd, "offset file", e) : 0;
+}
+
+/* Group names of a queue, sorted. */
+static int grp_list(struct queue *q, char ***names, size_t *n, struct mq_err *e)
+{
+	char dir[PATH_MAX + 16];
+	*names = NULL;
+	*n = 0;
+	strfmt(dir, sizeof dir, "%s/groups", q->dir);
+	DIR *d = opendir(dir);
+	if (!d)
+		return errno == ENOENT ? 0 : err_sys(e, MQ_EX_IOERR, "cannot open '%s'", dir);
+	struct dirent *de;
+	size_t cap = 0;
+	while ((de = readdir(d))) {
+		if (!name_valid(de->d_name))
+			continue;
+		if (*n == cap) {
+			cap = cap ? cap * 2 : 8;
+			*names = realloc(*names, cap * sizeof **names);
+			if (!*names)
+				abort();
+		}
+		(*names)[(*n)++] = strdup(de->d_name);
+	}
+	closedir(d);
+	qsort(*names, *n, sizeof **names, cmp_str);
+	return 0;
+}
+
+static void names_free(char **names, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		free(names[i]);
+	free(names);
+}
+
+/* Committed offset of group g in partition part (0 if it never read). */
+static int grp_offset(struct queue *q, const char *g, int part, uint64_t *off,
+                      struct mq_err *e)
+{
+	int fd;
+	uint64_t seq;
+	*off = 0;
+	if (grp_open(q, g, part, 0, &fd, e) < 0)
+		return e->code == MQ_EX_NOINPUT ? 0 : -1;
+	int r = grp_read(fd, off, &seq, e);
+	close(fd);
+	return r;
+}
+
+/* Lowest committed offset over all groups (0 when there are none: with
+ * no consumer yet, nothing counts as consumed). */
+static int grp_min(struct queue *q, int part, uint64_t *min, struct mq_err *e)
+{
+	char **names;
+	size_t n;
+	*min = 0;
+	if (grp_list(q, &names, &n, e) < 0)
+		return -1;
+	int r = 0;
+	for (size_t i = 0; i < n && r == 0; i++) {
+		uint64_t off;
+		r = grp_offset(q, names[i], part, &off, e);
+		if (r == 0 && (i == 0 || off < *min))
+			*min = off;
+	}
+	names_free(names, n);
+	return r;
+}
+
+/* Run retention on a partition if no writer is busy with it (a busy
+ * writer runs it itself when it rolls). */
+static int grp_retain(struct queue *q, int part, struct mq_err *e)
+{
+	uint64_t min;
+	struct part *p = &q->parts[part];
+	if (grp_min(q, part, &min, e) < 0)
+		return -1;
+	if (part_lock(p, 1, e) < 0)
+		return e->code == MQ_EX_TEMPFAIL ? 0 : -1;
+	int r = part_retain(p, min, MQ_DRAINED_ROLL, e);
+	part_unlock(p);
+	return r < 0 ? -1 : 0;
+}
+
+/* Timestamp of the first message at or after off in a partition
+ * (INT64_MAX if there is none). */
+static int part_ts_at(struct part *p, uint64_t off, int64_t *ts, struct mq_err *e)
+{
+	struct reader r;
+	struct rec_msg m;
+	*ts = INT64_MAX;
+	if (rd_open(&r, p, off, e) < 0)
+		return -1;
+	int k = rd_next(&r, &m, e);
+	if (k == 1)
+		*ts = m.ts;
+	rd_close(&r);
+	return k < 0 ? -1 : 0;
+}
+
+struct gstat {
+	char *name;
+	uint64_t *off;     /* committed offset per partition */
+	uint64_t lag;      /* messages not yet consumed, all partitions */
+	int64_t oldest_ts; /* timestamp of the oldest unconsumed, or INT64_MAX */
+};
+
+struct qstat {
+	int nparts;
+	uint64_t *next, *earliest; /* per partition */
+	uint64_t messages, bytes, segments;
+	int64_t oldest_ts;         /* oldest stored message, or INT64_MAX */
+	size_t ngroups;
+	struct gstat *g;
+};
+
+static void q_stat_free(struct qstat *st)
+{
+	for (size_t i = 0; i < st->ngroups; i++) {
+		free(st->g[i].name);
+		free(st->g[i].off);
+	}
+	free(st->g);
+	free(st->next);
+	free(st->earliest);
+	memset(st, 0, sizeof *st);
+}
+
+/* Counts, sizes and per-group lag of a queue, read without locks. */
+static int q_stat(struct queue *q, struct qstat *st, struct mq_err *e)
+{
+	memset(st, 0, sizeof *st);
+	st->nparts = q->nparts;
+	st->next = calloc((size_t)q->nparts, sizeof *st->next);
+	st->earliest = calloc((size_t)q->nparts, sizeof *st->earliest);
+	st->oldest_ts = INT64_MAX;
+	for (int i = 0; i < q->nparts; i++) {
+		struct part *p = &q->parts[i];
+		struct head h;
+		uint64_t *segs;
+		size_t n;
+		int v = head_read(p, &h, e);
+		if (v < 0 || seg_list(p->dir, &segs, &n, e) < 0)
+			return -1;
+		st->next[i] = v ? h.next : 0;
+		st->earliest[i] = n ? segs[0] : 0;
+		if (st->earliest[i] > st->next[i])
+			st->earliest[i] = st->next[i];
+		st->messages += st->next[i] - st->earliest[i];
+		st->segments += n;
+		for (size_t k = 0; k < n; k++)
+			st->bytes += (uint64_t)seg_bytes(p, segs[k]);
+		free(segs);
+		int64_t ts;
+		if (st->next[i] > st->earliest[i] && part_ts_at(p, st->earliest[i], &ts, e) == 0 &&
+		    ts < st->oldest_ts)
+			st->oldest_ts = ts;
+	}
+	char **names;
+	if (grp_list(q, &names, &st->ngroups, e) < 0)
+		return -1;
+	st->g = calloc(st->ngroups + 1, sizeof *st->g);
+	for (size_t g = 0; g < st->ngroups; g++) {
+		struct gstat *gs = &st->g[g];
+		gs->name = names[g];
+		gs->off = calloc((size_t)q->nparts, sizeof *gs->off);
+		gs->oldest_ts = INT64_MAX;
+		for (int i = 0; i < q->nparts; i++) {
+			uint64_t off;
+			if (grp_offset(q, names[g], i, &off, e) < 0)
+				return -1;
+			if (off < st->earliest[i])
+				off = st->earliest[i];
+			if (off > st->next[i])
+				off = st->next[i];
+			gs->off[i] = off;
+			gs->lag += st->next[i] - off;
+			int64_t ts;
+			if (off < st->next[i] && part_ts_at(&q->parts[i], off, &ts, e) == 0 &&
+			    ts < gs->oldest_ts)
+				gs->oldest_ts = ts;
+		}
+	}
+	free(names);
+	return 0;
+}
+
+/* ===================================================================
+ * 8. Producer: batching, partition choice and the sync policy
+ *
+ * Buffers messages per partition and writes them in batches, taking a
+ * partition's writer lock only while writing.  When a flush returns, its
+ * messages are acknowledged: synced for fsync always/batch, written (and
+ * visible) for interval/never.  Uses layers 1-7.
+ * =================================================================== */
+
+struct prod {
+	struct queue *q;
+	int fixed;             /* partition forced by the caller, or -1 */
+	int sticky;            /* partition for messages without a key */
+	struct rec_enc *enc;   /* per partition: batches not yet written */
+	uint64_t *first;       /* per partition: first offset of the last flush */
+	int64_t *synced_ms;    /* per partition: monotonic time of last sync */
+	char *dirty;           /* per partition: written but not synced */
+	size_t pending;        /* bytes buffered over all partitions */
+	int64_t oldest_ms;     /* monotonic time of the oldest buffered message */
+	struct buf order;      /* u16 partition of each buffered message */
+	/* Called for each message once acknowledged, in the order added: */
+	void (*acked)(void *ctx, int part, uint64_t offset);
+	void *ctx;
+};
+
+static void prod_init(struct prod *pr, struct queue *q, int fixed)
+{
+	memset(pr, 0, sizeof *pr);
+	pr->q = q;
+	pr->fixed = fixed;
+	pr->enc = calloc((size_t)q->nparts, sizeof *pr->enc);
+	pr->first = calloc((size_t)q->nparts, sizeof *pr->first);
+	pr->synced_ms = calloc((size_t)q->nparts, sizeof *pr->synced_ms);
+	pr->dirty = calloc((size_t)q->nparts, 1);
+	if (!pr->enc || !pr->first || !pr->synced_ms || !pr->dirty)
+		abort();
+	for (int i = 0; i < q->nparts; i++)
+		rec_enc_init(&pr->enc[i], (int)q->conf.compression);
+	pr->sticky = (int)((uint64_t)(getpid() ^ now_ms()) % (uint64_t)q->nparts);
+}
+
+static void prod_free(struct prod *pr)
+{
+	for (int i = 0; pr->enc && i < pr->q->nparts; i++)
+		rec_enc_free(&pr->enc[i]);
+	free(pr->enc);
+	free(pr->first);
+	free(pr->synced_ms);
+	free(pr->dirty);
+	buf_free(&pr->order);
+}
+
+/* Milliseconds until a flush is due (0 = now), or -1 if nothing waits. */
+static int64_t prod_due(const struct prod *pr)
+{
+	int64_t now = mono_ms(), due = -1;
+	if (pr->pending)
+		due = pr->oldest_ms + MQ_SYNC_EVERY_MS - now;
+	if (pr->q->conf.fsync == MQ_FSYNC_INTERVAL)
+		for (int i = 0; i < pr->q->nparts; i++)
+			if (pr->dirty[i]) {
+				int64_t d = pr->synced_ms[i] + pr->q->conf.fsync_ms - now;
+				if (due < 0 || d < due)
+					due = d;
+			}
+	return due < 0 ? -1 : due > 0 ? due : 0;
+}
+
+/*
+ * Write (and sync, as the mode says) everything buffered; final forces
+ * the sync that interval mode would otherwise postpone.  Returns 0 once
+ * the messages are acknowledged; prod_offset() then names their offsets.
+ */
+static int prod_flush(struct prod *pr, int final, struct mq_err *e)
+{
+	struct queue *q = pr->q;
+	int64_t mode = q->conf.fsync, now = mono_ms();
+	for (int i = 0; i < q->nparts; i++) {
+		struct rec_enc *enc = &pr->enc[i];
+		int sync_due = mode == MQ_FSYNC_INTERVAL && pr->dirty[i] &&
+		               (final || now - pr->synced_ms[i] >= q->conf.fsync_ms);
+		if (enc->nmsgs == 0 && !sync_due)
+			continue;
+		struct part *p = &q->parts[i];
+		rec_enc_close(enc);
+		if (part_lock(p, 0, e) < 0)
+			return -1;
+		int r = enc->nmsgs ? part_append(p, enc, &pr->first[i], e) : 0;
+		if (r == 0 && (mode >= MQ_FSYNC_BATCH || sync_due)) {
+			r = part_sync(p, e);
+			pr->dirty[i] = 0;
+			pr->synced_ms[i] = now;
+		} else if (r == 0 && enc->nmsgs && mode == MQ_FSYNC_INTERVAL) {
+			if (!pr->dirty[i])
+				pr->synced_ms[i] = now;
+			pr->dirty[i] = 1;
+		}
+		if (r == 0 && enc->nmsgs)
+			r = part_publish(p, 0, e);
+		if (r == 0 && p->rolled) {
+			uint64_t min;
+			struct mq_err re; /* retention is housekeeping: its failure fails no put */
+			if (grp_min(q, i, &min, &re) == 0)
+				part_retain(p, min, MQ_DRAINED_ROLL, &re);
+		}
+		part_unlock(p);
+		if (r < 0)
+			return -1;
+	}
+	if (pr->acked) {
+		const uint16_t *order = (const uint16_t *)(const void *)pr->order.p;
+		for (size_t k = 0; k < pr->order.len / 2; k++)
+			pr->acked(pr->ctx, order[k], pr->first[order[k]]++);
+	}
+	for (int i = 0; i < q->nparts; i++)
+		rec_enc_reset(&pr->enc[i]);
+	pr->order.len = 0;
+	pr->pending = 0;
+	pr->sticky = (pr->sticky + 1) % q->nparts; /* spread long streams */
+	return 0;
+}
+
+/*
+ * Buffer one message (m->ts set by the caller).  A message over
+ * max-message-bytes is refused (65) before any of it is buffered.  May
+ * flush: in fsync=always each message is acknowledged on its own, else
+ * every MQ_SYNC_EVERY_BYTES.  Returns 1 if a flush happened.
+ */
+static int prod_add(struct prod *pr, const struct rec_msg *m, struct mq_err *e)
+{
+	struct queue *q = pr->q;
+	size_t size = m->klen + m->tlen + m->hlen + m->blen;
+	if (size > (size_t)q->conf.max_message)
+		return err_set(e, MQ_EX_DATAERR, "message of %zu bytes is over the maximum of %" PRId64
+		               " (max-message-bytes)", size, q->conf.max_message);
+	int part = pr->fixed >= 0 ? pr->fixed
+	           : m->has_key ? (int)(fnv1a(m->key, m->klen) % (uint32_t)q->nparts)
+	           : pr->sticky;
+	if (pr->pending == 0)
+		pr->oldest_ms = mono_ms();
+	rec_enc_add(&pr->enc[part], m);
+	uint16_t p16 = (uint16_t)part;
+	buf_add(&pr->order, &p16, sizeof p16);
+	pr->pending += size + 16;
+	if (q->conf.fsync == MQ_FSYNC_ALWAYS || pr->pending >= MQ_SYNC_EVERY_BYTES) {
+		if (prod_flush(pr, 0, e) < 0)
+			return -1;
+		return 1;
+	}
+	return 0;
+}
+
+/* ===================================================================
+ * 9. Verification and repair
+ *
+ * Checks every batch's header, crc and records, offset continuity, every
+ * index entry, the time index, the head and the group offset files, and
+ * reports damage by queue, partition and offset range through a report
+ * hook.  Repair cuts damaged byte ranges out of a segment into
+ * P/quarantine/ (valid batches after the damage stay), truncates torn
+ * tails, rebuilds indexes, and says exactly what was dropped.  Runs with
+ * the partition's writer lock held.  Uses layers 1-8.
+ * =================================================================== */
+
+struct vrep {
+	void (*line)(void *ctx, const char *msg);
+	void *ctx;
+	int damaged;  /* problems found */
+	int repaired; /* problems repaired */
+};
+
+static void vr_say(struct vrep *vr, const char *fmt, ...)
+{
+	char msg[1400];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof msg, fmt, ap);
+	va_end(ap);
+	if (vr->line)
+		vr->line(vr->ctx, msg);
+}
+
+struct vcut {
+	uint64_t from, to; /* byte range [from, to) cut out */
+};
+
+/* Copy [from, to) of fd into a new file at path, fsynced. */
+static int vr_copy_range(int fd, const char *src, uint64_t from, uint64_t to, int out,
+                         const char *dst, struct mq_err *e)
+{
+	char *chunk = malloc(1 << 20);
+	if (!chunk)
+		abort();
+	int r = 0;
+	while (from < to && r == 0) {
+		size_t n = to - from > (1 << 20) ? (1 << 20) : (size_t)(to - from);
+		ssize_t got = dur_pread(fd, chunk, n, (off_t)from, src, e);
+		if (got <= 0)
+			r = got < 0 ? -1 : err_set(e, MQ_EX_IOERR, "'%s' shrank while copying", src);
+		else
+			r = dur_write_all(out, chunk, (size_t)got, dst, e);
+		from += got > 0 ? (uint64_t)got : 0;
+	}
+	free(chunk);
+	return r;
+}
+
+/*
+ * Rewrite segment log without the cut ranges: quarantine each cut into
+ * P/quarantine/BASE-POS.bad, write the kept bytes to a hidden temporary,
+ * fsync, rename over the segment, fsync the directory.  A crash leaves
+ * the old (damaged) segment or the new one, never a mix.
+ */
+static int vr_cut(struct part *p, uint64_t base, int fd, const char *path,
+                  uint64_t size, const struct vcut *cuts, size_t ncuts, struct mq_err *e)
+{
+	char qdir[PATH_MAX + 32], qpath[PATH_MAX + 96], tmp[PATH_MAX + 48];
+	strfmt(qdir, sizeof qdir, "%s/%s", p->dir, MQ_QUARANTINE_DIR);
+	if (dur_mkdir(qdir, e) < 0)
+		return -1;
+	for (size_t i = 0; i < ncuts; i++) {
+		strfmt(qpath, sizeof qpath, "%s/%0*" PRIu64 "-%" PRIu64 ".bad", qdir, MQ_SEG_DIGITS,
+		         base, cuts[i].from);
+		int out = sys.open(qpath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+		if (out < 0)
+			return err_sys(e, err_code_for(errno), "cannot create '%s'", qpath);
+		int r = vr_copy_range(fd, path, cuts[i].from, cuts[i].to, out, qpath, e);
+		if (r == 0)
+			r = dur_sync(out, qpath, e);
+		close(out);
+		if (r < 0)
+			return -1;
+	}
+	if (dur_sync_dir(qdir, e) < 0)
+		return -1;
+	strfmt(tmp, sizeof tmp, "%s/.%0*" PRIu64 ".repair", p->dir, MQ_SEG_DIGITS, base);
+	int out = sys.open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+	if (out < 0)
+		return err_sys(e, err_code_for(errno), "cannot create '%s'", tmp);
+	uint64_t at = 0;
+	int r = 0;
+	for (size_t i = 0; i <= ncuts && r == 0; i++) {
+		uint64_t end = i < ncuts ? cuts[i].from : size;
+		r = vr_copy_range(fd, path, at, end, out, tmp, e);
+		at = i < ncuts ? cuts[i].to : size;
+	}
+	if (r == 0)
+		r = dur_sync(out, tmp, e);
+	close(out);
+	if (r == 0 && sys.rename(tmp, path) < 0)
+		r = err_sys(e, MQ_EX_IOERR, "cannot rename '%s' over '%s'", tmp, path);
+	if (r < 0) {
+		sys.unlink(tmp);
+		return -1;
+	}
+	return dur_sync_dir(p->dir, e);
+}
+
+/*
+ * Build the expected index and time index of a segment by scanning it,
+ * noting damaged ranges in cuts.  *next is the offset after the segment
+ * (in: its base).  Returns the number of damaged ranges, or -1 (I/O).
+ */
+static int vr_scan(struct part *p, uint64_t base, int fd, const char *path, uint64_t size,
+                   uint64_t *next, struct buf *idx, struct buf *tix, struct vcut **cuts,
+                   struct vrep *vr, struct mq_err *e)
+{
+	struct buf b = {0}, scratch = {0}, tags = {0};
+	struct rec_hdr h;
+	struct mq_err sub;
+	int ncuts = 0;
+	int64_t maxts = INT64_MIN;
+	uint64_t pos = 0;
+	*cuts = NULL;
+	while (pos < size) {
+		int r = seg_read_batch(fd, path, pos, size, &b, &h, &sub);
+		if (r == 1 && (h.base < *next || h.base - *next > MQ_MAX_GAP))
+			r = err_set(&sub, MQ_EX_DATAERR, "%s:%" PRIu64 ": batch base offset %" PRIu64
+			            " out of sequence (expected %" PRIu64 ")", path, pos, h.base, *next);
+		if (r == 1 && seg_batch_tags((unsigned char *)b.p, &h, &scratch, &tags, &sub) < 0)
+			r = err_set(&sub, MQ_EX_DATAERR, "%s:%" PRIu64 ": %s", path, pos, sub.msg);
+		if (r < 0 && sub.code != MQ_EX_DATAERR) {
+			*e = sub;
+			ncuts = -1;
+			break;
+		}
+		if (r < 0) {
+			int64_t y = seg_find_valid(fd, path, pos + 1, size, &scratch);
+			uint64_t to = y < 0 ? size : (uint64_t)y;
+			struct rec_hdr nh = {0};
+			if (y >= 0) {
+				unsigned char hb[MQ_BATCH_HDR];
+				dur_pread(fd, hb, sizeof hb, (off_t)y, path, e);
+				rec_parse_hdr(hb, sizeof hb, &nh, &sub);
+			}
+			char range[64];
+			if (y >= 0 && nh.base > *next)
+				strfmt(range, sizeof range, "offsets %" PRIu64 "-%" PRIu64, *next, nh.base - 1);
+			else if (y >= 0)
+				strfmt(range, sizeof range, "no whole offsets");
+			else
+				strfmt(range, sizeof range, "offsets from %" PRIu64 " to the end", *next);
+			vr_say(vr, "%s/%d: %s: %s (%" PRIu64 " damaged bytes at %s:%" PRIu64 "-%" PRIu64 ")",
+			       p->q->name, p->id, range, sub.msg, to - pos, path, pos, to);
+			*cuts = realloc(*cuts, (size_t)(ncuts + 1) * sizeof **cuts);
+			if (!*cuts)
+				abort();
+			(*cuts)[ncuts++] = (struct vcut){pos, to};
+			pos = to;
+			continue;
+		}
+		/* Positions in the rebuilt index are those after the cuts. */
+		uint64_t newpos = pos;
+		for (int i = 0; i < ncuts; i++)
+			newpos -= (*cuts)[i].to - (*cuts)[i].from;
+		if (h.base > *next)
+			seg_idx_entries(idx, newpos, NULL, (uint32_t)(h.base - *next));
+		seg_idx_entries(idx, newpos, (uint32_t *)(void *)tags.p, h.count);
+		if (h.max_ts > maxts)
+			maxts = h.max_ts;
+		if (newpos == 0 || (newpos + h.len - 1) / MQ_TIX_INTERVAL != (newpos - 1) / MQ_TIX_INTERVAL) {
+			unsigned char ent[MQ_TIX_ENTRY];
+			le64_put(ent, (uint64_t)maxts);
+			le64_put(ent + 8, h.base);
+			buf_add(tix, ent, sizeof ent);
+		}
+		*next = h.base + h.count;
+		pos += h.len;
+	}
+	buf_free(&b);
+	buf_free(&scratch);
+	buf_free(&tags);
+	(void)base;
+	return ncuts;
+}
+
+/* Compare a derived file with what it should hold; rewrite it if asked. */
+static int vr_derived(struct part *p, const char *path, const char *what, const struct buf *want,
+                      int repair, struct vrep *vr, struct mq_err *e)
+{
+	struct buf have = {0};
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	int64_t size = fd >= 0 ? file_size(path) : -1;
+	if (size > 0) {
+		buf_reserve(&have, (size_t)size);
+		ssize_t r = dur_pread(fd, have.p, (size_t)size, 0, path, e);
+		have.len = r > 0 ? (size_t)r : 0;
+	}
+	if (fd >= 0)
+		close(fd);
+	int same = have.len == want->len && (want->len == 0 || !memcmp(have.p, want->p, want->len));
+	buf_free(&have);
+	if (same)
+		return 0;
+	vr->damaged++;
+	vr_say(vr, "%s/%d: %s '%s' disagrees with the log%s", p->q->name, p->id, what, path,
+	       repair ? "; rebuilt" : "");
+	if (!repair)
+		return 0;
+	vr->repaired++;
+	return dur_replace(path, want->p ? want->p : "", want->len, e);
+}
+
+/* Verify (and with repair, mend) one partition. */
+static int verify_part(struct part *p, int repair, struct vrep *vr, struct mq_err *e)
+{
+	uint64_t *segs = NULL;
+	size_t n;
+	struct mq_err re;
+	if (part_flock(p, 0, e) < 0)
+		return -1;
+	/* First what any command does on open: finish a dead writer's tail.
+	 * It refuses (65) when it finds damage; the scan below reports it. */
+	if (part_recover(p, &re) < 0 && re.code != MQ_EX_DATAERR) {
+		part_unlock(p);
+		*e = re;
+		return -1;
+	}
+	int rc = seg_list(p->dir, &segs, &n, e);
+	uint64_t expect = n ? segs[0] : 0;
+	for (size_t i = 0; i < n && rc == 0; i++) {
+		char path[PATH_MAX + 32];
+		struct buf idx = {0}, tix = {0};
+		struct vcut *cuts = NULL;
+		part_path(p, path, sizeof path, segs[i], MQ_LOG_SUFFIX);
+		int fd = open(path, O_RDONLY | O_CLOEXEC);
+		if (fd < 0) {
+			rc = err_sys(e, MQ_EX_IOERR, "cannot open '%s'", path);
+			break;
+		}
+		if (segs[i] > expect) /* a gap between segments: earlier repair */
+			vr_say(vr, "%s/%d: note: offsets %" PRIu64 "-%" PRIu64 " are missing (cut by an "
+			       "earlier repair)", p->q->name, p->id, expect, segs[i] - 1);
+		if (segs[i] < expect) {
+			vr->damaged++;
+			vr_say(vr, "%s/%d: segment %s starts at offset %" PRIu64 ", inside the previous one",
+			       p->q->name, p->id, path, segs[i]);
+		}
+		uint64_t next = segs[i], size = (uint64_t)file_size(path);
+		int k = vr_scan(p, segs[i], fd, path, size, &next, &idx, &tix, &cuts, vr, e);
+		if (k < 0)
+			rc = -1;
+		if (k > 0) {
+			vr->damaged += k;
+			if (repair && vr_cut(p, segs[i], fd, path, size, cuts, (size_t)k, e) < 0)
+				rc = -1;
+			else if (repair) {
+				vr->repaired += k;
+				uint64_t cut = 0;
+				for (int c = 0; c < k; c++)
+					cut += cuts[c].to - cuts[c].from;
+				vr_say(vr, "%s/%d: repaired: moved %" PRIu64 " damaged bytes of %s to %s/%s/",
+				       p->q->name, p->id, cut, path, p->dir, MQ_QUARANTINE_DIR);
+			}
+		}
+		close(fd);
+		if (rc == 0) {
+			part_path(p, path, sizeof path, segs[i], MQ_IDX_SUFFIX);
+			rc = vr_derived(p, path, "index", &idx, repair, vr, e);
+		}
+		if (rc == 0) {
+			part_path(p, path, sizeof path, segs[i], MQ_TIX_SUFFIX);
+			rc = vr_derived(p, path, "time index", &tix, repair, vr, e);
+		}
+		free(cuts);
+		buf_free(&idx);
+		buf_free(&tix);
+		expect = next;
+	}
+	struct head h;
+	if (rc == 0 && n) {
+		char path[PATH_MAX + 32];
+		part_path(p, path, sizeof path, segs[n - 1], MQ_LOG_SUFFIX);
+		int valid = head_read(p, &h, e);
+		if (valid < 0)
+			rc = -1;
+		else if (!valid || h.seg_base != segs[n - 1] || h.next != expect ||
+		    h.seg_len != (uint64_t)file_size(path)) {
+			vr->damaged++;
+			vr_say(vr, "%s/%d: head does not match the log (unpublished or damaged tail)%s",
+			       p->q->name, p->id, repair ? "; recovered" : "");
+			if (repair) {
+				vr->repaired++;
+				/* The head no longer matches: recovery rescans the tail. */
+				unsigned char zero[MQ_HEAD_SIZE] = {0};
+				if (head_open(p, 1, e) < 0 ||
+				    dur_pwrite_all(p->head_fd, zero, sizeof zero, 0, "head", e) < 0)
+					rc = -1;
+				dur_close(&p->log_fd); /* force part_recover to reopen */
+			}
+		}
+	}
+	if (rc == 0 && repair) {
+		part_close_seg(p); /* a repaired segment is a new file */
+		rc = part_recover(p, e);
+	}
+	part_unlock(p);
+	free(segs);
+	return rc;
+}
+
+/* Verify a queue: every partition, then every group's offset files. */
+static int verify_queue(struct queue *q, int repair, struct vrep *vr, struct mq_err *e)
+{
+	for (int i = 0; i < q->nparts; i++)
+		if (verify_part(&q->parts[i], repair, vr, e) < 0)
+			return -1;
+	char **groups;
+	size_t ng;
+	if (grp_list(q, &groups, &ng, e) < 0)
+		return -1;
+	for (size_t g = 0; g < ng; g++) {
+		for (int i = 0; i < q->nparts; i++) {
+			char path[PATH_MAX + 220];
+			unsigned char b[2 * MQ_OFF_SLOT];
+			grp_path(q, groups[g], i, path, sizeof path);
+			int fd = open(path, O_RDONLY | O_CLOEXEC);
+			if (fd < 0)
+				continue;
+			ssize_t r = pread(fd, b, sizeof b, 0);
+			close(fd);
+			int good = 0;
+			for (int s = 0; s < 2 && r > 0; s++)
+				good += r >= (s + 1) * MQ_OFF_SLOT && le32_get(b + s * MQ_OFF_SLOT) == MQ_OFF_MAGIC &&
+				        le32_get(b + s * MQ_OFF_SLOT + 4) ==
+				            (uint32_t)crc32(0L, b + s * MQ_OFF_SLOT + 8, MQ_OFF_SLOT - 8);
+			if (r > 0 && good == 0) {
+				vr->damaged++;
+				vr_say(vr, "%s/%d: offset file '%s' of group '%s' is damaged: the group will "
+				       "read this partition again from the start", q->name, i, path, groups[g]);
+			}
+		}
+	}
+	names_free(groups, ng);
+	return 0;
+}
+
+/* ===================================================================
+ * 12. CLI: option parser, output formats, commands, the command table
+ *
+ * Parses, validates, opens, calls one operation of the layers below,
+ * prints, and picks the exit status (mq.h, enum mq_exit).  The only
+ * layer that prints or exits.  stdout is data, stderr diagnostics.
+ * =================================================================== */
+
+enum { A_NONE, A_REQ, A_OPTDUR };
+
+struct opt {
+	char sh;          /* short letter, or 0 */
+	const char *lng;  /* long name, also the lookup key */
+	int arg;          /* A_NONE, A_REQ, A_OPTDUR (optional duration) */
+	const char *meta; /* argument name in help */
+	const char *help;
+};
+
+struct args;
+
+struct cmd {
+	const char *name;
+	int (*fn)(struct args *);
+	const char *synopsis;
+	const char *summary;
+	const struct opt *opts;
+	int min_pos, max_pos; /* positional argument counts; -1 = no limit */
+};
+
+#define MAX_OPTS 32
+struct args {
+	const struct cmd *cmd;
+	const char *val[MAX_OPTS]; /* last value of each option (or "" if set) */
+	int count[MAX_OPTS];
+	struct { int i; const char *v; } all[256]; /* every occurrence, in order */
+	int nall;
+	char **pos;
+	int npos;
+	struct spool sp;
+	const char *queue; /* for error messages */
+};
+
+static const struct opt common_opts[] = {
+	{'d', "spool", A_REQ, "DIR", "spool directory (default: $MQ_SPOOL, else /var/spool/mq "
+	 "for root, else ~/.local/state/mq)"},
+	{'h', "help", A_NONE, NULL, "show this help"},
+	{0, NULL, 0, NULL, NULL}};
+
+static const char *progname = "mq";
+static volatile sig_atomic_t stop_flag;
+
+/* ----- option parsing ----- */
+
+static size_t opts_count(const struct opt *o)
+{
+	size_t n = 0;
+	while (o && o[n].lng)
+		n++;
+	return n;
+}
+
+/* Find an option by short letter or long name in the command's table,
+ * then the common table; returns its index in the combined numbering. */
+static int opt_find(const struct cmd *c, char sh, const char *lng, size_t lnglen)
+{
+	size_t n = opts_count(c->opts);
+	for (size_t t = 0; t < 2; t++) {
+		const struct opt *o = t ? common_opts : c->opts;
+		for (size_t i = 0; o && o[i].lng; i++)
+			if ((sh && o[i].sh == sh) ||
+			    (lng && strlen(o[i].lng) == lnglen && !strncmp(o[i].lng, lng, lnglen)))
+				return (int)(t ? n + i : i);
+	}
+	return -1;
+}
+
+static const struct opt *opt_at(const struct cmd *c, int i)
+{
+	size_t n = opts_count(c->opts);
+	return (size_t)i < n ? &c->opts[i] : &common_opts[(size_t)i - n];
+}
+
+static int usage_error(const struct cmd *c, const char *fmt, ...)
+{
+	va_list ap;
+	fprintf(stderr, "%s: %s: ", progname, c->name);
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fprintf(stderr, "\nusage: mq %s %s\n", c->name, c->synopsis);
+	return MQ_EX_USAGE;
+}
+
+static int dur_like(const char *s)
+{
+	int64_t ms;
+	return parse_duration_ms(s, &ms) == 0;
+}
+
+/*
+ * Parse argv (after the command name).  Options may come before, between
+ * or after positional arguments; "--" ends options.  An optional-duration
+ * option (-w) takes the next word when it is a duration and a positional
+ * argument is still to come or already seen.  Returns 0 or an exit code.
+ */
+static int args_parse(struct args *a, const struct cmd *c, int argc, char **argv)
+{
+	a->cmd = c;
+	a->pos = calloc((size_t)argc + 1, sizeof *a->pos);
+	if (!a->pos)
+		abort();
+	int dashdash = 0;
+	for (int i = 0; i < argc; i++) {
+		char *s = argv[i];
+		if (dashdash || s[0] != '-' || s[1] == 0) {
+			a->pos[a->npos++] = s;
+			continue;
+		}
+		if (!strcmp(s, "--")) {
+			dashdash = 1;
+			continue;
+		}
+		int long_form = s[1] == '-';
+		const char *name = s + (long_form ? 2 : 1);
+		do {
+			const char *eq = long_form ? strchr(name, '=') : NULL;
+			size_t len = eq ? (size_t)(eq - name) : strlen(name);
+			int k = long_form ? opt_find(c, 0, name, len) : opt_find(c, name[0], NULL, 0);
+			if (k < 0 || a->nall >= 256)
+				return long_form ? usage_error(c, "unknown option '--%.*s'", (int)len, name)
+				                 : usage_error(c, "unknown option '-%c'", name[0]);
+			const struct opt *o = opt_at(c, k);
+			const char *val = "";
+			const char *attached = long_form ? (eq ? eq + 1 : NULL) : (name[1] ? name + 1 : NULL);
+			if (o->arg == A_REQ) {
+				if (attached)
+					val = attached;
+				else if (i + 1 < argc)
+					val = argv[++i];
+				else
+					return usage_error(c, "option '%s%s' needs %s", long_form ? "--" : "-",
+					                   long_form ? o->lng : (char[]){o->sh, 0}, o->meta);
+				name = "";
+			} else if (o->arg == A_OPTDUR) {
+				if (attached)
+					val = attached;
+				else if (i + 1 < argc && dur_like(argv[i + 1]) && (a->npos > 0 || i + 2 < argc))
+					val = argv[++i];
+				name = "";
+			} else {
+				if (long_form && eq)
+					return usage_error(c, "option '--%s' takes no value", o->lng);
+				name = long_form ? "" : name + 1;
+			}
+			a->val[k] = val;
+			a->count[k]++;
+			a->all[a->nall].i = k;
+			a->all[a->nall++].v = val;
+		} while (*name);
+	}
+	return 0;
+}
+
+static int opt_index(const struct args *a, const char *lng)
+{
+	int k = opt_find(a->cmd, 0, lng, strlen(lng));
+	assert(k >= 0);
+	return k;
+}
+
+/* Value of option lng (NULL if absent; "" for a flag or a bare -w). */
+static const char *opt_val(const struct args *a, const char *lng)
+{
+	int k = opt_index(a, lng);
+	return a->count[k] ? a->val[k] : NULL;
+}
+
+static int opt_has(const struct args *a, const char *lng)
+{
+	return a->count[opt_index(a, lng)] > 0;
+}
+
+/* ----- help ----- */
+
+static void help_opts(FILE *f, const struct opt *o)
+{
+	for (; o && o->lng; o++) {
+		char left[64];
+		if (o->sh)
+			strfmt(left, sizeof left, "-%c, --%s%s%s", o->sh, o->lng,
+			         o->arg == A_REQ ? " " : o->arg == A_OPTDUR ? " [" : "",
+			         o->arg ? o->meta : "");
+		else
+			strfmt(left, sizeof left, "    --%s%s%s", o->lng,
+			         o->arg == A_REQ ? " " : o->arg == A_OPTDUR ? " [" : "", o->arg ? o->meta : "");
+		if (o->arg == A_OPTDUR)
+			strncat(left, "]", sizeof left - strlen(left) - 1);
+		fprintf(f, "  %-28s %s\n", left, o->help);
+	}
+}
+
+static void help_cmd(FILE *f, const struct cmd *c)
+{
+	fprintf(f, "usage: mq %s %s\n\n%s\n", c->name, c->synopsis, c->summary);
+	if (c->opts && c->opts->lng) {
+		fprintf(f, "\noptions:\n");
+		help_opts(f, c->opts);
+	}
+	fprintf(f, "\ncommon options:\n");
+	help_opts(f, common_opts);
+}
+
+/* ----- output ----- */
+
+struct out {
+	int fd;
+	struct buf b;
+	int err; /* errno of the first failed write, 0 if none */
+};
+
+static int out_flush(struct out *o)
+{
+	size_t done = 0;
+	while (done < o->b.len && !o->err) {
+		ssize_t w = write(o->fd, o->b.p + done, o->b.len - done);
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w < 0)
+			o->err = errno;
+		else
+			done += (size_t)w;
+	}
+	o->b.len = 0;
+	return o->err ? -1 : 0;
+}
+
+static void out_add(struct out *o, const void *p, size_t n)
+{
+	buf_add(&o->b, p, n);
+	if (o->b.len >= (256 << 10))
+		out_flush(o);
+}
+
+static void out_u64(struct out *o, uint64_t v)
+{
+	char tmp[24], *p = tmp + sizeof tmp;
+	do
+		*--p = (char)('0' + v % 10);
+	while (v /= 10);
+	out_add(o, p, (size_t)(tmp + sizeof tmp - p));
+}
+
+static void out_json_str(struct out *o, const unsigned char *s, size_t n)
+{
+	out_add(o, "\"", 1);
+	size_t run = 0;
+	for (size_t i = 0; i < n; i++) {
+		unsigned char c = s[i];
+		if (c >= 0x20 && c != '"' && c != '\\')
+			continue;
+		out_add(o, s + run, i - run);
+		run = i + 1;
+		char esc[8];
+		switch (c) {
+		case '"': out_add(o, "\\\"", 2); break;
+		case '\\': out_add(o, "\\\\", 2); break;
+		case '\n': out_add(o, "\\n", 2); break;
+		case '\t': out_add(o, "\\t", 2); break;
+		case '\r': out_add(o, "\\r", 2); break;
+		default:
+			strfmt(esc, sizeof esc, "\\u%04x", c);
+			out_add(o, esc, 6);
+		}
+	}
+	out_add(o, s + run, n - run);
+	out_add(o, "\"", 1);
+}
+
+/* How to print messages: -f FORMAT (kcat-like) or -f json. */
+struct msgfmt {
+	int json;
+	const char *spec; /* format with % directives and \ escapes */
+};
+
+static void fmt_headers(struct out *o, const struct rec_msg *m, int json)
+{
+	const unsigned char *p = m->hdrs, *name, *val;
+	uint64_t left = 0;
+	size_t nl, vl;
+	p += varint_get(p, m->hdrs + m->hlen, &left);
+	int first = 1;
+	if (json)
+		out_add(o, "{", 1);
+	while (rec_hdr_next(&p, &left, &name, &nl, &val, &vl)) {
+		if (!first)
+			out_add(o, ",", 1);
+		first = 0;
+		if (json) {
+			out_json_str(o, name, nl);
+			out_add(o, ":", 1);
+			out_json_str(o, val, vl);
+		} else {
+			out_add(o, name, nl);
+			out_add(o, "=", 1);
+			out_add(o, val, vl);
+		}
+	}
+	if (json)
+		out_add(o, "}", 1);
+}
+
+static void fmt_msg(struct out *o, const struct msgfmt *f, const char *queue, int part,
+                    const struct rec_msg *m)
+{
+	if (f->json) {
+		out_add(o, "{\"queue\":", 9);
+		out_json_str(o, (const unsigned char *)queue, strlen(queue));
+		out_add(o, ",\"partition\":", 13);
+		out_u64(o, (uint64_t)part);
+		out_add(o, ",\"offset\":", 10);
+		out_u64(o, m->offset);
+		out_add(o, ",\"timestamp\":", 13);
+		out_u64(o, (uint64_t)m->ts);
+		out_add(o, ",\"key\":", 7);
+		if (m->has_key)
+			out_json_str(o, m->key, m->klen);
+		else
+			out_add(o, "null", 4);
+		out_add(o, ",\"tag\":", 7);
+		if (m->has_tag)
+			out_json_str(o, m->tag, m->tlen);
+		else
+			out_add(o, "null", 4);
+		out_add(o, ",\"headers\":", 11);
+		fmt_headers(o, m, 1);
+		out_add(o, ",\"body\":", 8);
+		out_json_str(o, m->body, m->blen);
+		out_add(o, "}\n", 2);
+		return;
+	}
+	for (const char *s = f->spec; *s; s++) {
+		if (*s == '%' && s[1]) {
+			switch (*++s) {
+			case 's': out_add(o, m->body, m->blen); break;
+			case 'k': out_add(o, m->key, m->klen); break;
+			case 't': out_add(o, m->tag, m->tlen); break;
+			case 'o': out_u64(o, m->offset); break;
+			case 'p': out_u64(o, (uint64_t)part); break;
+			case 'T': out_u64(o, (uint64_t)m->ts); break;
+			case 'q': out_add(o, queue, strlen(queue)); break;
+			case 'h': fmt_headers(o, m, 0); break;
+			case '%': out_add(o, "%", 1); break;
+			default: out_add(o, s - 1, 2);
+			}
+		} else if (*s == '\\' && s[1]) {
+			static const char from[] = "ntr0\\", to[] = "\n\t\r\0\\";
+			const char *k = strchr(from, *++s);
+			if (k)
+				out_add(o, to + (k - from), 1);
+			else
+				out_add(o, s - 1, 2);
+		} else {
+			out_add(o, s, 1);
+		}
+	}
+}
+
+/* Check a -f FORMAT: known directives only. */
+static int fmt_check(const char *spec)
+{
+	if (!strcmp(spec, "json"))
+		return 0;
+	for (const char *s = spec; *s; s++)
+		if (*s == '%' && (!s[1] || !strchr("sktopTqh%", *++s)))
+			return -1;
+	return 0;
+}
+
+static void fmt_init(struct msgfmt *f, const struct args *a)
+{
+	const char *spec = opt_val(a, "format");
+	f->json = spec && !strcmp(spec, "json");
+	f->spec = spec ? spec : opt_has(a, "null") ? "%s\\0" : "%s\\n";
+}
+
+/* ----- errors and the spool ----- */
+
+static int fail(struct args *a, const struct mq_err *e)
+{
+	if (a->queue)
+		fprintf(stderr, "%s: %s: %s: %s\n", progname, a->cmd->name, a->queue, e->msg);
+	else
+		fprintf(stderr, "%s: %s: %s\n", progname, a->cmd->name, e->msg);
+	return e->code ? e->code : MQ_EX_IOERR;
+}
+
+static void notice_stderr(void *ctx, const char *msg)
+{
+	(void)ctx;
+	fprintf(stderr, "%s: %s\n", progname, msg);
+}
+
+/* Create dir and its missing parents. */
+static int mkdirs(const char *path, struct mq_err *e)
+{
+	char tmp[PATH_MAX];
+	strfmt(tmp, sizeof tmp, "%s", path);
+	for (char *s = tmp + 1; *s; s++) {
+		if (*s != '/')
+			continue;
+		*s = 0;
+		if (sys.mkdir(tmp, 0755) < 0 && errno != EEXIST)
+			return err_sys(e, err_code_for(errno), "cannot create directory '%s'", tmp);
+		*s = '/';
+	}
+	return dur_mkdir(tmp, e);
+}
+
+/* Resolve the spool: -d, $MQ_SPOOL, /var/spool/mq for root, else XDG. */
+static int spool_init(struct args *a, int create, struct mq_err *e)
+{
+	const char *d = opt_val(a, "spool"), *env = getenv("MQ_SPOOL");
+	char def[PATH_MAX];
+	if (!d && env && *env)
+		d = env;
+	if (!d && geteuid() == 0)
+		d = "/var/spool/mq";
+	if (!d) {
+		const char *xdg = getenv("XDG_STATE_HOME"), *home = getenv("HOME");
+		if (xdg && *xdg)
+			strfmt(def, sizeof def, "%s/mq", xdg);
+		else
+			strfmt(def, sizeof def, "%s/.local/state/mq", home ? home : ".");
+		d = def;
+	}
+	if (strlen(d) >= sizeof a->sp.dir - 300)
+		return err_set(e, MQ_EX_USAGE, "spool path too long");
+	strfmt(a->sp.dir, sizeof a->sp.dir, "%s", d);
+	a->sp.notice = notice_stderr;
+	if (create && mkdirs(a->sp.dir, e) < 0)
+		return -1;
+	return cfg_load(&a->sp.cfg, a->sp.dir, e);
+}
+
+/* Parse a count option: a non-negative integer. */
+static int opt_u64(struct args *a, const char *lng, uint64_t def, uint64_t *out)
+{
+	const char *v = opt_val(a, lng);
+	*out = def;
+	if (v && parse_u64(v, out) < 0) {
+		usage_error(a->cmd, "bad number '%s' for --%s", v, lng);
+		return -1;
+	}
+	return 0;
+}
+
+/* Parse -p/--partition against a queue. */
+static int opt_partition(struct args *a, const struct queue *q, int *part)
+{
+	uint64_t v;
+	*part = -1;
+	if (!opt_has(a, "partition"))
+		return 0;
+	if (opt_u64(a, "partition", 0, &v) < 0)
+		return -1;
+	if (v >= (uint64_t)q->nparts) {
+		usage_error(a->cmd, "partition %" PRIu64 " does not exist (queue '%s' has %d)", v,
+		            q->name, q->nparts);
+		return -1;
+	}
+	*part = (int)v;
+	return 0;
+}
+
+/* ----- mq put ----- */
+
+struct putctx {
+	struct args *a;
+	struct prod pr;
+	struct out out;
+	struct rec_msg tmpl; /* key, tag, headers shared by every message */
+	const char *kdelim;  /* -K: split key from body at this string */
+	size_t kdlen;
+	uint64_t n;          /* messages accepted so far */
+};
+
+static void put_acked(void *ctx, int part, uint64_t off)
+{
+	struct out *o = ctx;
+	out_u64(o, (uint64_t)part);
+	out_add(o, ":", 1);
+	out_u64(o, off);
+	out_add(o, "\n", 1);
+}
+
+/* Hand one message body to the producer. */
+static int put_one(struct putctx *pc, const char *p, size_t n, int64_t ts, struct mq_err *e)
+{
+	struct rec_msg m = pc->tmpl;
+	m.ts = ts;
+	m.body = (const unsigned char *)p;
+	m.blen = n;
+	if (pc->kdelim) {
+		const char *d = memmem(p, n, pc->kdelim, pc->kdlen);
+		if (d) {
+			m.key = (const unsigned char *)p;
+			m.klen = (size_t)(d - p);
+			m.has_key = 1;
+			m.body = (const unsigned char *)d + pc->kdlen;
+			m.blen = n - m.klen - pc->kdlen;
+		}
+	}
+	pc->n++;
+	int r = prod_add(&pc->pr, &m, e);
+	if (r < 0) {
+		if (e->code == MQ_EX_DATAERR) {
+			char msg[sizeof e->msg];
+			strfmt(msg, sizeof msg, "message %" PRIu64 ": %s", pc->n, e->msg);
+			strfmt(e->msg, sizeof e->msg, "%s", msg);
+		}
+		return -1;
+	}
+	if (r == 1 && out_flush(&pc->out) < 0)
+		return err_set(e, MQ_EX_IOERR, "cannot write offsets: %s", strerror(pc->out.err));
+	return 0;
+}
+
+/*
+ * Read stdin and feed it to the producer: one message per line (or per
+ * NUL with -0, or all of it with --whole).  Waits for input at most until
+ * the next flush is due, so a slow pipe still gets acknowledged within
+ * MQ_SYNC_EVERY_MS.  A message over the limit is refused as soon as the
+ * limit is passed, without reading the rest of it.
+ */
+static int put_stdin(struct putctx *pc, int whole, char delim, struct mq_err *e)
+{
+	size_t bufsz = 1 << 20, limit = (size_t)pc->pr.q->conf.max_message;
+	char *in = malloc(bufsz);
+	struct buf carry = {0};
+	int rc = 0;
+	if (!in)
+		abort();
+	for (;;) {
+		int64_t due = prod_due(&pc->pr);
+		struct pollfd pfd = {0, POLLIN, 0};
+		int pr = due == 0 ? 0 : poll(&pfd, 1, due < 0 ? -1 : (int)(due > INT_MAX ? INT_MAX : due));
+		if (pr < 0 && errno != EINTR) {
+			rc = err_sys(e, MQ_EX_IOERR, "cannot poll stdin");
+			break;
+		}
+		if (pr <= 0) {
+			if ((rc = prod_flush(&pc->pr, 0, e)) < 0)
+				break;
+			if (out_flush(&pc->out) < 0) {
+				rc = err_set(e, MQ_EX_IOERR, "cannot write offsets: %s", strerror(pc->out.err));
+				break;
+			}
+			continue;
+		}
+		ssize_t n = read(0, in, bufsz);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0) {
+			rc = err_sys(e, MQ_EX_IOERR, "cannot read stdin");
+			break;
+		}
+		if (n == 0)
+			break;
+		int64_t ts = now_ms();
+		size_t at = 0;
+		const char *nl;
+		while (!whole && (nl = memchr(in + at, delim, (size_t)n - at))) {
+			size_t len = (size_t)(nl - (in + at));
+			if (carry.len) {
+				buf_add(&carry, in + at, len);
+				rc = put_one(pc, carry.p, carry.len, ts, e);
+				carry.len = 0;
+			} else {
+				rc = put_one(pc, in + at, len, ts, e);
+			}
+			if (rc < 0)
+				goto done;
+			at += len + 1;
+		}
+		buf_add(&carry, in + at, (size_t)n - at);
+		if (carry.len > limit + (pc->kdelim ? limit : 0)) {
+			rc = err_set(e, MQ_EX_DATAERR, "message %" PRIu64 " is longer than the maximum of "
+			             "%zu bytes (max-message-bytes); it and the rest of the input were not "
+			             "written", pc->n + 1, limit);
+			goto done;
+		}
+	}
+	if (rc == 0 && (carry.len || whole))
+		rc = put_one(pc, carry.p ? carry.p : "", carry.len, now_ms(), e);
+done:
+	free(in);
+	buf_free(&carry);
+	return rc;
+}
+
+/* Encode -H name=value options into a header block (mq.h). */
+static int put_headers(struct args *a, struct buf *hb)
+{
+	int k = opt_index(a, "header"), nh = 0;
+	unsigned char tmp[10];
+	struct buf pairs = {0};
+	for (int i = 0; i < a->nall; i++) {
+		if (a->all[i].i != k)
+			continue;
+		const char *v = a->all[i].v, *eq = strchr(v, '=');
+		if (!eq || eq == v) {
+			buf_free(&pairs);
+			return usage_error(a->cmd, "bad header '%s': use NAME=VALUE", v);
+		}
+		buf_add(&pairs, tmp, varint_put(tmp, (uint64_t)(eq - v)));
+		buf_add(&pairs, v, (size_t)(eq - v));
+		buf_add(&pairs, tmp, varint_put(tmp, strlen(eq + 1)));
+		buf_adds(&pairs, eq + 1);
+		nh++;
+	}
+	if (nh) {
+		buf_add(hb, tmp, varint_put(tmp, (uint64_t)nh));
+		buf_add(hb, pairs.p, pairs.len);
+	}
+	buf_free(&pairs);
+	return 0;
+}
+
+static int cmd_put(struct args *a)
+{
+	struct mq_err e = {0};
+	struct putctx pc;
+	struct queue *q = NULL;
+	struct buf hb = {0};
+	struct kv set[1];
+	int nset = 0, part, rc;
+	memset(&pc, 0, sizeof pc);
+	pc.a = a;
+	pc.out.fd = 1;
+	a->queue = a->pos[0];
+	const char *fs = opt_val(a, "fsync"), *kd = opt_val(a, "key-delim");
+	if (fs)
+		set[nset++] = (struct kv){"fsync", fs};
+	if ((rc = put_headers(a, &hb)) != 0)
+		return rc;
+	if (kd && (!*kd || opt_has(a, "key")))
+		return usage_error(a->cmd, "-K needs a non-empty delimiter and excludes -k");
+	if (opt_has(a, "whole") && (opt_has(a, "null") || kd || a->npos > 1))
+		return usage_error(a->cmd, "--whole excludes -0, -K and message arguments");
+	if (spool_init(a, !opt_has(a, "no-create"), &e) < 0 ||
+	    q_open(&a->sp, a->pos[0], !opt_has(a, "no-create"), set, nset, &q, &e) < 0) {
+		rc = fail(a, &e);
+		goto out;
+	}
+	if (opt_partition(a, q, &part) < 0) {
+		rc = MQ_EX_USAGE;
+		goto out;
+	}
+	prod_init(&pc.pr, q, part);
+	if (opt_has(a, "print-offsets")) {
+		pc.pr.acked = put_acked;
+		pc.pr.ctx = &pc.out;
+	}
+	const char *key = opt_val(a, "key"), *tag = opt_val(a, "tag");
+	pc.tmpl.has_key = key != NULL;
+	pc.tmpl.key = (const unsigned char *)(key ? key : "");
+	pc.tmpl.klen = key ? strlen(key) : 0;
+	pc.tmpl.has_tag = tag != NULL;
+	pc.tmpl.tag = (const unsigned char *)(tag ? tag : "");
+	pc.tmpl.tlen = tag ? strlen(tag) : 0;
+	pc.tmpl.hdrs = (const unsigned char *)hb.p;
+	pc.tmpl.hlen = hb.len;
+	pc.kdelim = kd;
+	pc.kdlen = kd ? strlen(kd) : 0;
+	rc = 0;
+	if (a->npos > 1) {
+		int64_t ts = now_ms();
+		for (int i = 1; i < a->npos && rc == 0; i++)
+			rc = put_one(&pc, a->pos[i], strlen(a->pos[i]), ts, &e);
+	} else {
+		rc = put_stdin(&pc, opt_has(a, "whole"), opt_has(a, "null") ? '\0' : '\n', &e);
+	}
+	/* Whatever was accepted before an error is still written and synced. */
+	struct mq_err fe = {0};
+	int fr = prod_flush(&pc.pr, 1, &fe);
+	if (out_flush(&pc.out) < 0 && fr == 0)
+		fr = err_set(&fe, MQ_EX_IOERR, "cannot write offsets: %s", strerror(pc.out.err));
+	if (rc < 0)
+		rc = fail(a, &e);
+	else if (fr < 0)
+		rc = fail(a, &fe);
+	prod_free(&pc.pr);
+out:
+	buf_free(&pc.out.b);
+	buf_free(&hb);
+	q_close(q);
+	return rc;
+}
+
+/* ----- waiting for new messages ----- */
+
+/* Watches every partition's head file, so a waiting reader wakes as soon
+ * as a writer publishes (inotify on Linux; a short poll elsewhere). */
+struct waiter {
+	int fd;
+};
+
+static void wait_init(struct waiter *w, struct queue *q)
+{
+	w->fd = -1;
+#ifdef __linux__
+	w->fd = inotify_init1(IN_CLOEXEC | IN_NONBLOCK);
+	for (int i = 0; w->fd >= 0 && i < q->nparts; i++) {
+		char path[PATH_MAX + 8];
+		strfmt(path, sizeof path, "%s/head", q->parts[i].dir);
+		inotify_add_watch(w->fd, path, IN_MODIFY | IN_ATTRIB | IN_DELETE_SELF);
+	}
+#else
+	(void)q;
+#endif
+}
+
+/* Sleep until something may have been published or timeout_ms passes
+ * (-1: no limit).  Wakes at least every second to re-check regardless. */
+static void wait_change(struct waiter *w, int64_t timeout_ms)
+{
+	int t = timeout_ms < 0 || timeout_ms > 1000 ? 1000 : (int)timeout_ms;
+	if (w->fd < 0) {
+		poll(NULL, 0, t < 20 ? t : 20);
+		return;
+	}
+	struct pollfd pfd = {w->fd, POLLIN, 0};
+	if (poll(&pfd, 1, t) > 0) {
+		char ev[4096];
+		while (read(w->fd, ev, sizeof ev) > 0)
+			;
+	}
+}
+
+static void wait_free(struct waiter *w) { dur_close(&w->fd); }
+
+/* ----- mq get ----- */
+
+/*
+ * Deliver up to want messages of one partition to group g, holding the
+ * group's lock on it: read from the committed offset, write the messages
+ * out, and commit only after the write succeeded (at-least-once).
+ * Returns messages delivered, or -1.
+ */
+static int64_t get_part(struct queue *q, const char *g, int part, uint64_t want, int nonblock,
+                        struct out *o, const struct msgfmt *f, int *busy, struct mq_err *e)
+{
+	int fd;
+	uint64_t off, seq;
+	int64_t got = 0;
+	struct reader r;
+	char path[PATH_MAX + 220];
+	*busy = 0;
+	grp_path(q, g, part, path, sizeof path);
+	if (grp_open(q, g, part, 1, &fd, e) < 0)
+		return -1;
+	if (dur_lock(fd, LOCK_EX | (nonblock ? LOCK_NB : 0), path, e) < 0) {
+		close(fd);
+		*busy = e->code == MQ_EX_TEMPFAIL;
+		return *busy ? 0 : -1;
+	}
+	if (grp_read(fd, &off, &seq, e) < 0 || rd_open(&r, &q->parts[part], off, e) < 0) {
+		close(fd);
+		return -1;
+	}
+	if (off > r.h.next) {
+		sp_notice(q->sp, "%s/%d: group '%s' had committed offset %" PRIu64 " past the end (%"
+		          PRIu64 "), probably lost with unsynced data (fsync interval/never); "
+		          "continuing from the end", q->name, part, g, off, r.h.next);
+		r.want = r.h.next;
+	}
+	struct rec_msg m;
+	int k = 0;
+	while ((want == 0 || (uint64_t)got < want) && (k = rd_next(&r, &m, e)) == 1) {
+		fmt_msg(o, f, q->name, part, &m);
+		got++;
+	}
+	if (r.skip_to > off)
+		sp_notice(q->sp, "%s/%d: offsets %" PRIu64 "-%" PRIu64 " were removed (retention, purge "
+		          "or repair) before group '%s' read them", q->name, part, r.skip_from,
+		          r.skip_to - 1, g);
+	int rc = k < 0 ? -1 : 0;
+	struct mq_err ce;
+	if (got > 0 || r.want != off) {
+		if (out_flush(o) < 0)
+			rc = err_set(e, MQ_EX_IOERR, "cannot write to stdout: %s (nothing committed)",
+			             strerror(o->err));
+		else if (grp_commit(fd, seq + 1, r.want, q->conf.fsync >= MQ_FSYNC_BATCH, &ce) < 0)
+			rc = (*e = ce, -1);
+	}
+	int drained = r.want >= r.h.next || r.nsegs > 1;
+	rd_close(&r);
+	close(fd);
+	if (rc == 0 && got > 0 && drained)
+		grp_retain(q, part, &ce); /* housekeeping: failure fails no get */
+	return rc < 0 ? -1 : got;
+}
+
+/* One pass over the partitions: non-blocking first, then wait for the
+ * busy ones, starting at a pid-dependent partition to spread consumers. */
+static int64_t get_once(struct queue *q, const char *g, uint64_t want, struct out *o,
+                        const struct msgfmt *f, struct mq_err *e)
+{
+	int64_t total = 0;
+	char *busy = calloc((size_t)q->nparts, 1);
+	int start = (int)(getpid() % q->nparts);
+	for (int pass = 0; pass < 2; pass++) {
+		for (int j = 0; j < q->nparts && (want == 0 || (uint64_t)total < want); j++) {
+			int i = (start + j) % q->nparts, b;
+			if (pass == 1 && !busy[i])
+				continue;
+			int64_t got = get_part(q, g, i, want ? want - (uint64_t)total : 0, pass == 0, o, f,
+			                       &b, e);
+			if (got < 0) {
+				free(busy);
+				return -1;
+			}
+			busy[i] = (char)b;
+			total += got;
+		}
+	}
+	free(busy);
+	return total;
+}
+
+static int cmd_get(struct args *a)
+{
+	struct mq_err e = {0};
+	struct queue *q = NULL;
+	struct out o = {1, {0}, 0};
+	struct msgfmt f;
+	uint64_t want;
+	int64_t wait_ms = -2; /* -2 no wait, -1 forever */
+	const char *g = opt_val(a, "group") ? opt_val(a, "group") : "default", *w = opt_val(a, "wait");
+	a->queue = a->pos[0];
+	if (opt_u64(a, "count", 1, &want) < 0)
+		return MQ_EX_USAGE;
+	if (w && *w && parse_duration_ms(w, &wait_ms) < 0)
+		return usage_error(a->cmd, "bad duration '%s' for --wait", w);
+	if (w && !*w)
+		wait_ms = -1;
+	if (opt_val(a, "format") && fmt_check(opt_val(a, "format")) < 0)
+		return usage_error(a->cmd, "bad format '%s'", opt_val(a, "format"));
+	fmt_init(&f, a);
+	if (spool_init(a, 0, &e) < 0 || q_open(&a->sp, a->pos[0], 0, NULL, 0, &q, &e) < 0 ||
+	    q_check_name("group", g, &e) < 0)
+		return fail(a, &e);
+	struct waiter wt = {-1};
+	if (wait_ms != -2)
+		wait_init(&wt, q);
+	int64_t deadline = wait_ms >= 0 ? mono_ms() + wait_ms : 0, got;
+	while ((got = get_once(q, g, want, &o, &f, &e)) == 0 && wait_ms != -2 && !stop_flag) {
+		int64_t left = wait_ms < 0 ? -1 : deadline - mono_ms();
+		if (wait_ms >= 0 && left <= 0)
+			break;
+		wait_change(&wt, left);
+	}
+	wait_free(&wt);
+	q_close(q);
+	buf_free(&o.b);
+	if (got < 0)
+		return fail(a, &e);
+	return got > 0 ? MQ_EX_OK : MQ_EX_EMPTY;
+}
+
+/* ----- mq peek, mq tail ----- */
+
+/* Read without consuming: each partition from a start point, then (tail
+ * -F) follow new messages until interrupted. */
+static int peek_run(struct args *a, int tail)
+{
+	struct mq_err e = {0};
+	struct queue *q = NULL;
+	struct out o = {1, {0}, 0};
+	struct msgfmt f;
+	uint64_t n, from = 0, last = 0;
+	int64_t since = INT64_MIN;
+	int part, rc = 0, nstart = 0;
+	a->queue = a->pos[0];
+	if (opt_u64(a, "count", tail ? 10 : 0, &n) < 0)
+		return MQ_EX_USAGE;
+	if (!tail) {
+		if (opt_u64(a, "from", 0, &from) < 0 || opt_u64(a, "last", 0, &last) < 0)
+			return MQ_EX_USAGE;
+		nstart = opt_has(a, "from") + opt_has(a, "since") + opt_has(a, "last");
+		if (nstart > 1)
+			return usage_error(a->cmd, "use only one of --from, --since and --last");
+		if (opt_has(a, "since") && parse_time_ms(opt_val(a, "since"), &since) < 0)
+			return usage_error(a->cmd, "bad time '%s' (use RFC 3339, epoch seconds or a "
+			                   "duration ago)", opt_val(a, "since"));
+	} else {
+		last = n;
+		n = 0;
+	}
+	if (opt_val(a, "format") && fmt_check(opt_val(a, "format")) < 0)
+		return usage_error(a->cmd, "bad format '%s'", opt_val(a, "format"));
+	fmt_init(&f, a);
+	if (spool_init(a, 0, &e) < 0 || q_open(&a->sp, a->pos[0], 0, NULL, 0, &q, &e) < 0)
+		return fail(a, &e);
+	if (opt_partition(a, q, &part) < 0) {
+		q_close(q);
+		return MQ_EX_USAGE;
+	}
+	struct reader *rd = calloc((size_t)q->nparts, sizeof *rd);
+	uint64_t printed = 0;
+	int follow = tail && opt_has(a, "follow");
+	struct waiter wt = {-1};
+	if (follow)
+		wait_init(&wt, q);
+	for (int i = 0; i < q->nparts; i++)
+		rd[i].fd = -1;
+	for (int i = 0; i < q->nparts && rc == 0; i++) {
+		if (part >= 0 && i != part)
+			continue;
+		struct reader *r = &rd[i];
+		uint64_t start = from;
+		if (since != INT64_MIN && part_offset_for_time(&q->parts[i], since, &start, &e) < 0)
+			rc = -1;
+		if (rc == 0 && rd_open(r, &q->parts[i], start, &e) < 0)
+			rc = -1;
+		if (rc == 0 && (tail || opt_has(a, "last")))
+			rc = rd_seek(r, r->h.next > last ? r->h.next - last : 0, &e);
+		r->min_ts = since;
+	}
+	do {
+		for (int i = 0; i < q->nparts && rc == 0; i++) {
+			struct rec_msg m;
+			int k = 0;
+			if (rd[i].p == NULL)
+				continue;
+			while ((n == 0 || printed < n) && (k = rd_next(&rd[i], &m, &e)) == 1) {
+				fmt_msg(&o, &f, q->name, i, &m);
+				printed++;
+			}
+			if (k < 0)
+				rc = -1;
+		}
+		if (out_flush(&o) < 0 && rc == 0)
+			rc = err_set(&e, MQ_EX_IOERR, "cannot write to stdout: %s", strerror(o.err));
+		if (follow && rc == 0 && !stop_flag)
+			wait_change(&wt, -1);
+	} while (follow && rc == 0 && !stop_flag);
+	for (int i = 0; i < q->nparts; i++)
+		if (rd[i].p)
+			rd_close(&rd[i]);
+	free(rd);
+	wait_free(&wt);
+	q_close(q);
+	buf_free(&o.b);
+	if (rc < 0)
+		return fail(a, &e);
+	return printed > 0 || tail ? MQ_EX_OK : MQ_EX_EMPTY;
+}
+
+static int cmd_peek(struct args *a) { return peek_run(a, 0); }
+static int cmd_tail(struct args *a) { return peek_run(a, 1); }
+
+/* ----- mq ls, mq stat ----- */
+
+static int cmd_ls(struct args *a)
+{
+	struct mq_err e = {0};
+	char **names;
+	size_t n;
+	if (spool_init(a, 0, &e) < 0 || q_list(&a->sp, &names, &n, &e) < 0)
+		return fail(a, &e);
+	int json = opt_has(a, "json");
+	if (json)
+		printf("[");
+	for (size_t i = 0; i < n; i++) {
+		if (json) {
+			struct buf b = {0};
+			struct out o = {1, {0}, 0};
+			fflush(stdout);
+			out_json_str(&o, (const unsigned char *)names[i], strlen(names[i]));
+			printf("%s%.*s", i ? "," : "", (int)o.b.len, o.b.p);
+			buf_free(&o.b);
+			buf_free(&b);
+		} else {
+			printf("%s\n", names[i]);
+		}
+	}
+	if (json)
+		printf("]\n");
+	names_free(names, n);
+	return fflush(stdout) == 0 ? MQ_EX_OK : MQ_EX_IOERR;
+}
+
+static void stat_print(const struct queue *q, const struct qstat *st, int json, int first)
+{
+	int64_t now = now_ms();
+	char age[32];
+	if (json) {
+		printf("%s{\"queue\":\"%s\",\"partitions\":%d,\"messages\":%" PRIu64 ",\"bytes\":%" PRIu64
+		       ",\"segments\":%" PRIu64 ",\"oldest_age_ms\":", first ? "" : ",", q->name,
+		       st->nparts, st->messages, st->bytes, st->segments);
+		if (st->oldest_ts == INT64_MAX)
+			printf("null");
+		else
+			printf("%" PRId64, now - st->oldest_ts);
+		printf(",\"next\":[");
+		for (int i = 0; i < st->nparts; i++)
+			printf("%s%" PRIu64, i ? "," : "", st->next[i]);
+		printf("],\"groups\":[");
+		for (size_t g = 0; g < st->ngroups; g++) {
+			const struct gstat *gs = &st->g[g];
+			printf("%s{\"group\":\"%s\",\"lag\":%" PRIu64 ",\"oldest_unconsumed_age_ms\":",
+			       g ? "," : "", gs->name, gs->lag);
+			if (gs->oldest_ts == INT64_MAX)
+				printf("null");
+			else
+				printf("%" PRId64, now - gs->oldest_ts);
+			printf(",\"offsets\":[");
+			for (int i = 0; i < st->nparts; i++)
+				printf("%s%" PRIu64, i ? "," : "", gs->off[i]);
+			printf("]}");
+		}
+		printf("]}");
+		return;
+	}
+	printf("%s\n  partitions  %d\n  messages    %" PRIu64 "\n  bytes       %" PRIu64
+	       "\n  segments    %" PRIu64 "\n", q->name, st->nparts, st->messages, st->bytes,
+	       st->segments);
+	if (st->oldest_ts != INT64_MAX) {
+		fmt_duration(age, sizeof age, now - st->oldest_ts);
+		printf("  oldest      %s\n", age);
+	}
+	for (size_t g = 0; g < st->ngroups; g++) {
+		const struct gstat *gs = &st->g[g];
+		printf("  group %s: lag %" PRIu64, gs->name, gs->lag);
+		if (gs->oldest_ts != INT64_MAX) {
+			fmt_duration(age, sizeof age, now - gs->oldest_ts);
+			printf(", oldest unconsumed %s", age);
+		}
+		printf(", offsets");
+		for (int i = 0; i < st->nparts; i++)
+			printf(" %d:%" PRIu64, i, gs->off[i]);
+		printf("\n");
+	}
+}
+
+static int cmd_stat(struct args *a)
+{
+	struct mq_err e = {0};
+	char **names = NULL;
+	size_t n = 0;
+	int json = opt_has(a, "json"), rc = 0;
+	if (spool_init(a, 0, &e) < 0)
+		return fail(a, &e);
+	if (a->npos == 0 && q_list(&a->sp, &names, &n, &e) < 0)
+		return fail(a, &e);
+	size_t total = a->npos ? (size_t)a->npos : n;
+	if (json && (a->npos != 1))
+		printf("[");
+	for (size_t i = 0; i < total && rc == 0; i++) {
+		struct queue *q;
+		struct qstat st;
+		a->queue = a->npos ? a->pos[i] : names[i];
+		if (q_open(&a->sp, a->queue, 0, NULL, 0, &q, &e) < 0 || q_stat(q, &st, &e) < 0) {
+			rc = fail(a, &e);
+			break;
+		}
+		stat_print(q, &st, json, i == 0);
+		q_stat_free(&st);
+		q_close(q);
+	}
+	if (json && (a->npos != 1))
+		printf("]");
+	if (json)
+		printf("\n");
+	names_free(names, n);
+	if (fflush(stdout) != 0 && rc == 0)
+		rc = MQ_EX_IOERR;
+	return rc;
+}
+
+/* ----- mq create, rm, purge ----- */
+
+static int cmd_create(struct args *a)
+{
+	struct mq_err e = {0};
+	struct kv set[NSETTINGS];
+	int nset = 0;
+	a->queue = a->pos[0];
+	for (size_t i = 0; i < NSETTINGS; i++)
+		if (opt_has(a, settings[i].name))
+			set[nset++] = (struct kv){settings[i].name, opt_val(a, settings[i].name)};
+	if (spool_init(a, 1, &e) < 0)
+		return fail(a, &e);
+	int r = q_exists(&a->sp, a->pos[0]) ? 0 : q_create(&a->sp, a->pos[0], set, nset, &e);
+	if (r < 0)
+		return fail(a, &e);
+	if (r == 0 && !opt_has(a, "if-not-exists")) {
+		err_set(&e, MQ_EX_DATAERR, "queue already exists (use --if-not-exists to accept that)");
+		return fail(a, &e);
+	}
+	return MQ_EX_OK;
+}
+
+static int cmd_rm(struct args *a)
+{
+	struct mq_err e = {0};
+	if (spool_init(a, 0, &e) < 0)
+		return fail(a, &e);
+	for (int i = 0; i < a->npos; i++) {
+		a->queue = a->pos[i];
+		if (q_remove(&a->sp, a->pos[i], &e) < 0)
+			return fail(a, &e);
+	}
+	return MQ_EX_OK;
+}
+
+static int cmd_purge(struct args *a)
+{
+	struct mq_err e = {0};
+	if (spool_init(a, 0, &e) < 0)
+		return fail(a, &e);
+	for (int i = 0; i < a->npos; i++) {
+		struct queue *q;
+		a->queue = a->pos[i];
+		if (q_open(&a->sp, a->pos[i], 0, NULL, 0, &q, &e) < 0)
+			return fail(a, &e);
+		for (int k = 0; k < q->nparts; k++) {
+			struct part *p = &q->parts[k];
+			int r = part_lock(p, 0, &e);
+			if (r == 0)
+				r = part_retain(p, UINT64_MAX, 1, &e);
+			part_unlock(p);
+			if (r < 0) {
+				q_close(q);
+				return fail(a, &e);
+			}
+		}
+		q_close(q);
+	}
+	return MQ_EX_OK;
+}
+
+/* ----- mq verify ----- */
+
+static void verify_line(void *ctx, const char *msg)
+{
+	(void)ctx;
+	printf("%s\n", msg);
+}
+
+static int cmd_verify(struct args *a)
+{
+	struct mq_err e = {0};
+	char **names = NULL;
+	size_t n = 0;
+	int repair = opt_has(a, "repair");
+	struct vrep vr = {verify_line, NULL, 0, 0};
+	if (spool_init(a, 0, &e) < 0)
+		return fail(a, &e);
+	if (a->npos == 0 && q_list(&a->sp, &names, &n, &e) < 0)
+		return fail(a, &e);
+	size_t total = a->npos ? (size_t)a->npos : n, parts = 0;
+	for (size_t i = 0; i < total; i++) {
+		struct queue *q;
+		a->queue = a->npos ? a->pos[i] : names[i];
+		if (q_open(&a->sp, a->queue, 0, NULL, 0, &q, &e) < 0 || verify_queue(q, repair, &vr, &e) < 0) {
+			fflush(stdout);
+			names_free(names, n);
+			return fail(a, &e);
+		}
+		parts += (size_t)q->nparts;
+		q_close(q);
+	}
+	names_free(names, n);
+	if (vr.damaged == 0)
+		printf("ok: %zu queues, %zu partitions, no damage\n", total, parts);
+	else if (repair)
+		printf("repaired %d of %d problems in %zu queues\n", vr.repaired, vr.damaged, total);
+	else
+		printf("%d problems in %zu queues; 'mq verify --repair' mends them\n", vr.damaged, total);
+	if (fflush(stdout) != 0)
+		return MQ_EX_IOERR;
+	return vr.damaged > vr.repaired ? MQ_EX_DATAERR : MQ_EX_OK;
+}
+
+/* ----- mq config ----- */
+
+static int cmd_config(struct args *a)
+{
+	struct mq_err e = {0};
+	struct qconf c;
+	if (spool_init(a, 0, &e) < 0)
+		return fail(a, &e);
+	if (a->npos) {
+		a->queue = a->pos[0];
+		if (q_check_name("queue", a->pos[0], &e) < 0 ||
+		    q_conf(&a->sp, a->pos[0], NULL, 0, &c, &e) < 0)
+			return fail(a, &e);
+	} else if (cfg_queue(&a->sp.cfg, "", &c, &e) < 0) {
+		return fail(a, &e);
+	}
+	printf("# spool: %s\n# config: %s%s\n", a->sp.dir, a->sp.cfg.path,
+	       a->sp.cfg.loaded ? "" : " (not present)");
+	if (a->npos)
+		printf("# queue: %s%s\n", a->pos[0], q_exists(&a->sp, a->pos[0]) ? "" : " (not created yet)");
+	for (size_t i = 0; i < NSETTINGS; i++) {
+		char v[64], line[128];
+		conf_format(&c, i, v, sizeof v);
+		strfmt(line, sizeof line, "%s: %s", settings[i].name, v);
+		printf("%-32s # %s\n", line, c.src[i]);
+	}
+	return fflush(stdout) == 0 ? MQ_EX_OK : MQ_EX_IOERR;
+}
+
+/* ----- the command table ----- */
+
+static int cmd_help(struct args *a);
+
+static const struct opt put_opts[] = {
+	{'0', "null", A_NONE, NULL, "read NUL-separated messages from stdin"},
+	{0, "whole", A_NONE, NULL, "all of stdin is one message"},
+	{'k', "key", A_REQ, "KEY", "key of every message (picks the partition)"},
+	{'K', "key-delim", A_REQ, "DELIM", "each line is KEY DELIM BODY"},
+	{'t', "tag", A_REQ, "TAG", "tag of every message"},
+	{'H', "header", A_REQ, "NAME=VALUE", "add a header (repeatable)"},
+	{'p', "partition", A_REQ, "N", "write to partition N"},
+	{0, "fsync", A_REQ, "MODE", "always, batch, interval:MS or never (default: the queue's)"},
+	{0, "print-offsets", A_NONE, NULL, "print PARTITION:OFFSET of each message once durable"},
+	{0, "no-create", A_NONE, NULL, "fail (66) instead of creating a missing queue"},
+	{0, NULL, 0, NULL, NULL}};
+
+static const struct opt get_opts[] = {
+	{'g', "group", A_REQ, "GROUP", "consumer group (default: default)"},
+	{'n', "count", A_REQ, "COUNT", "messages to get (default 1; 0 = all there are)"},
+	{'w', "wait", A_OPTDUR, "TIMEOUT", "wait for a message (for ever, or TIMEOUT)"},
+	{'f', "format", A_REQ, "FORMAT", "output format: %s %k %o %p %t %T %h %q, or json"},
+	{'0', "null", A_NONE, NULL, "end each message with NUL instead of newline"},
+	{0, NULL, 0, NULL, NULL}};
+
+static const struct opt peek_opts[] = {
+	{'n', "count", A_REQ, "COUNT", "print at most COUNT messages (default: all)"},
+	{0, "from", A_REQ, "OFFSET", "start at OFFSET in each partition"},
+	{0, "since", A_REQ, "TIME", "start at TIME (RFC 3339, epoch seconds, or a duration ago)"},
+	{0, "last", A_REQ, "N", "start N messages before the end of each partition"},
+	{'p', "partition", A_REQ, "P", "read partition P only"},
+	{'f', "format", A_REQ, "FORMAT", "output format (see get)"},
+	{'0', "null", A_NONE, NULL, "end each message with NUL instead of newline"},
+	{0, NULL, 0, NULL, NULL}};
+
+static const struct opt tail_opts[] = {
+	{'F', "follow", A_NONE, NULL, "keep printing new messages until interrupted"},
+	{'n', "count", A_REQ, "N", "last N messages of each partition (default 10)"},
+	{'p', "partition", A_REQ, "P", "read partition P only"},
+	{'f', "format", A_REQ, "FORMAT", "output format (see get)"},
+	{'0', "null", A_NONE, NULL, "end each message with NUL instead of newline"},
+	{0, NULL, 0, NULL, NULL}};
+
+static const struct opt json_opts[] = {
+	{0, "json", A_NONE, NULL, "print JSON"},
+	{0, NULL, 0, NULL, NULL}};
+
+static const struct opt create_opts[] = {
+	{0, "partitions", A_REQ, "N", "number of partitions (default 1)"},
+	{0, "fsync", A_REQ, "MODE", "always, batch, interval:MS or never (default batch)"},
+	{0, "segment-bytes", A_REQ, "SIZE", "roll segments at SIZE (default 64M)"},
+	{0, "retain-age", A_REQ, "DURATION", "remove sealed segments older than this"},
+	{0, "retain-bytes", A_REQ, "SIZE", "keep at most SIZE per partition"},
+	{0, "compression", A_REQ, "ALGO", "none or zlib (per batch)"},
+	{0, "max-message-bytes", A_REQ, "SIZE", "largest message accepted (default 4M)"},
+	{0, "if-not-exists", A_NONE, NULL, "an existing queue is not an error"},
+	{0, NULL, 0, NULL, NULL}};
+
+static const struct opt verify_opts[] = {
+	{0, "repair", A_NONE, NULL, "cut damaged data out into quarantine, rebuild indexes"},
+	{0, NULL, 0, NULL, NULL}};
+
+static const struct opt no_opts[] = {{0, NULL, 0, NULL, NULL}};
+
+static const struct cmd cmds[] = {
+	{"put", cmd_put, "[-0 | --whole] [-k KEY | -K DELIM] [-t TAG] [-H NAME=VALUE]... "
+	 "[-p N] [--fsync MODE] [--print-offsets] [--no-create] QUEUE [MSG...]",
+	 "Append messages: the arguments, else stdin, one per line.  Exits 0 only once\n"
+	 "they are durable (fsync batch/always).  Creates the queue on first use.",
+	 put_opts, 1, -1},
+	{"get", cmd_get, "[-g GROUP] [-n COUNT] [-w [TIMEOUT]] [-f FORMAT] [-0] QUEUE",
+	 "Print the group's next messages and commit them after they are written out\n"
+	 "(at-least-once).  Exits 1 when there is nothing (after the wait, if any).",
+	 get_opts, 1, 1},
+	{"peek", cmd_peek, "[-n COUNT] [--from OFFSET | --since TIME | --last N] [-p P] "
+	 "[-f FORMAT] [-0] QUEUE",
+	 "Print messages without consuming them.  Exits 1 when it printed nothing.",
+	 peek_opts, 1, 1},
+	{"tail", cmd_tail, "[-F] [-n N] [-p P] [-f FORMAT] [-0] QUEUE",
+	 "Print the last messages; with -F keep following like tail -f.", tail_opts, 1, 1},
+	{"ls", cmd_ls, "[--json]", "List the queues of the spool.", json_opts, 0, 0},
+	{"stat", cmd_stat, "[--json] [QUEUE...]",
+	 "Show messages, bytes, segments and per-group lag and oldest unconsumed age.",
+	 json_opts, 0, -1},
+	{"create", cmd_create, "[--partitions N] [--fsync MODE] [--segment-bytes SIZE] "
+	 "[--retain-age DURATION] [--retain-bytes SIZE] [--compression ALGO] "
+	 "[--max-message-bytes SIZE] [--if-not-exists] QUEUE",
+	 "Create a queue; the settings given are stored with it.", create_opts, 1, 1},
+	{"rm", cmd_rm, "QUEUE...", "Remove queues with all their messages and groups.", no_opts, 1, -1},
+	{"purge", cmd_purge, "QUEUE...", "Remove every message of the queues, keeping them and "
+	 "their settings.", no_opts, 1, -1},
+	{"verify", cmd_verify, "[--repair] [QUEUE...]",
+	 "Check every checksum, index, head and offset file; report damage by queue,\n"
+	 "partition and offset range.  Exits 65 if damage remains.", verify_opts, 0, -1},
+	{"config", cmd_config, "[QUEUE]",
+	 "Print the effective settings (of QUEUE) and where each one comes from.", no_opts, 0, 1},
+	{"help", cmd_help, "[COMMAND]", "Show help for mq or one command.", no_opts, 0, 1},
+};
+#define NCMDS (sizeof cmds / sizeof cmds[0])
+
+static const struct cmd *cmd_find(const char *name)
+{
+	for (size_t i = 0; i < NCMDS; i++)
+		if (!strcmp(cmds[i].name, name))
+			return &cmds[i];
+	return NULL;
+}
+
+static void help_main(FILE *f)
+{
+	fprintf(f, "usage: mq [-d DIR] COMMAND [ARGS...]\n"
+	           "       mq --version | --help | help COMMAND\n\n"
+	           "mq keeps durable message queues in a spool directory.\n\ncommands:\n");
+	for (size_t i = 0; i < NCMDS; i++) {
+		const char *s = cmds[i].summary, *nl = strchr(s, '\n');
+		const char *dot = strstr(s, ". ");
+		size_t n = dot && (!nl || dot < nl) ? (size_t)(dot - s + 1) : nl ? (size_t)(nl - s) : strlen(s);
+		fprintf(f, "  %-8s %.*s\n", cmds[i].name, (int)n, s);
+	}
+	fprintf(f, "\nexit status: 0 ok, 1 nothing to get, 64 usage, 65 bad data, 66 no such queue,\n"
+	           "69 unavailable, 74 I/O error, 75 try again.  See mq(1).\n");
+}
+
+static int cmd_help(struct args *a)
+{
+	if (a->npos == 0) {
+		help_main(stdout);
+		return MQ_EX_OK;
+	}
+	const struct cmd *c = cmd_find(a->pos[0]);
+	if (!c) {
+		fprintf(stderr, "%s: help: unknown command '%s'\n", progname, a->pos[0]);
+		return MQ_EX_USAGE;
+	}
+	help_cmd(stdout, c);
+	return MQ_EX_OK;
+}
+
+/* ===================================================================
+ * 13. main: global options, signals, dispatch
+ * =================================================================== */
+
+static void on_signal(int sig)
+{
+	(void)sig;
+	stop_flag = 1;
+}
+
+/* Run one command with its arguments (argv[0] is the command name). */
+static int mq_run(int argc, char **argv, const char *spool)
+{
+	const struct cmd *c = cmd_find(argv[0]);
+	if (!c) {
+		fprintf(stderr, "%s: unknown command '%s' (see 'mq --help')\n", progname, argv[0]);
+		return MQ_EX_USAGE;
+	}
+	struct args a;
+	memset(&a, 0, sizeof a);
+	int rc = args_parse(&a, c, argc - 1, argv + 1);
+	if (rc == 0 && spool && !opt_has(&a, "spool")) {
+		int k = opt_index(&a, "spool");
+		a.val[k] = spool;
+		a.count[k] = 1;
+	}
+	if (rc == 0 && opt_has(&a, "help")) {
+		help_cmd(stdout, c);
+	} else if (rc == 0 && (a.npos < c->min_pos || (c->max_pos >= 0 && a.npos > c->max_pos))) {
+		rc = usage_error(c, a.npos < c->min_pos ? "missing arguments" : "too many arguments");
+	} else if (rc == 0) {
+		rc = c->fn(&a);
+	}
+	cfg_free(&a.sp.cfg);
+	free(a.pos);
+	return rc;
+}
+
+#ifndef MQ_TEST
+int main(int argc, char **argv)
+{
+	const char *spool = NULL;
+	int i = 1;
+	dur_fault_init();
+	struct sigaction sa;
+	memset(&sa, 0, sizeof sa);
+	sa.sa_handler = on_signal;
+	sigaction(SIGINT, &sa, NULL);
+	sigaction(SIGTERM, &sa, NULL);
+	for (; i < argc && argv[i][0] == '-'; i++) {
+		const char *s = argv[i];
+		if (!strcmp(s, "--version") || !strcmp(s, "-V")) {
+			printf("mq %s\n", MQ_VERSION);
+			return MQ_EX_OK;
+		} else if (!strcmp(s, "--help") || !strcmp(s, "-h")) {
+			help_main(stdout);
+			return MQ_EX_OK;
+		} else if ((!strcmp(s, "-d") || !strcmp(s, "--spool")) && i + 1 < argc) {
+			spool = argv[++i];
+		} else if (!strncmp(s, "--spool=", 8)) {
+			spool = s + 8;
+		} else if (!strncmp(s, "-d", 2) && s[2]) {
+			spool = s + 2;
+		} else {
+			fprintf(stderr, "%s: unknown option '%s'\n", progname, s);
+			help_main(stderr);
+			return MQ_EX_USAGE;
+		}
+	}
+	if (i >= argc) {
+		help_main(stderr);
+		return MQ_EX_USAGE;
+	}
+	return mq_run(argc - i, argv + i, spool);
+}
+#endif
