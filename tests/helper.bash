@@ -1,0 +1,53 @@
+# Shared set-up for the bats suite.  Each test gets a fresh spool under
+# $BATS_TEST_TMPDIR; $MQ names the binary under test (the Makefile passes
+# the normal build, then the ASan+UBSan build).
+bats_require_minimum_version 1.5.0
+
+: "${MQ:=$BATS_TEST_DIRNAME/../mq}"
+: "${MQ_FAULT_BIN:=$BATS_TEST_DIRNAME/../mq-fault}"
+export MQ MQ_FAULT_BIN
+export ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=0}"
+export UBSAN_OPTIONS="${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}"
+
+setup() {
+	export MQ_SPOOL="$BATS_TEST_TMPDIR/spool"
+	mkdir -p "$MQ_SPOOL"
+	BG_PIDS=()
+}
+
+teardown() {
+	local p
+	for p in "${BG_PIDS[@]}"; do
+		kill -9 "$p" 2>/dev/null || true
+	done
+	wait 2>/dev/null || true
+}
+
+# mq with the test spool, so `run mq ...` reads naturally.
+mq() { "$MQ" "$@"; }
+
+# Start a command in the background and remember it for teardown.
+bg() {
+	"$@" &
+	BG_PIDS+=("$!")
+}
+
+# Poll until a command succeeds, up to $2 seconds (default 20); no bare
+# sleeps in tests.
+wait_for() {
+	local cmd=$1 limit=${2:-20} i=0
+	while ! eval "$cmd" >/dev/null 2>&1; do
+		i=$((i + 1))
+		[ "$i" -ge $((limit * 20)) ] && { echo "timed out waiting for: $cmd" >&2; return 1; }
+		sleep 0.05
+	done
+}
+
+# Fail with a message unless two values are equal.
+assert_eq() {
+	if [ "$1" != "$2" ]; then
+		echo "expected: $2" >&2
+		echo "actual:   $1" >&2
+		return 1
+	fi
+}
