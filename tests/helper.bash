@@ -51,3 +51,16 @@ assert_eq() {
 		return 1
 	fi
 }
+
+# Milliseconds since the epoch (GNU date).
+now_ms() { date +%s%3N; }
+
+# Evaluate a Python expression over the JSON document on stdin, bound to d,
+# and print it (strings bare, everything else as JSON):
+#   mq stat --json q | json_eval 'd["groups"][0]["lag"]'
+json_eval() {
+	python3 -c 'import json, sys
+d = json.load(sys.stdin)
+r = eval(sys.argv[1])
+print(r if isinstance(r, str) else json.dumps(r))' "$1"
+}
