@@ -64,3 +64,39 @@ d = json.load(sys.stdin)
 r = eval(sys.argv[1])
 print(r if isinstance(r, str) else json.dumps(r))' "$1"
 }
+
+# ----- added for the robustness tests (recovery, crash, fault, ...) -----
+
+# Directory of partition $2 (default 0) of queue $1 in the test spool.
+part_dir() { echo "$MQ_SPOOL/$1/${2:-0}"; }
+
+# Segment log files of a partition directory, oldest first.
+seg_logs() { ls "$1"/*.log | sort; }
+
+# Only the newline-terminated lines of a file: the output of a process
+# killed mid-write may end in a partial line, which was never promised.
+complete_lines() { head -n "$(wc -l <"$1")" "$1"; }
+
+# Little-endian unsigned integer of $3 bytes (4 or 8) at position $2.
+le_at() { od -An -tu"$3" -j "$2" -N "$3" "$1" | tr -d ' '; }
+
+# One line "POS LEN BASE COUNT" per batch of a segment log (mq.h layout).
+seg_batches() {
+	local f=$1 pos=0 size len
+	size=$(stat -c %s "$f")
+	while [ "$pos" -lt "$size" ]; do
+		len=$(le_at "$f" $((pos + 8)) 4)
+		echo "$pos $len $(le_at "$f" $((pos + 16)) 8) $(le_at "$f" $((pos + 24)) 4)"
+		pos=$((pos + len))
+	done
+}
+
+# Invert every bit of the byte at position $2 of file $1, in place.
+flip_byte() {
+	local b
+	b=$(od -An -tu1 -j "$2" -N 1 "$1" | tr -d ' ')
+	printf "\\$(printf %03o $((b ^ 255)))" | dd of="$1" bs=1 seek="$2" conv=notrunc status=none
+}
+
+# Total bytes of the files matching a glob (0 when none match).
+bytes_of() { cat "$@" 2>/dev/null | wc -c; }
