@@ -63,7 +63,7 @@ lint:
 	mandoc -Tlint -Wwarning man/*.[1-8]
 
 bench: mq
-	@sh tests/bench.sh ./mq
+	@bash tests/bench.sh ./mq
 
 install: mq
 	mkdir -p $(BINDIR) $(MANDIR)/man1 $(MANDIR)/man5

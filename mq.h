@@ -181,6 +181,7 @@
 #define MQ_MAX_MESSAGE_LIMIT (32ll << 20)
 #define MQ_SYNC_EVERY_MS 200          /* fsync=batch: sync at least this often */
 #define MQ_SYNC_EVERY_BYTES (8 << 20) /* ... or after this many bytes */
+#define MQ_FLUSH_BYTES (2 << 20)      /* a producer buffers at most this much */
 
 /* Exit codes (sysexits), also listed in mq(1) under EXIT STATUS. */
 enum mq_exit {
