@@ -4100,7 +4100,7 @@ static int put_stdin(struct putctx *pc, int whole, char delim, struct mq_err *e)
 	int rc = 0;
 	if (!in)
 		abort();
-	for (;;) {
+	while (!stop_flag) { /* SIGINT/SIGTERM: stop reading, keep what was read */
 		int64_t due = prod_due(&pc->pr);
 		struct pollfd pfd = {0, POLLIN, 0};
 		int pr = due == 0 ? 0 : poll(&pfd, 1, due < 0 ? -1 : (int)(due > INT_MAX ? INT_MAX : due));
@@ -4150,7 +4150,7 @@ static int put_stdin(struct putctx *pc, int whole, char delim, struct mq_err *e)
 			goto done;
 		}
 	}
-	if (rc == 0 && (carry.len || whole))
+	if (rc == 0 && !stop_flag && (carry.len || whole))
 		rc = put_one(pc, carry.p ? carry.p : "", carry.len, now_ms(), e);
 done:
 	free(in);
@@ -4249,6 +4249,8 @@ static int cmd_put(struct args *a)
 		rc = fail(a, &e);
 	else if (fr < 0)
 		rc = fail(a, &fe);
+	else if (stop_flag) /* interrupted: what was read is stored, say so by 128+N */
+		rc = 128 + stop_flag;
 	prod_free(&pc.pr);
 out:
 	buf_free(&pc.out.b);
@@ -4530,21 +4532,11 @@ static int cmd_ls(struct args *a)
 	if (spool_init(a, 0, &e) < 0 || q_list(&a->sp, &names, &n, &e) < 0)
 		return fail(a, &e);
 	int json = opt_has(a, "json");
+	/* Queue names are [A-Za-z0-9._-]: nothing in them needs JSON escaping. */
 	if (json)
 		printf("[");
-	for (size_t i = 0; i < n; i++) {
-		if (json) {
-			struct buf b = {0};
-			struct out o = {1, {0}, 0};
-			fflush(stdout);
-			out_json_str(&o, (const unsigned char *)names[i], strlen(names[i]));
-			printf("%s%.*s", i ? "," : "", (int)o.b.len, o.b.p);
-			buf_free(&o.b);
-			buf_free(&b);
-		} else {
-			printf("%s\n", names[i]);
-		}
-	}
+	for (size_t i = 0; i < n; i++)
+		printf(json ? "%s\"%s\"" : "%.0s%s\n", json && i ? "," : "", names[i]);
 	if (json)
 		printf("]\n");
 	names_free(names, n);
@@ -4918,8 +4910,7 @@ static int cmd_help(struct args *a)
 #ifndef MQ_TEST
 static void on_signal(int sig)
 {
-	(void)sig;
-	stop_flag = 1;
+	stop_flag = sig;
 }
 
 /* Run one command with its arguments (argv[0] is the command name). */
