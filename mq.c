@@ -2336,6 +2336,8 @@ static int q_exists(struct spool *sp, const char *name)
 {
 	char path[PATH_MAX];
 	struct stat st;
+	if (!name_valid(name))
+		return 0;
 	q_dir(sp, name, path, sizeof path);
 	return lstat(path, &st) == 0 && S_ISDIR(st.st_mode);
 }
@@ -2372,7 +2374,9 @@ static int q_open(struct spool *sp, const char *name, int create, const struct k
 	if (!q_exists(sp, name)) {
 		if (!create)
 			return err_set(e, MQ_EX_NOINPUT, "no such queue '%s'", name);
-		if (dur_mkdir(sp->dir, e) < 0 || q_create(sp, name, set, nset, e) < 0)
+		/* Created with the configured settings only: command-line
+		 * settings of this command (put --fsync) apply to it alone. */
+		if (dur_mkdir(sp->dir, e) < 0 || q_create(sp, name, NULL, 0, e) < 0)
 			return -1;
 	}
 	struct queue *q = calloc(1, sizeof *q);
@@ -3810,12 +3814,43 @@ static void out_u64(struct out *o, uint64_t v)
 	out_add(o, p, (size_t)(tmp + sizeof tmp - p));
 }
 
+/* Length of the valid UTF-8 sequence at s (1-4), or 0 if invalid. */
+static size_t utf8_len(const unsigned char *s, size_t n)
+{
+	unsigned char c = s[0];
+	size_t len = c < 0x80 ? 1 : (c & 0xe0) == 0xc0 ? 2 : (c & 0xf0) == 0xe0 ? 3
+	             : (c & 0xf8) == 0xf0 ? 4 : 0;
+	if (len == 0 || len > n || (len == 2 && c < 0xc2) || (len == 4 && c > 0xf4))
+		return 0;
+	for (size_t i = 1; i < len; i++)
+		if ((s[i] & 0xc0) != 0x80)
+			return 0;
+	if ((len == 3 && c == 0xe0 && s[1] < 0xa0) || (len == 3 && c == 0xed && s[1] >= 0xa0) ||
+	    (len == 4 && c == 0xf0 && s[1] < 0x90) || (len == 4 && c == 0xf4 && s[1] >= 0x90))
+		return 0; /* overlong, surrogate, or past U+10FFFF */
+	return len;
+}
+
+/* A JSON string: escapes as RFC 8259 requires; bytes that are not valid
+ * UTF-8 become U+FFFD, so the output is always valid JSON (use -f '%s'
+ * for binary bodies). */
 static void out_json_str(struct out *o, const unsigned char *s, size_t n)
 {
 	out_add(o, "\"", 1);
 	size_t run = 0;
 	for (size_t i = 0; i < n; i++) {
 		unsigned char c = s[i];
+		if (c >= 0x80) {
+			size_t k = utf8_len(s + i, n - i);
+			if (k) {
+				i += k - 1;
+				continue;
+			}
+			out_add(o, s + run, i - run);
+			out_add(o, "\xef\xbf\xbd", 3);
+			run = i + 1;
+			continue;
+		}
 		if (c >= 0x20 && c != '"' && c != '\\')
 			continue;
 		out_add(o, s + run, i - run);
@@ -4642,7 +4677,7 @@ static int cmd_create(struct args *a)
 	for (size_t i = 0; i < NSETTINGS; i++)
 		if (opt_has(a, settings[i].name))
 			set[nset++] = (struct kv){settings[i].name, opt_val(a, settings[i].name)};
-	if (spool_init(a, 1, &e) < 0)
+	if (q_check_name("queue", a->pos[0], &e) < 0 || spool_init(a, 1, &e) < 0)
 		return fail(a, &e);
 	int r = q_exists(&a->sp, a->pos[0]) ? 0 : q_create(&a->sp, a->pos[0], set, nset, &e);
 	if (r < 0)
@@ -4946,6 +4981,13 @@ int main(int argc, char **argv)
 	const char *spool = NULL;
 	int i = 1;
 	dur_fault_init();
+	/* A closed stdin/stdout/stderr would be reused by the next open() and
+	 * "stdout" would write into a spool file.  Park /dev/null there,
+	 * read-only, so reads see EOF and writes fail (get then commits
+	 * nothing). */
+	for (int fd = 0; fd < 3; fd++)
+		if (fcntl(fd, F_GETFD) < 0 && open("/dev/null", O_RDONLY) != fd)
+			return MQ_EX_IOERR;
 	struct sigaction sa;
 	memset(&sa, 0, sizeof sa);
 	sa.sa_handler = on_signal;
