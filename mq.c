@@ -1831,6 +1831,29 @@ static int part_write_indexes(struct part *p, struct mq_err *e)
 	return 0;
 }
 
+/* Bytes of the open segment's time index that describe offsets < next
+ * (entries past that belong to data being cut or rescanned). */
+static uint64_t part_tix_keep(struct part *p, uint64_t next)
+{
+	struct stat st;
+	struct mq_err e;
+	if (fstat(p->tix_fd, &st) < 0)
+		return 0;
+	uint64_t n = (uint64_t)st.st_size / MQ_TIX_ENTRY, lo = 0, hi = n;
+	unsigned char ent[MQ_TIX_ENTRY];
+	while (lo < hi) { /* first entry with offset >= next */
+		uint64_t mid = lo + (hi - lo) / 2;
+		if (dur_pread(p->tix_fd, ent, sizeof ent, (off_t)(mid * MQ_TIX_ENTRY), "tix", &e) !=
+		    sizeof ent)
+			return 0;
+		if (le64_get(ent + 8) < next)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	return lo * MQ_TIX_ENTRY;
+}
+
 /*
  * Scan the active segment from pos (offset next) to its end, rebuilding
  * index entries, and cut a torn tail.  Damage followed by valid batches
@@ -1960,8 +1983,7 @@ static int part_recover(struct part *p, struct mq_err *e)
 		pos = 0, next = base, entries = 0;
 	}
 	p->idx_len = entries * MQ_IDX_ENTRY;
-	if (pos == 0)
-		p->tix_len = 0;
+	p->tix_len = pos == 0 ? 0 : part_tix_keep(p, next);
 	if (sys.ftruncate(p->idx_fd, (off_t)p->idx_len) < 0 ||
 	    sys.ftruncate(p->tix_fd, (off_t)p->tix_len) < 0)
 		return err_sys(e, MQ_EX_IOERR, "cannot truncate the index of %s/%d", p->q->name, p->id);
@@ -2026,6 +2048,7 @@ static void part_fail(struct part *p)
 	if (p->h.seg_base == p->log_base) {
 		sys.ftruncate(p->log_fd, (off_t)p->h.seg_len);
 		sys.ftruncate(p->idx_fd, (off_t)((p->h.next - p->log_base) * MQ_IDX_ENTRY));
+		sys.ftruncate(p->tix_fd, (off_t)part_tix_keep(p, p->h.next));
 	}
 }
 
@@ -3318,9 +3341,16 @@ static int vr_cut(struct part *p, uint64_t base, int fd, const char *path,
  * noting damaged ranges in cuts.  *next is the offset after the segment
  * (in: its base).  Returns the number of damaged ranges, or -1 (I/O).
  */
+/* What verify remembers of each good batch, to judge the time index. */
+struct vbatch {
+	uint64_t base;
+	int64_t max_ts; /* the batch's own */
+	int64_t cum_ts; /* cumulative over the segment up to this batch */
+};
+
 static int vr_scan(struct part *p, uint64_t base, int fd, const char *path, uint64_t size,
-                   uint64_t *next, struct buf *idx, struct buf *tix, struct vcut **cuts,
-                   struct vrep *vr, struct mq_err *e)
+                   uint64_t *next, struct buf *idx, struct buf *tix, struct buf *vb,
+                   struct vcut **cuts, struct vrep *vr, struct mq_err *e)
 {
 	struct buf b = {0}, scratch = {0}, tags = {0};
 	struct rec_hdr h;
@@ -3375,6 +3405,8 @@ static int vr_scan(struct part *p, uint64_t base, int fd, const char *path, uint
 		seg_idx_entries(idx, newpos, (uint32_t *)(void *)tags.p, h.count);
 		if (h.max_ts > maxts)
 			maxts = h.max_ts;
+		struct vbatch one = {h.base, h.max_ts, maxts};
+		buf_add(vb, &one, sizeof one);
 		if (newpos == 0 || (newpos + h.len - 1) / MQ_TIX_INTERVAL != (newpos - 1) / MQ_TIX_INTERVAL) {
 			unsigned char ent[MQ_TIX_ENTRY];
 			le64_put(ent, (uint64_t)maxts);
@@ -3391,10 +3423,53 @@ static int vr_scan(struct part *p, uint64_t base, int fd, const char *path, uint
 	return ncuts;
 }
 
+/*
+ * Is a time index sound?  Entries must rise in offset and time, each must
+ * start a batch of the segment, and its time must lie between that batch's
+ * own max and the cumulative max (a writer resuming in a new process
+ * carries the cumulative max on from the last entry, so entries need not
+ * equal a rebuild byte for byte).
+ */
+static int vr_tix_sound(const char *path, const struct buf *vb)
+{
+	const struct vbatch *b = (const struct vbatch *)(const void *)vb->p;
+	size_t nb = vb->len / sizeof *b, k = 0;
+	int64_t size = file_size(path);
+	if (size < 0 || size % MQ_TIX_ENTRY)
+		return size == 0 || (size < 0 && nb == 0);
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return 0;
+	unsigned char ent[MQ_TIX_ENTRY];
+	int64_t last_ts = INT64_MIN;
+	int ok = 1;
+	for (int64_t at = 0; ok && at < size; at += MQ_TIX_ENTRY) {
+		if (pread(fd, ent, sizeof ent, (off_t)at) != sizeof ent) {
+			ok = 0;
+			break;
+		}
+		int64_t ts = (int64_t)le64_get(ent);
+		uint64_t off = le64_get(ent + 8);
+		while (k < nb && b[k].base < off)
+			k++;
+		ok = k < nb && b[k].base == off && ts >= last_ts && ts >= b[k].max_ts &&
+		     ts <= b[k].cum_ts;
+		last_ts = ts;
+		k++;
+	}
+	close(fd);
+	return ok;
+}
+
 /* Compare a derived file with what it should hold; rewrite it if asked. */
 static int vr_derived(struct part *p, const char *path, const char *what, const struct buf *want,
-                      int repair, struct vrep *vr, struct mq_err *e)
+                      const struct buf *vb, int repair, struct vrep *vr, struct mq_err *e)
 {
+	if (vb) { /* the time index: judged for soundness */
+		if (vr_tix_sound(path, vb))
+			return 0;
+		goto differs;
+	}
 	struct buf have = {0};
 	int fd = open(path, O_RDONLY | O_CLOEXEC);
 	int64_t size = fd >= 0 ? file_size(path) : -1;
@@ -3409,6 +3484,7 @@ static int vr_derived(struct part *p, const char *path, const char *what, const 
 	buf_free(&have);
 	if (same)
 		return 0;
+differs:
 	vr->damaged++;
 	vr_say(vr, "%s/%d: %s '%s' disagrees with the log%s", p->q->name, p->id, what, path,
 	       repair ? "; rebuilt" : "");
@@ -3437,7 +3513,7 @@ static int verify_part(struct part *p, int repair, struct vrep *vr, struct mq_er
 	uint64_t expect = n ? segs[0] : 0;
 	for (size_t i = 0; i < n && rc == 0; i++) {
 		char path[PATH_MAX + 32];
-		struct buf idx = {0}, tix = {0};
+		struct buf idx = {0}, tix = {0}, vb = {0};
 		struct vcut *cuts = NULL;
 		part_path(p, path, sizeof path, segs[i], MQ_LOG_SUFFIX);
 		int fd = open(path, O_RDONLY | O_CLOEXEC);
@@ -3454,7 +3530,7 @@ static int verify_part(struct part *p, int repair, struct vrep *vr, struct mq_er
 			       p->q->name, p->id, path, segs[i]);
 		}
 		uint64_t next = segs[i], size = (uint64_t)file_size(path);
-		int k = vr_scan(p, segs[i], fd, path, size, &next, &idx, &tix, &cuts, vr, e);
+		int k = vr_scan(p, segs[i], fd, path, size, &next, &idx, &tix, &vb, &cuts, vr, e);
 		if (k < 0)
 			rc = -1;
 		if (k > 0 && i == n - 1)
@@ -3483,13 +3559,14 @@ static int verify_part(struct part *p, int repair, struct vrep *vr, struct mq_er
 			if (rc == 0)
 				rc = dur_replace(tpath, tix.p ? tix.p : "", tix.len, e);
 		} else if (rc == 0 && k == 0) {
-			rc = vr_derived(p, ipath, "index", &idx, repair, vr, e);
+			rc = vr_derived(p, ipath, "index", &idx, NULL, repair, vr, e);
 			if (rc == 0)
-				rc = vr_derived(p, tpath, "time index", &tix, repair, vr, e);
+				rc = vr_derived(p, tpath, "time index", &tix, &vb, repair, vr, e);
 		}
 		free(cuts);
 		buf_free(&idx);
 		buf_free(&tix);
+		buf_free(&vb);
 		expect = next;
 	}
 	struct head h;

@@ -111,12 +111,18 @@
  * of log (and for the segment's first batch), in offset order.
  *
  *   off size field
- *     0   8  max ts      largest timestamp of any message up to and
- *                        including this batch in this segment, ms
+ *     0   8  max ts      running maximum of message timestamps in this
+ *                        segment up to and including this batch, ms: at
+ *                        least the batch's own max ts, never more than the
+ *                        true running maximum, never below the entry before
+ *                        (a writer in a new process resumes the maximum
+ *                        from the last entry)
  *     8   8  offset      base offset of the batch
  *
  * "Seek to time T": find the last entry whose max ts < T, scan forward
- * from its batch to the first message with timestamp >= T.
+ * from its batch to the first message with timestamp >= T.  Exact when
+ * timestamps rise with offsets (one clock); with several producers whose
+ * clocks disagree it finds the first message at or after T from there.
  * --------------------------------------------------------------------- */
 #define MQ_TIX_ENTRY 16
 #define MQ_TIX_INTERVAL 4096
