@@ -297,11 +297,14 @@ long_name() { head -c "$1" /dev/zero | tr '\0' n; }
 
 @test "get: a bad group name is 64 and creates no group" {
 	mq put q x
-	local g
+	local g bad=""
 	for g in ../x a/b .hidden '' "$(long_name 129)" 'a b'; do
-		run -64 --separate-stderr mq get q -g "$g"
-		[[ "$stderr" == *"bad group name"* ]]
+		run --separate-stderr mq get q -g "$g"
+		if [ "$status" -ne 64 ] || [ "$stderr" != "mq: get: q: bad group name '$g': use 1-128 of A-Z a-z 0-9 . _ -, starting with a letter or digit" ]; then
+			bad+="-g '$g': exit $status: $stderr"$'\n'
+		fi
 	done
+	assert_eq "$bad" ""
 	assert_eq "$(ls -A "$MQ_SPOOL/q/groups")" ""
 	assert_eq "$(ls -A "$MQ_SPOOL")" q
 	run -0 mq get q -g "$(long_name 128)"
@@ -313,4 +316,27 @@ long_name() { head -c "$1" /dev/zero | tr '\0' n; }
 	mq put q x
 	run -64 --separate-stderr mq get q r
 	[[ "$stderr" == "mq: get: too many arguments"* ]]
+}
+
+@test "get -n: the count spans partitions" {
+	mq create q --partitions 3
+	mq put q -p 0 a b c
+	mq put q -p 1 d e
+	mq put q -p 2 f
+	run -0 mq get q -n 5
+	[ "${#lines[@]}" -eq 5 ]
+	local first=$output
+	run -0 mq get q -n 5
+	[ "${#lines[@]}" -eq 1 ]
+	assert_eq "$(printf '%s\n%s\n' "$first" "$output" | sort | tr -d '\n')" abcdef
+	run -1 mq get q -n 5
+}
+
+@test "get -w: a missing queue is 66 at once, not a wait" {
+	local t0 t1
+	t0=$(now_ms)
+	run -66 mq get nosuch -w 10s
+	t1=$(now_ms)
+	[ $((t1 - t0)) -lt 5000 ]
+	run -64 mq get q -w soon
 }

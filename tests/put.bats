@@ -260,11 +260,15 @@ print(h % int(sys.argv[2]))' "$1" "$2"
 }
 
 @test "put --fsync: a bad mode is a usage error (64) and creates nothing" {
-	run -64 --separate-stderr mq put q --fsync foo x
-	[[ "$stderr" == *"foo"* ]]
-	run -64 mq put q --fsync interval: x
-	run -64 mq put q --fsync interval:0ms x
-	[ -z "$(ls -A "$MQ_SPOOL")" ]
+	local m bad=""
+	for m in foo interval: interval:0ms ALWAYS; do
+		run --separate-stderr mq put q --fsync "$m" x
+		[ "$status" -eq 64 ] && [[ "$stderr" == "mq: put: "*"$m"* ]] ||
+			bad+="--fsync '$m': exit $status: $stderr"$'\n'
+		[ ! -e "$MQ_SPOOL/q" ] || bad+="--fsync '$m' created the queue"$'\n'
+		rm -rf "${MQ_SPOOL:?}/q"
+	done
+	assert_eq "$bad" ""
 }
 
 @test "put --fsync applies to this command only; it is not stored with a queue it creates" {
@@ -346,4 +350,68 @@ print(h % int(sys.argv[2]))' "$1" "$2"
 @test "put: missing queue argument is a usage error" {
 	run -64 --separate-stderr mq put
 	[[ "$stderr" == "mq: put: missing arguments"* ]]
+}
+
+@test "put --print-offsets: with stdout closed it fails (74) and writes nothing into the spool" {
+	mq put q a
+	run -74 --separate-stderr bash -c "'$MQ' put q --print-offsets b c >&-"
+	[[ "$stderr" == "mq: put: q: "* ]]
+	# the messages themselves are stored; no offsets landed in a spool file
+	run -0 mq peek q
+	assert_eq "$output" "$(printf 'a\nb\nc')"
+	assert_eq "$(find "$MQ_SPOOL" -name lock -size +0 | wc -l)" 0
+	run -0 mq verify q
+}
+
+@test "put: SIGTERM stops reading, stores what was read and exits 143" {
+	mq create q
+	mkfifo "$BATS_TEST_TMPDIR/fifo"
+	"$MQ" put q <"$BATS_TEST_TMPDIR/fifo" &
+	local p=$!
+	BG_PIDS+=("$p")
+	exec {w}>"$BATS_TEST_TMPDIR/fifo"
+	printf 'one\ntwo\n' >&$w
+	wait_for '[ "$(mq peek q | wc -l)" -eq 2 ]' 10
+	kill -TERM "$p"
+	local rc=0
+	wait "$p" || rc=$?
+	exec {w}>&-
+	assert_eq "$rc" 143
+	run -0 mq peek q
+	assert_eq "$output" "$(printf 'one\ntwo')"
+}
+
+@test "put: SIGINT stops reading, stores what was read and exits 130" {
+	mq create q
+	mkfifo "$BATS_TEST_TMPDIR/fifo"
+	"$MQ" put q <"$BATS_TEST_TMPDIR/fifo" &
+	local p=$!
+	BG_PIDS+=("$p")
+	exec {w}>"$BATS_TEST_TMPDIR/fifo"
+	printf 'whole\npart' >&$w
+	wait_for '[ "$(mq peek q)" = whole ]' 10
+	kill -INT "$p"
+	local rc=0
+	wait "$p" || rc=$?
+	exec {w}>&-
+	assert_eq "$rc" 130
+	run -0 mq stat --json q
+	[ "$(json_eval 'd["messages"]' <<<"$output")" -ge 1 ]
+	run -0 mq peek q -n 1
+	assert_eq "$output" whole
+}
+
+@test "put -0 -K: keys with NUL-separated messages" {
+	printf 'k1:v1\0k2:v\n2\0' | mq put q -0 -K :
+	run -0 mq peek q -f '[%k][%s]\n'
+	assert_eq "$output" "$(printf '[k1][v1]\n[k2][v\n2]')"
+}
+
+@test "put --whole: the default limit is 4 MiB exactly" {
+	head -c 4194304 /dev/zero | mq put q --whole
+	run -65 --separate-stderr bash -c "head -c 4194305 /dev/zero | '$MQ' put q --whole"
+	[[ "$stderr" == *"4194304"* ]]
+	run -0 mq stat --json q
+	assert_eq "$(json_eval 'd["messages"]' <<<"$output")" 1
+	assert_eq "$(mq peek q -f '%s' | wc -c)" 4194304
 }
