@@ -80,10 +80,17 @@ load helper
 }
 
 @test "create: the largest settings allowed" {
-	run -0 mq create q --partitions 1024 --segment-bytes 1G --max-message-bytes 32M
-	[ -d "$MQ_SPOOL/q/1023" ]
+	run -0 mq create q --partitions 64 --segment-bytes 1G --max-message-bytes 32M
+	[ -d "$MQ_SPOOL/q/63" ] && [ ! -e "$MQ_SPOOL/q/64" ]
 	run -0 mq stat --json q
-	assert_eq "$(json_eval 'd["partitions"]' <<<"$output")" 1024
+	assert_eq "$(json_eval 'd["partitions"]' <<<"$output")" 64
+	run -0 mq config q
+	grep -Eqx "segment-bytes: 1G +# $MQ_SPOOL/q/meta.yaml:[0-9]+" <<<"$output"
+	grep -Eqx "max-message-bytes: 32M +# $MQ_SPOOL/q/meta.yaml:[0-9]+" <<<"$output"
+	# 1024 partitions is the maximum (checked without creating them all)
+	printf 'queues:\n  wide:\n    partitions: 1024\n' >"$MQ_SPOOL/mq.yaml"
+	run -0 mq config wide
+	grep -Eqx "partitions: 1024 +# $MQ_SPOOL/mq.yaml:3" <<<"$output"
 }
 
 @test "create: bad names are 64 even with --if-not-exists; nothing is created" {

@@ -59,7 +59,10 @@ now_ms() { date +%s%3N; }
 # and print it (strings bare, everything else as JSON):
 #   mq stat --json q | json_eval 'd["groups"][0]["lag"]'
 json_eval() {
-	python3 -c 'import json, sys
+	local py=python3
+	# the system interpreter starts faster than a pyenv shim
+	[ -x /usr/bin/python3 ] && py=/usr/bin/python3
+	"$py" -c 'import json, sys
 d = json.load(sys.stdin)
 r = eval(sys.argv[1])
 print(r if isinstance(r, str) else json.dumps(r))' "$1"
