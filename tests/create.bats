@@ -273,3 +273,17 @@ load helper
 	run -0 mq peek q
 	assert_eq "$output" x
 }
+
+@test "purge: tail, peek --last and peek --from count from what is left" {
+	seq 10 | mq put q
+	mq purge q
+	mq put q a b
+	run -0 mq tail -n 5 q
+	assert_eq "$output" "$(printf 'a\nb')"
+	run -0 mq peek q --last 5 -f '%o %s\n'
+	assert_eq "$output" "$(printf '10 a\n11 b')"
+	run -0 mq peek q --from 3
+	assert_eq "$output" "$(printf 'a\nb')"
+	run -0 mq peek q --from 11
+	assert_eq "$output" b
+}

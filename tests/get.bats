@@ -340,3 +340,32 @@ long_name() { head -c "$1" /dev/zero | tr '\0' n; }
 	[ $((t1 - t0)) -lt 5000 ]
 	run -64 mq get q -w soon
 }
+
+@test "get: sealed segments go once every group has consumed them" {
+	mq create q --segment-bytes 4k
+	seq 2000 | mq put q
+	mq get q -g b >/dev/null
+	mq get q -g a -n 0 >/dev/null
+	# group b still holds everything from offset 1
+	run -0 mq stat --json q
+	local segs
+	segs=$(json_eval 'd["segments"]' <<<"$output")
+	[ "$segs" -ge 5 ]
+	mq peek q | cmp - <(seq 2000)
+	run -0 mq get q -g b -n 0
+	assert_eq "$output" "$(seq 2 2000)"
+	# now only the active segment is left
+	local logs base
+	logs=$(ls "$MQ_SPOOL"/q/0/*.log)
+	[ "$(wc -l <<<"$logs")" -eq 1 ]
+	base=$(basename "$logs" .log)
+	base=$((10#$base))
+	[ "$base" -gt 0 ]
+	mq peek q | cmp - <(seq $((base + 1)) 2000)
+	run -0 mq stat --json q
+	assert_eq "$(json_eval '[d["messages"], d["next"]]' <<<"$output")" "[$((2000 - base)), [2000]]"
+	# a group that comes late starts at the first stored message and is told
+	run -0 --separate-stderr mq get q -g late -n 0
+	assert_eq "$output" "$(seq $((base + 1)) 2000)"
+	[[ "$stderr" == *"offsets 0-$((base - 1)) were removed"*"'late'"* ]]
+}

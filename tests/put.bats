@@ -415,3 +415,19 @@ print(h % int(sys.argv[2]))' "$1" "$2"
 	assert_eq "$(json_eval 'd["messages"]' <<<"$output")" 1
 	assert_eq "$(mq peek q -f '%s' | wc -c)" 4194304
 }
+
+@test "put --print-offsets: offsets of a slow stream appear before the input ends" {
+	mq create q
+	mkfifo "$BATS_TEST_TMPDIR/fifo"
+	"$MQ" put q --print-offsets <"$BATS_TEST_TMPDIR/fifo" >"$BATS_TEST_TMPDIR/offsets" &
+	local p=$!
+	BG_PIDS+=("$p")
+	exec {w}>"$BATS_TEST_TMPDIR/fifo"
+	echo one >&$w
+	wait_for "[ \"\$(cat '$BATS_TEST_TMPDIR/offsets')\" = 0:0 ]" 10
+	echo two >&$w
+	wait_for "[ \"\$(cat '$BATS_TEST_TMPDIR/offsets')\" = '$(printf '0:0\n0:1')' ]" 10
+	exec {w}>&-
+	wait "$p"
+	assert_eq "$(cat "$BATS_TEST_TMPDIR/offsets")" "$(printf '0:0\n0:1')"
+}
