@@ -39,6 +39,7 @@
 #include <inttypes.h>
 #include <limits.h>
 #include <poll.h>
+#include <pwd.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -341,6 +342,18 @@ static int parse_duration_ms(const char *s, int64_t *ms)
 	return parse_scaled(s, u, ms);
 }
 
+/* The MS of fsync=interval:MS: milliseconds, or a duration with a unit
+ * (interval:250 = interval:250ms, interval:1s); must be > 0. */
+static int parse_interval_ms(const char *s, int64_t *ms)
+{
+	uint64_t v;
+	if (parse_u64(s, &v) == 0)
+		*ms = v > INT64_MAX ? -1 : (int64_t)v;
+	else if (parse_duration_ms(s, ms) < 0)
+		return -1;
+	return *ms > 0 ? 0 : -1;
+}
+
 /* Sizes: 4k 64M 1G (powers of 1024, either case); a bare number is bytes. */
 static int parse_size(const char *s, int64_t *bytes)
 {
@@ -392,6 +405,9 @@ static int parse_time_ms(const char *s, int64_t *ms)
 				frac *= 10;
 		}
 	}
+	if (tm.tm_mon < 1 || tm.tm_mon > 12 || tm.tm_mday < 1 || tm.tm_mday > 31 ||
+	    tm.tm_hour > 23 || tm.tm_min > 59 || tm.tm_sec > 60)
+		return -1;
 	tm.tm_year -= 1900;
 	tm.tm_mon -= 1;
 	int64_t secs;
@@ -418,6 +434,19 @@ static int parse_time_ms(const char *s, int64_t *ms)
 	}
 	*ms = secs * 1000 + frac;
 	return 0;
+}
+
+/* Format a duration exactly, in a form parse_duration_ms accepts:
+ * the largest unit that divides it (2d, 90s, 1500ms). */
+static void fmt_duration_exact(char *out, size_t n, int64_t ms)
+{
+	static const struct unit u[] = {{"d", 86400000}, {"h", 3600000}, {"m", 60000},
+	                                {"s", 1000}, {"ms", 1}};
+	for (size_t i = 0; i < 5; i++)
+		if (ms % u[i].mul == 0) {
+			strfmt(out, n, "%" PRId64 "%s", ms / u[i].mul, u[i].name);
+			return;
+		}
 }
 
 /* Format a duration for humans: 950ms, 12s, 5m3s, 2h10m, 3d4h. */
@@ -858,8 +887,7 @@ static int conf_set(struct qconf *c, const char *name, const char *val,
 			if (!strcmp(val, "always")) v = MQ_FSYNC_ALWAYS;
 			else if (!strcmp(val, "batch")) v = MQ_FSYNC_BATCH;
 			else if (!strcmp(val, "never")) v = MQ_FSYNC_NEVER;
-			else if (!strncmp(val, "interval:", 9) &&
-			         parse_duration_ms(val + 9, &c->fsync_ms) == 0 && c->fsync_ms > 0)
+			else if (!strncmp(val, "interval:", 9) && parse_interval_ms(val + 9, &c->fsync_ms) == 0)
 				v = MQ_FSYNC_INTERVAL;
 			else
 				bad = 1;
@@ -886,13 +914,13 @@ static void conf_format(const struct qconf *c, size_t i, char *out, size_t n)
 		if (v == 0)
 			strfmt(out, n, "0");
 		else
-			fmt_duration(out, n, v);
+			fmt_duration_exact(out, n, v);
 		break;
 	case SET_COMPRESSION: strfmt(out, n, "%s", v ? "zlib" : "none"); break;
 	case SET_FSYNC: {
 		static const char *names[] = {"never", "interval", "batch", "always"};
 		if (v == MQ_FSYNC_INTERVAL)
-			strfmt(out, n, "interval:%" PRId64 "ms", c->fsync_ms);
+			strfmt(out, n, "interval:%" PRId64, c->fsync_ms);
 		else
 			strfmt(out, n, "%s", names[v]);
 		break;
@@ -918,6 +946,9 @@ static const char *yaml_scalar(yaml_node_t *n)
 static int cfg_apply_map(yaml_document_t *doc, yaml_node_t *map, const char *file,
                          const char *what, struct qconf *c, struct mq_err *e)
 {
+	const char *empty = yaml_scalar(map);
+	if (empty && (!*empty || !strcmp(empty, "~") || !strcmp(empty, "null")))
+		return 0; /* "defaults:" with nothing under it */
 	if (!map || map->type != YAML_MAPPING_NODE)
 		return err_set(e, MQ_EX_USAGE, "%s:%lu: '%s' must be a mapping of settings",
 		               file, map ? (unsigned long)map->start_mark.line + 1 : 0, what);
@@ -996,6 +1027,9 @@ static int cfg_load(struct cfg *cfg, const char *spool, struct mq_err *e)
 			if (cfg_apply_map(&cfg->doc, v, cfg->path, "defaults", &scratch, e) < 0)
 				return -1;
 		} else if (ks && !strcmp(ks, "queues")) {
+			const char *empty = yaml_scalar(v);
+			if (empty && (!*empty || !strcmp(empty, "~") || !strcmp(empty, "null")))
+				continue;
 			if (v->type != YAML_MAPPING_NODE)
 				return err_set(e, MQ_EX_USAGE, "%s:%lu: 'queues' must map queue names to settings",
 				               cfg->path, line);
@@ -2397,6 +2431,9 @@ static int q_open(struct spool *sp, const char *name, int create, const struct k
 	if (!q_exists(sp, name)) {
 		if (!create)
 			return err_set(e, MQ_EX_NOINPUT, "no such queue '%s'", name);
+		struct qconf check; /* bad settings must not leave a queue behind */
+		if (q_conf(sp, name, set, nset, &check, e) < 0)
+			return -1;
 		/* Created with the configured settings only: command-line
 		 * settings of this command (put --fsync) apply to it alone. */
 		if (dur_mkdir(sp->dir, e) < 0 || q_create(sp, name, NULL, 0, e) < 0)
@@ -3087,8 +3124,8 @@ struct prod {
 	int sticky;            /* partition for messages without a key */
 	struct rec_enc *enc;   /* per partition: batches not yet written */
 	uint64_t *first;       /* per partition: first offset of the last flush */
-	int64_t *synced_ms;    /* per partition: monotonic time of last sync */
-	char *dirty;           /* per partition: written but not synced */
+	int64_t *dirty_ms;     /* per partition: monotonic time it became dirty */
+	char *dirty;           /* per partition: written but not synced (interval) */
 	size_t pending;        /* bytes buffered over all partitions */
 	int64_t oldest_ms;     /* monotonic time of the oldest buffered message */
 	struct buf order;      /* u16 partition of each buffered message */
@@ -3104,9 +3141,9 @@ static void prod_init(struct prod *pr, struct queue *q, int fixed)
 	pr->fixed = fixed;
 	pr->enc = calloc((size_t)q->nparts, sizeof *pr->enc);
 	pr->first = calloc((size_t)q->nparts, sizeof *pr->first);
-	pr->synced_ms = calloc((size_t)q->nparts, sizeof *pr->synced_ms);
+	pr->dirty_ms = calloc((size_t)q->nparts, sizeof *pr->dirty_ms);
 	pr->dirty = calloc((size_t)q->nparts, 1);
-	if (!pr->enc || !pr->first || !pr->synced_ms || !pr->dirty)
+	if (!pr->enc || !pr->first || !pr->dirty_ms || !pr->dirty)
 		abort();
 	/* Batches stay well below the segment size so segments fill evenly. */
 	size_t target = MQ_BATCH_TARGET;
@@ -3123,7 +3160,7 @@ static void prod_free(struct prod *pr)
 		rec_enc_free(&pr->enc[i]);
 	free(pr->enc);
 	free(pr->first);
-	free(pr->synced_ms);
+	free(pr->dirty_ms);
 	free(pr->dirty);
 	buf_free(&pr->order);
 }
@@ -3137,7 +3174,7 @@ static int64_t prod_due(const struct prod *pr)
 	if (pr->q->conf.fsync == MQ_FSYNC_INTERVAL)
 		for (int i = 0; i < pr->q->nparts; i++)
 			if (pr->dirty[i]) {
-				int64_t d = pr->synced_ms[i] + pr->q->conf.fsync_ms - now;
+				int64_t d = pr->dirty_ms[i] + pr->q->conf.fsync_ms - now;
 				if (due < 0 || d < due)
 					due = d;
 			}
@@ -3155,23 +3192,25 @@ static int prod_flush(struct prod *pr, int final, struct mq_err *e)
 	int64_t mode = q->conf.fsync, now = mono_ms();
 	for (int i = 0; i < q->nparts; i++) {
 		struct rec_enc *enc = &pr->enc[i];
-		int sync_due = mode == MQ_FSYNC_INTERVAL && pr->dirty[i] &&
-		               (final || now - pr->synced_ms[i] >= q->conf.fsync_ms);
-		if (enc->nmsgs == 0 && !sync_due)
+		/* interval: unsynced data (dirty since dirty_ms) is synced once the
+		 * interval has passed, and always before the command ends. */
+		int pending = enc->nmsgs > 0 || pr->dirty[i];
+		int sync = mode >= MQ_FSYNC_BATCH ||
+		           (mode == MQ_FSYNC_INTERVAL && pending &&
+		            (final || (pr->dirty[i] && now - pr->dirty_ms[i] >= q->conf.fsync_ms)));
+		if (enc->nmsgs == 0 && !(sync && pr->dirty[i]))
 			continue;
 		struct part *p = &q->parts[i];
 		rec_enc_close(enc);
 		if (part_lock(p, 0, e) < 0)
 			return -1;
 		int r = enc->nmsgs ? part_append(p, enc, &pr->first[i], e) : 0;
-		if (r == 0 && (mode >= MQ_FSYNC_BATCH || sync_due)) {
+		if (r == 0 && sync) {
 			r = part_sync(p, e);
 			pr->dirty[i] = 0;
-			pr->synced_ms[i] = now;
-		} else if (r == 0 && enc->nmsgs && mode == MQ_FSYNC_INTERVAL) {
-			if (!pr->dirty[i])
-				pr->synced_ms[i] = now;
+		} else if (r == 0 && mode == MQ_FSYNC_INTERVAL && !pr->dirty[i]) {
 			pr->dirty[i] = 1;
+			pr->dirty_ms[i] = now;
 		}
 		if (r == 0 && enc->nmsgs)
 			r = part_publish(p, 0, e);
@@ -3631,7 +3670,24 @@ static int verify_queue(struct queue *q, int repair, struct vrep *vr, struct mq_
 			if (r > 0 && good == 0) {
 				vr->damaged++;
 				vr_say(vr, "%s/%d: offset file '%s' of group '%s' is damaged: the group will "
-				       "read this partition again from the start", q->name, i, path, groups[g]);
+				       "read this partition again from the start%s", q->name, i, path,
+				       groups[g], repair ? "; reset to offset 0" : "");
+				/* Reading it already means offset 0 (redelivery, never a skip);
+				 * repair writes that down so the file is valid again. */
+				unsigned char fresh[2 * MQ_OFF_SLOT];
+				memset(fresh, 0, sizeof fresh);
+				if (repair) {
+					int ofd = -1;
+					if (grp_open(q, groups[g], i, 1, &ofd, e) < 0 ||
+					    dur_pwrite_all(ofd, fresh, sizeof fresh, 0, path, e) < 0 ||
+					    grp_commit(ofd, 1, 0, 1, e) < 0) {
+						dur_close(&ofd);
+						names_free(groups, ng);
+						return -1;
+					}
+					dur_close(&ofd);
+					vr->repaired++;
+				}
 			}
 		}
 	}
@@ -4066,6 +4122,18 @@ static int fail(struct args *a, const struct mq_err *e)
 	return e->code ? e->code : MQ_EX_IOERR;
 }
 
+/* Flush stdio's stdout; a failure (full disk, closed pipe) is 74 with a
+ * message, like every other command's. */
+static int stdout_done(struct args *a)
+{
+	if (fflush(stdout) == 0 && !ferror(stdout))
+		return MQ_EX_OK;
+	struct mq_err e;
+	err_sys(&e, MQ_EX_IOERR, "cannot write to stdout");
+	a->queue = NULL;
+	return fail(a, &e);
+}
+
 static void notice_stderr(void *ctx, const char *msg)
 {
 	(void)ctx;
@@ -4099,6 +4167,9 @@ static int spool_init(struct args *a, int create, struct mq_err *e)
 		d = "/var/spool/mq";
 	if (!d) {
 		const char *xdg = getenv("XDG_STATE_HOME"), *home = getenv("HOME");
+		struct passwd *pw = home && *home ? NULL : getpwuid(geteuid());
+		if (pw)
+			home = pw->pw_dir;
 		if (xdg && *xdg)
 			strfmt(def, sizeof def, "%s/mq", xdg);
 		else
@@ -4319,8 +4390,25 @@ static int cmd_put(struct args *a)
 		return usage_error(a->cmd, "-K needs a non-empty delimiter and excludes -k");
 	if (opt_has(a, "whole") && (opt_has(a, "null") || kd || a->npos > 1))
 		return usage_error(a->cmd, "--whole excludes -0, -K and message arguments");
-	if (spool_init(a, !opt_has(a, "no-create"), &e) < 0 ||
-	    q_open(&a->sp, a->pos[0], !opt_has(a, "no-create"), set, nset, &q, &e) < 0) {
+	if (spool_init(a, !opt_has(a, "no-create"), &e) < 0) {
+		rc = fail(a, &e);
+		goto out;
+	}
+	if (opt_has(a, "partition") && !q_exists(&a->sp, a->pos[0])) {
+		struct queue would = {0}; /* check -p before a queue is created */
+		uint64_t pv;
+		if (q_conf(&a->sp, a->pos[0], set, nset, &would.conf, &e) < 0) {
+			rc = fail(a, &e);
+			goto out;
+		}
+		strfmt(would.name, sizeof would.name, "%s", a->pos[0]);
+		would.nparts = (int)would.conf.partitions;
+		if (opt_partition(a, &would, &part) < 0 || opt_u64(a, "partition", 0, &pv) < 0) {
+			rc = MQ_EX_USAGE;
+			goto out;
+		}
+	}
+	if (q_open(&a->sp, a->pos[0], !opt_has(a, "no-create"), set, nset, &q, &e) < 0) {
 		rc = fail(a, &e);
 		goto out;
 	}
@@ -4652,7 +4740,7 @@ static int cmd_ls(struct args *a)
 	if (json)
 		printf("]\n");
 	names_free(names, n);
-	return fflush(stdout) == 0 ? MQ_EX_OK : MQ_EX_IOERR;
+	return stdout_done(a);
 }
 
 static void stat_print(const struct queue *q, const struct qstat *st, int json, int first)
@@ -4738,9 +4826,8 @@ static int cmd_stat(struct args *a)
 	if (json)
 		printf("\n");
 	names_free(names, n);
-	if (fflush(stdout) != 0 && rc == 0)
-		rc = MQ_EX_IOERR;
-	return rc;
+	int wr = stdout_done(a);
+	return rc ? rc : wr;
 }
 
 /* ----- mq create, rm, purge ----- */
@@ -4843,8 +4930,9 @@ static int cmd_verify(struct args *a)
 		printf("repaired %d of %d problems in %zu queues\n", vr.repaired, vr.damaged, total);
 	else
 		printf("%d problems in %zu queues; 'mq verify --repair' mends them\n", vr.damaged, total);
-	if (fflush(stdout) != 0)
-		return MQ_EX_IOERR;
+	int wr = stdout_done(a);
+	if (wr)
+		return wr;
 	return vr.damaged > vr.repaired ? MQ_EX_DATAERR : MQ_EX_OK;
 }
 
@@ -4874,7 +4962,7 @@ static int cmd_config(struct args *a)
 		strfmt(line, sizeof line, "%s: %s", settings[i].name, v);
 		printf("%-32s # %s\n", line, c.src[i]);
 	}
-	return fflush(stdout) == 0 ? MQ_EX_OK : MQ_EX_IOERR;
+	return stdout_done(a);
 }
 
 /* ----- the command table ----- */
@@ -4990,11 +5078,14 @@ static void help_main(FILE *f)
 	fprintf(f, "usage: mq [-d DIR] COMMAND [ARGS...]\n"
 	           "       mq --version | --help | help COMMAND\n\n"
 	           "mq keeps durable message queues in a spool directory.\n\ncommands:\n");
-	for (size_t i = 0; i < NCMDS; i++) {
-		const char *s = cmds[i].summary, *nl = strchr(s, '\n');
-		const char *dot = strstr(s, ". ");
-		size_t n = dot && (!nl || dot < nl) ? (size_t)(dot - s + 1) : nl ? (size_t)(nl - s) : strlen(s);
-		fprintf(f, "  %-8s %.*s\n", cmds[i].name, (int)n, s);
+	for (size_t i = 0; i < NCMDS; i++) { /* the first sentence of each summary */
+		fprintf(f, "  %-8s ", cmds[i].name);
+		for (const char *s = cmds[i].summary; *s; s++) {
+			fputc(*s == '\n' ? ' ' : *s, f);
+			if (*s == '.' && (s[1] == ' ' || s[1] == '\n' || !s[1]))
+				break;
+		}
+		fputc('\n', f);
 	}
 	fprintf(f, "\nexit status: 0 ok, 1 nothing to get, 64 usage, 65 bad data, 66 no such queue,\n"
 	           "69 unavailable, 74 I/O error, 75 try again.  See mq(1).\n");
