@@ -2478,8 +2478,10 @@ static int q_list(struct spool *sp, char ***names, size_t *n, struct mq_err *e)
 	struct dirent *de;
 	size_t cap = 0;
 	while ((de = readdir(d))) {
-		if (!name_valid(de->d_name) || !q_exists(sp, de->d_name))
-			continue;
+		char meta[PATH_MAX + 200];
+		strfmt(meta, sizeof meta, "%s/%s/meta.yaml", sp->dir, de->d_name);
+		if (!name_valid(de->d_name) || !q_exists(sp, de->d_name) || file_size(meta) < 0)
+			continue; /* not a queue: a stray directory */
 		if (*n == cap) {
 			cap = cap ? cap * 2 : 16;
 			*names = realloc(*names, cap * sizeof **names);
@@ -4609,8 +4611,8 @@ static int cmd_get(struct args *a)
 	if (opt_val(a, "format") && fmt_check(opt_val(a, "format")) < 0)
 		return usage_error(a->cmd, "bad format '%s'", opt_val(a, "format"));
 	fmt_init(&f, a);
-	if (spool_init(a, 0, &e) < 0 || q_open(&a->sp, a->pos[0], 0, NULL, 0, &q, &e) < 0 ||
-	    q_check_name("group", g, &e) < 0)
+	if (q_check_name("group", g, &e) < 0 || spool_init(a, 0, &e) < 0 ||
+	    q_open(&a->sp, a->pos[0], 0, NULL, 0, &q, &e) < 0)
 		return fail(a, &e);
 	struct waiter wt = {-1};
 	if (wait_ms != -2)
@@ -5176,8 +5178,7 @@ int main(int argc, char **argv)
 		} else if (!strncmp(s, "-d", 2) && s[2]) {
 			spool = s + 2;
 		} else {
-			fprintf(stderr, "%s: unknown option '%s'\n", progname, s);
-			help_main(stderr);
+			fprintf(stderr, "%s: unknown option '%s' (see 'mq --help')\n", progname, s);
 			return MQ_EX_USAGE;
 		}
 	}
