@@ -1692,6 +1692,8 @@ struct part {
 	int64_t tix_max_ts;   /* cumulative max ts for the next tix entry */
 	int tix_loaded;       /* tix_max_ts read from the file */
 	int log_fd, idx_fd, tix_fd;
+	char head_path[PATH_MAX + 8];  /* for messages: every error names its file */
+	char log_path[PATH_MAX + 32], idx_path[PATH_MAX + 32], tix_path[PATH_MAX + 32];
 	int rolled;           /* a roll happened since the lock was taken */
 	int broken;           /* a sync failed: no more appends here */
 	struct buf scratch, idxbuf, tixbuf, tags;
@@ -1717,8 +1719,8 @@ static int head_open(struct part *p, int create, struct mq_err *e)
 {
 	if (p->head_fd >= 0)
 		return 0;
-	char path[PATH_MAX + 8];
-	strfmt(path, sizeof path, "%s/head", p->dir);
+	char *path = p->head_path;
+	strfmt(path, sizeof p->head_path, "%s/head", p->dir);
 	p->head_fd = sys.open(path, O_RDWR | O_CLOEXEC | O_NOFOLLOW | (create ? O_CREAT : 0), 0644);
 	if (p->head_fd < 0 && (errno == EACCES || errno == EROFS || errno == EPERM))
 		p->head_fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
@@ -1739,7 +1741,7 @@ static int head_read(struct part *p, struct head *h, struct mq_err *e)
 		return e->code == MQ_EX_NOINPUT ? 0 : -1;
 	unsigned char b[MQ_HEAD_SIZE];
 	for (int tries = 0; tries < 200; tries++) {
-		ssize_t r = dur_pread(p->head_fd, b, sizeof b, 0, "head", e);
+		ssize_t r = dur_pread(p->head_fd, b, sizeof b, 0, p->head_path, e);
 		if (r < 0)
 			return -1;
 		if (r == sizeof b && head_decode(b, h) == 0)
@@ -1758,9 +1760,9 @@ static int part_publish(struct part *p, int sync, struct mq_err *e)
 	unsigned char b[MQ_HEAD_SIZE];
 	head_encode(b, &h);
 	if (head_open(p, 1, e) < 0 ||
-	    dur_pwrite_all(p->head_fd, b, sizeof b, 0, "head", e) < 0)
+	    dur_pwrite_all(p->head_fd, b, sizeof b, 0, p->head_path, e) < 0)
 		return -1;
-	if (sync && dur_sync(p->head_fd, "head", e) < 0)
+	if (sync && dur_sync(p->head_fd, p->head_path, e) < 0)
 		return -1;
 	p->h = h;
 	return 0;
@@ -1778,10 +1780,11 @@ static int part_open_seg(struct part *p, uint64_t base, int flags, struct mq_err
 {
 	static const char *sfx[3] = {MQ_LOG_SUFFIX, MQ_IDX_SUFFIX, MQ_TIX_SUFFIX};
 	int *fds[3] = {&p->log_fd, &p->idx_fd, &p->tix_fd};
-	char path[PATH_MAX + 32];
+	char *paths[3] = {p->log_path, p->idx_path, p->tix_path};
 	part_close_seg(p);
 	for (int i = 0; i < 3; i++) {
-		part_path(p, path, sizeof path, base, sfx[i]);
+		char *path = paths[i];
+		part_path(p, path, sizeof p->log_path, base, sfx[i]);
 		*fds[i] = sys.open(path, O_RDWR | O_CLOEXEC | O_NOFOLLOW | flags, 0644);
 		if (*fds[i] < 0) {
 			err_sys(e, errno == ENOENT ? MQ_EX_DATAERR : err_code_for(errno),
@@ -1835,7 +1838,7 @@ static void part_tix_note(struct part *p, uint64_t pos, uint32_t len, uint64_t b
 		struct mq_err e;
 		p->tix_max_ts = INT64_MIN;
 		if (p->tix_len >= MQ_TIX_ENTRY &&
-		    dur_pread(p->tix_fd, ent, sizeof ent, (off_t)(p->tix_len - MQ_TIX_ENTRY), "tix",
+		    dur_pread(p->tix_fd, ent, sizeof ent, (off_t)(p->tix_len - MQ_TIX_ENTRY), p->tix_path,
 		              &e) == sizeof ent)
 			p->tix_max_ts = (int64_t)le64_get(ent);
 		p->tix_loaded = 1;
@@ -1854,11 +1857,11 @@ static void part_tix_note(struct part *p, uint64_t pos, uint32_t len, uint64_t b
 static int part_write_indexes(struct part *p, struct mq_err *e)
 {
 	if (p->idxbuf.len && dur_pwrite_all(p->idx_fd, p->idxbuf.p, p->idxbuf.len,
-	                                    (off_t)p->idx_len, "idx", e) < 0)
+	                                    (off_t)p->idx_len, p->idx_path, e) < 0)
 		return -1;
 	p->idx_len += p->idxbuf.len;
 	if (p->tixbuf.len && dur_pwrite_all(p->tix_fd, p->tixbuf.p, p->tixbuf.len,
-	                                    (off_t)p->tix_len, "tix", e) < 0)
+	                                    (off_t)p->tix_len, p->tix_path, e) < 0)
 		return -1;
 	p->tix_len += p->tixbuf.len;
 	p->idxbuf.len = p->tixbuf.len = 0;
@@ -1877,7 +1880,7 @@ static uint64_t part_tix_keep(struct part *p, uint64_t next)
 	unsigned char ent[MQ_TIX_ENTRY];
 	while (lo < hi) { /* first entry with offset >= next */
 		uint64_t mid = lo + (hi - lo) / 2;
-		if (dur_pread(p->tix_fd, ent, sizeof ent, (off_t)(mid * MQ_TIX_ENTRY), "tix", &e) !=
+		if (dur_pread(p->tix_fd, ent, sizeof ent, (off_t)(mid * MQ_TIX_ENTRY), p->tix_path, &e) !=
 		    sizeof ent)
 			return 0;
 		if (le64_get(ent + 8) < next)
@@ -1951,8 +1954,8 @@ static int part_idx_sane(struct part *p, uint64_t entries)
 	struct mq_err e;
 	struct rec_hdr h;
 	unsigned char hb[MQ_BATCH_HDR];
-	if (seg_idx_lookup(p->idx_fd, "idx", entries - 1, &pos, NULL, &e) != 1 ||
-	    dur_pread(p->log_fd, hb, sizeof hb, (off_t)pos, "log", &e) != sizeof hb ||
+	if (seg_idx_lookup(p->idx_fd, p->idx_path, entries - 1, &pos, NULL, &e) != 1 ||
+	    dur_pread(p->log_fd, hb, sizeof hb, (off_t)pos, p->log_path, &e) != sizeof hb ||
 	    rec_parse_hdr(hb, sizeof hb, &h, &e) < 0)
 		return 0;
 	uint64_t off = p->log_base + entries - 1;
@@ -2110,7 +2113,7 @@ static int part_roll(struct part *p, struct mq_err *e)
 {
 	if (part_sync(p, e) < 0)
 		return -1;
-	if (dur_datasync(p->idx_fd, "idx", e) < 0 || dur_datasync(p->tix_fd, "tix", e) < 0)
+	if (dur_datasync(p->idx_fd, p->idx_path, e) < 0 || dur_datasync(p->tix_fd, p->tix_path, e) < 0)
 		return -1;
 	if (part_open_seg(p, p->next, O_CREAT | O_TRUNC, e) < 0)
 		return -1;
@@ -2888,10 +2891,10 @@ static int grp_open(struct queue *q, const char *g, int part, int create, int *f
 
 /* Read a committed offset: the valid slot with the higher sequence.  No
  * valid slot (new group, or both damaged) reads as offset 0, seq 0. */
-static int grp_read(int fd, uint64_t *off, uint64_t *seq, struct mq_err *e)
+static int grp_read(int fd, const char *path, uint64_t *off, uint64_t *seq, struct mq_err *e)
 {
 	unsigned char b[2 * MQ_OFF_SLOT];
-	ssize_t n = dur_pread(fd, b, sizeof b, 0, "offset file", e);
+	ssize_t n = dur_pread(fd, b, sizeof b, 0, path, e);
 	if (n < 0)
 		return -1;
 	*off = *seq = 0;
@@ -2908,9 +2911,16 @@ static int grp_read(int fd, uint64_t *off, uint64_t *seq, struct mq_err *e)
 	return 0;
 }
 
-/* Commit offset off as sequence seq (previous + 1), synced when asked.
- * On failure the other slot still holds the previous commit. */
-static int grp_commit(int fd, uint64_t seq, uint64_t off, int sync, struct mq_err *e)
+/*
+ * Commit offset off as sequence seq (previous + 1), synced when asked.
+ * On failure the other slot still holds the previous commit.  A failed
+ * sync may leave the new slot readable from the page cache though never
+ * written to disk, so the slot is overwritten with zeros: later readers
+ * of this process's lifetime then see the previous commit (redelivery),
+ * as a reader after a power loss might.
+ */
+static int grp_commit(int fd, const char *path, uint64_t seq, uint64_t off, int sync,
+                      struct mq_err *e)
 {
 	unsigned char p[MQ_OFF_SLOT];
 	le32_put(p, MQ_OFF_MAGIC);
@@ -2918,9 +2928,16 @@ static int grp_commit(int fd, uint64_t seq, uint64_t off, int sync, struct mq_er
 	le64_put(p + 16, off);
 	le64_put(p + 24, (uint64_t)now_ms());
 	le32_put(p + 4, (uint32_t)crc32(0L, p + 8, MQ_OFF_SLOT - 8));
-	if (dur_pwrite_all(fd, p, sizeof p, (off_t)(seq % 2) * MQ_OFF_SLOT, "offset file", e) < 0)
+	off_t at = (off_t)(seq % 2) * MQ_OFF_SLOT;
+	if (dur_pwrite_all(fd, p, sizeof p, at, path, e) < 0)
 		return -1;
-	return sync ? dur_datasync(fd, "offset file", e) : 0;
+	if (sync && dur_datasync(fd, path, e) < 0) {
+		struct mq_err ignored;
+		memset(p, 0, sizeof p);
+		dur_pwrite_all(fd, p, sizeof p, at, path, &ignored);
+		return -1;
+	}
+	return 0;
 }
 
 /* Group names of a queue, sorted. */
@@ -2968,7 +2985,9 @@ static int grp_offset(struct queue *q, const char *g, int part, uint64_t *off,
 	*off = 0;
 	if (grp_open(q, g, part, 0, &fd, e) < 0)
 		return e->code == MQ_EX_NOINPUT ? 0 : -1;
-	int r = grp_read(fd, off, &seq, e);
+	char path[PATH_MAX + 220];
+	grp_path(q, g, part, path, sizeof path);
+	int r = grp_read(fd, path, off, &seq, e);
 	close(fd);
 	return r;
 }
@@ -3629,7 +3648,7 @@ static int verify_part(struct part *p, int repair, struct vrep *vr, struct mq_er
 				/* The head no longer matches: recovery rescans the tail. */
 				unsigned char zero[MQ_HEAD_SIZE] = {0};
 				if (head_open(p, 1, e) < 0 ||
-				    dur_pwrite_all(p->head_fd, zero, sizeof zero, 0, "head", e) < 0)
+				    dur_pwrite_all(p->head_fd, zero, sizeof zero, 0, p->head_path, e) < 0)
 					rc = -1;
 				dur_close(&p->log_fd); /* force part_recover to reopen */
 			}
@@ -3682,7 +3701,7 @@ static int verify_queue(struct queue *q, int repair, struct vrep *vr, struct mq_
 					int ofd = -1;
 					if (grp_open(q, groups[g], i, 1, &ofd, e) < 0 ||
 					    dur_pwrite_all(ofd, fresh, sizeof fresh, 0, path, e) < 0 ||
-					    grp_commit(ofd, 1, 0, 1, e) < 0) {
+					    grp_commit(ofd, path, 1, 0, 1, e) < 0) {
 						dur_close(&ofd);
 						names_free(groups, ng);
 						return -1;
@@ -4528,7 +4547,7 @@ static int64_t get_part(struct queue *q, const char *g, int part, uint64_t want,
 		*busy = e->code == MQ_EX_TEMPFAIL;
 		return *busy ? 0 : -1;
 	}
-	if (grp_read(fd, &off, &seq, e) < 0 || rd_open(&r, &q->parts[part], off, e) < 0) {
+	if (grp_read(fd, path, &off, &seq, e) < 0 || rd_open(&r, &q->parts[part], off, e) < 0) {
 		close(fd);
 		return -1;
 	}
@@ -4554,7 +4573,7 @@ static int64_t get_part(struct queue *q, const char *g, int part, uint64_t want,
 		if (out_flush(o) < 0)
 			rc = err_set(e, MQ_EX_IOERR, "cannot write to stdout: %s (nothing committed)",
 			             strerror(o->err));
-		else if (grp_commit(fd, seq + 1, r.want, q->conf.fsync >= MQ_FSYNC_BATCH, &ce) < 0)
+		else if (grp_commit(fd, path, seq + 1, r.want, q->conf.fsync >= MQ_FSYNC_BATCH, &ce) < 0)
 			rc = (*e = ce, -1);
 	}
 	int drained = r.want >= r.h.next || r.nsegs > 1;

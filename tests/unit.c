@@ -272,13 +272,13 @@ static void t_head_and_offsets(void)
 	int fd = open(path, O_RDWR | O_CREAT, 0644);
 	struct mq_err e;
 	uint64_t off, seq;
-	CHECK(grp_read(fd, &off, &seq, &e) == 0 && off == 0 && seq == 0);
-	CHECK(grp_commit(fd, 1, 10, 1, &e) == 0 && grp_commit(fd, 2, 20, 1, &e) == 0);
-	CHECK(grp_read(fd, &off, &seq, &e) == 0 && off == 20 && seq == 2);
+	CHECK(grp_read(fd, path, &off, &seq, &e) == 0 && off == 0 && seq == 0);
+	CHECK(grp_commit(fd, path, 1, 10, 1, &e) == 0 && grp_commit(fd, path, 2, 20, 1, &e) == 0);
+	CHECK(grp_read(fd, path, &off, &seq, &e) == 0 && off == 20 && seq == 2);
 	/* A torn write of slot 0 (seq 3) leaves seq 2 in slot 1 in force. */
-	CHECK(grp_commit(fd, 3, 30, 1, &e) == 0);
+	CHECK(grp_commit(fd, path, 3, 30, 1, &e) == 0);
 	CHECK(pwrite(fd, "\xff\xff\xff\xff", 4, MQ_OFF_SLOT + 20) == 4);
-	CHECK(grp_read(fd, &off, &seq, &e) == 0 && off == 20 && seq == 2);
+	CHECK(grp_read(fd, path, &off, &seq, &e) == 0 && off == 20 && seq == 2);
 	close(fd);
 }
 
