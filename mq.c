@@ -1962,6 +1962,30 @@ static int part_idx_sane(struct part *p, uint64_t entries)
 	return h.base <= off && off < h.base + h.count;
 }
 
+static int part_remove_seg(struct part *p, uint64_t base, struct mq_err *e);
+
+/*
+ * A crash during a roll, after the new segment's files were created and
+ * before the head named them, leaves an empty orphan segment named after
+ * the offset where the old one ended: the recovered next offset.  Remove
+ * it, or the writer would go on filling the old segment past the
+ * orphan's base and seeks would land in the orphan.
+ */
+static int part_drop_orphan(struct part *p, struct mq_err *e)
+{
+	char path[PATH_MAX + 32];
+	if (p->next == p->log_base)
+		return 0;
+	part_path(p, path, sizeof path, p->next, MQ_LOG_SUFFIX);
+	if (file_size(path) < 0)
+		return 0;
+	sp_notice(p->q->sp, "%s/%d: removed segment %" PRIu64 " left empty by an interrupted roll",
+	          p->q->name, p->id, p->next);
+	if (part_remove_seg(p, p->next, e) < 0)
+		return -1;
+	return dur_sync_dir(p->dir, e);
+}
+
 /*
  * Bring the writer state in line with the disk; called with the writer
  * lock held.  Fast path (the usual case): head is valid and the files
@@ -2006,7 +2030,7 @@ static int part_recover(struct part *p, struct mq_err *e)
 		p->next = h.next;
 		p->seg_len = h.seg_len;
 		p->idx_len = (uint64_t)is.st_size;
-		return 0;
+		return part_drop_orphan(p, e);
 	}
 	/* Slow path: something was left behind by a writer that died. */
 	uint64_t pos = valid ? h.seg_len : 0, next = valid ? h.next : base;
@@ -2029,7 +2053,7 @@ static int part_recover(struct part *p, struct mq_err *e)
 		return -1;
 	/* What survived may never have been synced: sync before publishing. */
 	part_path(p, path, sizeof path, base, MQ_LOG_SUFFIX);
-	if (dur_datasync(p->log_fd, path, e) < 0)
+	if (dur_datasync(p->log_fd, path, e) < 0 || part_drop_orphan(p, e) < 0)
 		return -1;
 	return part_publish(p, 0, e);
 }
@@ -2191,10 +2215,13 @@ static int part_append(struct part *p, struct rec_enc *enc, uint64_t *first,
 /* A drained partition's active segment is rolled away past this size. */
 #define MQ_DRAINED_ROLL (64u << 10)
 
-/* Remove segment base's three files (sealed segments only). */
+/* Remove segment base's three files (sealed segments, or an orphan).
+ * The log goes last: a crash in between leaves a segment without its
+ * derived files (rebuilt, or removed by the next retention), never
+ * derived files without their log. */
 static int part_remove_seg(struct part *p, uint64_t base, struct mq_err *e)
 {
-	static const char *sfx[3] = {MQ_LOG_SUFFIX, MQ_IDX_SUFFIX, MQ_TIX_SUFFIX};
+	static const char *sfx[3] = {MQ_TIX_SUFFIX, MQ_IDX_SUFFIX, MQ_LOG_SUFFIX};
 	char path[PATH_MAX + 32];
 	for (int i = 0; i < 3; i++) {
 		part_path(p, path, sizeof path, base, sfx[i]);
@@ -2633,8 +2660,8 @@ static int rd_seek(struct reader *r, uint64_t want, struct mq_err *e)
 	for (int tries = 0; tries < 100; tries++) {
 		if (rd_list(r, e) < 0)
 			return -1;
-		size_t i = r->nsegs;
-		while (i > 0 && r->segs[i - 1] > r->want)
+		size_t i = r->nsegs; /* the last segment <= want, never past the active one */
+		while (i > 0 && (r->segs[i - 1] > r->want || r->segs[i - 1] > r->h.seg_base))
 			i--;
 		if (i == 0) {
 			if (r->nsegs == 0)
@@ -2738,8 +2765,8 @@ static int rd_advance(struct reader *r, struct mq_err *e)
 	}
 	for (int pass = 0; pass < 2; pass++) {
 		for (size_t i = 0; i < r->nsegs; i++) {
-			if (r->segs[i] <= r->seg)
-				continue;
+			if (r->segs[i] <= r->seg || r->segs[i] > r->h.seg_base)
+				continue; /* done, or an orphan of an interrupted roll */
 			int k = rd_open_seg(r, r->segs[i], e);
 			if (k != 0)
 				return k;
@@ -3233,8 +3260,10 @@ static int prod_flush(struct prod *pr, int final, struct mq_err *e)
 			pr->dirty[i] = 1;
 			pr->dirty_ms[i] = now;
 		}
-		if (r == 0 && enc->nmsgs)
-			r = part_publish(p, 0, e);
+		if (r == 0 && enc->nmsgs && part_publish(p, 0, e) < 0) {
+			part_fail(p); /* unpublished: cut it, so a failed put stores nothing */
+			r = -1;
+		}
 		if (r == 0 && p->rolled) {
 			uint64_t min;
 			struct mq_err re; /* retention is housekeeping: its failure fails no put */
