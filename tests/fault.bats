@@ -293,9 +293,12 @@ kill_sweep() {
 	seq -f 'a-%g' 1 500 | mq put q
 	# Kill at the directory fsync of the first roll of this put.
 	run -137 mqf fsync:1:kill put q --print-offsets < <(seq -f 'b-%g' 1 20000)
-	run -0 mq get q -g g -n 0
+	run -0 --separate-stderr mq get q -g g -n 0
 	n=${#lines[@]}
 	assert_eq "${lines[n - 1]}" "b-$((n - 500))"
+	# Recovery says once what it removed: the empty segment of the roll.
+	[[ "$stderr" == *"left empty by an interrupted roll" ]]
+	assert_eq "$(grep -c . <<<"$stderr")" 1
 	# New acknowledged messages after the recovery, then more to roll.
 	run -0 mq put q --print-offsets x1 x2 x3 x4 x5
 	assert_eq "${lines[0]}" "0:$n"
