@@ -302,12 +302,12 @@ kill_sweep() {
 	# New acknowledged messages after the recovery, then more to roll.
 	run -0 mq put q --print-offsets x1 x2 x3 x4 x5
 	assert_eq "${lines[0]}" "0:$n"
+	run -0 mq peek q --from "$n" -n 1
+	assert_eq "$output" "x1"
 	seq -f 'y-%g' 1 400 | mq put q
 	run -0 --separate-stderr mq get q -g g -n 5
 	assert_eq "$output" "$(printf 'x%s\n' 1 2 3 4 5)"
 	assert_eq "$stderr" ""
-	run -0 mq peek q --from "$n" -n 1
-	assert_eq "$output" "x1"
 	run mq verify
 	echo "$output"
 	assert_eq "$status" 0
