@@ -18,13 +18,14 @@
  *   4. Record format: batch encode/decode, crc, compression (pure)
  *   5. Segments: segment files, index and time index, tail scan
  *   6. Partitions and queues: open/create, append, recover, read, retain
- *   7. Consumer groups: offset files
- *   8. Verification and repair
+ *   7. Consumer groups: offset files and consumption-driven retention
+ *   8. Producer: batching, partition choice and the sync policy
+ *   9. Verification and repair
  *  12. CLI: option parser, output formats, commands and the command table
  *  13. main
  *
- * (Layers 9-11, the server, replication and nameserver, come with later
- * work; the numbers are kept so the outline stays stable.)
+ * (Layers 10-11, the server with replication and the nameserver, come
+ * with later work; the numbers are kept so the outline stays stable.)
  *
  * Build switches: MQ_TEST compiles without main() for tests/unit.c, which
  * includes this file; MQ_FAULTS adds fault injection to the syscall table,
