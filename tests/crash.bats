@@ -29,7 +29,7 @@ spawn() {
 		local rc=0
 		wait $! || rc=$?
 		echo "$rc" >"$j.rc"
-	} 2>/dev/null &
+	} >/dev/null 2>&1 &
 	BG_PIDS+=("$!")
 }
 
