@@ -2585,6 +2585,7 @@ struct reader {
 	int check_idx;          /* the next batch came from an index lookup */
 	struct buf rb;          /* file bytes [rb_at, rb_at + rb.len) */
 	uint64_t rb_at;
+	size_t chunk;           /* next read size: grows while reading on */
 	struct buf inflate;
 	struct rec_iter it;
 	int in_batch;
@@ -2728,7 +2729,13 @@ static ssize_t rd_fill(struct reader *r, size_t n, struct mq_err *e)
 		r->rb.len = 0;
 	}
 	r->rb_at = r->pos;
-	size_t want = n < (1u << 20) ? (1u << 20) : n;
+	/* Small first reads keep a seek cheap; a reader that goes on gets
+	 * ever larger reads, up to 1 MiB. */
+	if (r->chunk < (64u << 10))
+		r->chunk = 64u << 10;
+	size_t want = n < r->chunk ? r->chunk : n;
+	if (r->chunk < (1u << 20))
+		r->chunk *= 2;
 	uint64_t room = r->limit - (r->rb_at + r->rb.len);
 	if (want - r->rb.len > room)
 		want = r->rb.len + (size_t)room;

@@ -116,6 +116,9 @@ printf '%-44s %12s\n' "/bin/true (process start baseline)" "$(one /bin/true)"
 printf '%-44s %12s\n' "mq put one msg (fsync batch: one fdatasync)" "$(one "$MQ" put one msg)"
 printf '%-44s %12s\n' "mq put --fsync never one msg" "$(one "$MQ" put --fsync never one msg)"
 printf '%-44s %12s\n' "mq get one" "$(one "$MQ" get one)"
+printf '%-44s %12s\n' "mq put, queue holding $N100 messages" "$(one "$MQ" put full msg)"
+printf '%-44s %12s\n' "mq peek -n 1 --from N/2 (index seek), same" "$(one "$MQ" peek full -n 1 --from $((N100 / 2)))"
+printf '%-44s %12s\n' "mq peek -n 1 --from 5, queue of a few" "$(one "$MQ" peek one -n 1 --from 5)"
 
 echo
 printf '%-44s %12s\n' "peak RSS" "KiB"
