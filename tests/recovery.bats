@@ -331,3 +331,15 @@ torn_tail_case() {
 	run -0 mq get q -g g
 	assert_eq "$output" "2"
 }
+
+@test "recovery: verify of the whole spool names the queue it cannot open" {
+	mq put a 1
+	mq put q 1
+	echo 'partitions: [' >"$MQ_SPOOL/q/meta.yaml"
+	run --separate-stderr mq verify
+	echo "exit $status, stderr: $stderr"
+	[ "$status" -ne 0 ]
+	assert_eq "${#stderr_lines[@]}" 1
+	[[ "$stderr" == "mq: verify: q: $MQ_SPOOL/q/meta.yaml"* ]]
+	run -0 mq verify a
+}
