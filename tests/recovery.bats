@@ -179,6 +179,28 @@ torn_tail_case() {
 	assert_eq "$output" "151"
 }
 
+@test "recovery: an index pointing inside batches (stale or damaged) never makes a read fail" {
+	seq 1 1000 | mq put q
+	seq 1001 2000 | mq put q
+	idx=$(part_dir q)/00000000000000000000.idx
+	# Every entry names position 100: inside the first batch, not a start.
+	for i in $(seq 1 2000); do printf '\144\0\0\0\0\0\0\0'; done >"$idx"
+	run --separate-stderr mq peek q --from 1500 -n 2
+	echo "exit $status, stderr: $stderr"
+	assert_eq "$status" 0
+	assert_eq "$output" "$(seq 1501 1502)"
+	run -0 --separate-stderr mq peek q --from 5 -n 2
+	assert_eq "$output" "$(seq 6 7)"
+	run -0 --separate-stderr mq get q -g g -n 3
+	assert_eq "$output" "$(seq 1 3)"
+	run -0 --separate-stderr mq get q -g g -n 3 # from offset 3: an index lookup
+	assert_eq "$output" "$(seq 4 6)"
+	run -65 mq verify
+	[[ "$output" == *"index '$idx' disagrees"* ]]
+	run -0 mq verify --repair
+	run -0 mq verify
+}
+
 # ----- (d) a flipped bit inside a sealed segment -----
 
 @test "recovery: a flipped byte in a sealed segment: peek stops (65), verify names it, repair quarantines only that batch" {
