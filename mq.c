@@ -2821,16 +2821,16 @@ static int rd_next(struct reader *r, struct rec_msg *m, struct mq_err *e)
 			return -1;
 		struct rec_hdr h;
 		const unsigned char *b = (unsigned char *)r->rb.p + (r->pos - r->rb_at);
-		if (rec_parse_hdr(b, (size_t)got, &h, &sub) < 0 || h.len > r->limit - r->pos)
+		int bad = rec_parse_hdr(b, (size_t)got, &h, &sub) < 0 || h.len > r->limit - r->pos;
+		if (r->check_idx && (bad || h.base > r->want || h.base + h.count <= r->want)) {
+			r->check_idx = 0; /* the index misled us: scan the segment */
+			r->pos = 0;
+			continue;
+		}
+		r->check_idx = 0;
+		if (bad)
 			return err_set(e, MQ_EX_DATAERR, "%s:%" PRIu64 ": %s", r->path, r->pos,
 			               sub.msg[0] && h.len <= r->limit - r->pos ? sub.msg : "batch runs past the end of the data");
-		if (r->check_idx) {
-			r->check_idx = 0;
-			if (h.base > r->want || h.base + h.count <= r->want) {
-				r->pos = 0; /* the index misled us: scan the segment */
-				continue;
-			}
-		}
 		if (h.base + h.count <= r->want) { /* skip without checking the body */
 			r->pos += h.len;
 			continue;
@@ -4975,8 +4975,10 @@ static int cmd_verify(struct args *a)
 		a->queue = a->npos ? a->pos[i] : names[i];
 		if (q_open(&a->sp, a->queue, 0, NULL, 0, &q, &e) < 0 || verify_queue(q, repair, &vr, &e) < 0) {
 			fflush(stdout);
+			int rc = fail(a, &e); /* before a->queue's name is freed */
+			q_close(q);
 			names_free(names, n);
-			return fail(a, &e);
+			return rc;
 		}
 		parts += (size_t)q->nparts;
 		q_close(q);
