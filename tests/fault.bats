@@ -321,7 +321,7 @@ kill_sweep() {
 	for n in $(seq 1 100); do
 		rm -rf "${MQ_SPOOL:?}"/q
 		mq create q --segment-bytes 4k
-		for i in $(seq 0 19); do seq $((i * 100 + 1)) $((i * 100 + 100)) | mq put q; done
+		seq 1 2000 | mq put q # several segments of several batches
 		rc=0
 		mqf "unlink:$n:kill" get q -g g -n 0 >"$BATS_TEST_TMPDIR/got" || rc=$?
 		# The get printed all 2000 before retention ran.
@@ -352,8 +352,9 @@ kill_sweep() {
 		for n in $(seq 1 40); do
 			rm -rf "${MQ_SPOOL:?}"/q
 			mq create q --segment-bytes 4k
-			for i in $(seq 0 19); do seq $((i * 100 + 1)) $((i * 100 + 100)) | mq put q; done
+			seq 1 2000 | mq put q # several segments of several batches
 			log=$(part_dir q)/00000000000000000000.log
+			[ "$(seg_batches "$log" | wc -l)" -ge 3 ]
 			read -r pos len base count < <(seg_batches "$log" | sed -n 2p)
 			flip_byte "$log" $((pos + len / 2))
 			rc=0
