@@ -131,6 +131,14 @@ static int err_sys(struct mq_err *e, int code, const char *fmt, ...)
 	return -1;
 }
 
+/* Prefix e's message with "path:pos: " (corruption messages say where). */
+static int err_prefix(struct mq_err *e, int code, const char *path, uint64_t pos)
+{
+	char msg[sizeof e->msg];
+	strfmt(msg, sizeof msg, "%s", e->msg);
+	return err_set(e, code, "%s:%" PRIu64 ": %s", path, pos, msg);
+}
+
 /* Exit code for an errno from an I/O call: full disk and I/O are 74. */
 static int err_code_for(int sys)
 {
@@ -1328,7 +1336,7 @@ struct rec_iter {
 	const unsigned char *p, *end;
 	uint64_t base;
 	int64_t first_ts;
-	uint32_t left;
+	uint32_t left, index; /* messages left; index of the next one */
 };
 
 /*
@@ -1357,6 +1365,7 @@ static int rec_iter_init(struct rec_iter *it, const unsigned char *b,
 	it->base = h->base;
 	it->first_ts = h->first_ts;
 	it->left = h->count;
+	it->index = 0;
 	return 0;
 }
 
@@ -1380,6 +1389,8 @@ static int rec_next(struct rec_iter *it, struct rec_msg *m, struct mq_err *e)
 		p += k_;                                                               \
 	} while (0)
 	TAKE(v);
+	if (v != it->index++) /* offsets are dense: the delta is the index */
+		return err_set(e, MQ_EX_DATAERR, "message %u has offset delta %" PRIu64, it->index - 1, v);
 	m->offset = it->base + v;
 	TAKE(v);
 	m->ts = it->first_ts + unzigzag(v);
@@ -1399,6 +1410,8 @@ static int rec_next(struct rec_iter *it, struct rec_msg *m, struct mq_err *e)
 	p += m->tlen;
 	const unsigned char *hstart = p;
 	TAKE(m->nhdrs);
+	if (m->nhdrs > (uint64_t)(end - p) / 2) /* each header takes >= 2 bytes */
+		return err_set(e, MQ_EX_DATAERR, "bad header count %" PRIu64, m->nhdrs);
 	for (uint64_t i = 0; i < m->nhdrs * 2; i++) {
 		TAKE(v);
 		if (v > (uint64_t)(end - p))
@@ -1415,18 +1428,20 @@ static int rec_next(struct rec_iter *it, struct rec_msg *m, struct mq_err *e)
 
 /* Walk an encoded header block (checked by rec_next).  Returns 1 and the
  * next pair, or 0 at the end; *pp is the cursor, *left the pairs left. */
-static int rec_hdr_next(const unsigned char **pp, uint64_t *left,
+static int rec_hdr_next(const unsigned char **pp, const unsigned char *end, uint64_t *left,
                         const unsigned char **name, size_t *nlen,
                         const unsigned char **val, size_t *vlen)
 {
-	if (*left == 0)
-		return 0;
-	uint64_t n = 0;
+	uint64_t n = 0, k = 0;
 	const unsigned char *p = *pp;
-	p += varint_get(p, p + 10, &n);
-	*name = p, *nlen = n, p += n;
-	p += varint_get(p, p + 10, &n);
-	*val = p, *vlen = n, p += n;
+	size_t a = *left ? varint_get(p, end, &n) : 0;
+	if (!a || n > (uint64_t)(end - p - a))
+		return 0;
+	*name = p + a, *nlen = n, p += a + n;
+	size_t b = varint_get(p, end, &k);
+	if (!b || k > (uint64_t)(end - p - b))
+		return 0;
+	*val = p + b, *vlen = k, p += b + k;
 	*pp = p;
 	(*left)--;
 	return 1;
@@ -1919,7 +1934,7 @@ static int part_scan_tail(struct part *p, uint64_t pos, uint64_t next, uint64_t 
 		struct buf inflate = {0};
 		if (r == 1 && seg_batch_tags((unsigned char *)p->scratch.p, &h, &inflate, &p->tags,
 		                             &sub) < 0)
-			r = err_set(&sub, MQ_EX_DATAERR, "%s:%" PRIu64 ": %s", path, pos, sub.msg);
+			r = err_prefix(&sub, MQ_EX_DATAERR, path, pos);
 		buf_free(&inflate);
 		if (r < 0) {
 			if (sub.code != MQ_EX_DATAERR) {
@@ -1970,7 +1985,9 @@ static int part_remove_seg(struct part *p, uint64_t base, struct mq_err *e);
  * before the head named them, leaves an empty orphan segment named after
  * the offset where the old one ended: the recovered next offset.  Remove
  * it, or the writer would go on filling the old segment past the
- * orphan's base and seeks would land in the orphan.
+ * orphan's base and seeks would land in the orphan.  Returns 1 when that
+ * segment is not empty: then the head is older than the segments (a
+ * roll's head fsync failed) and the caller recovers from the listing.
  */
 static int part_drop_orphan(struct part *p, struct mq_err *e)
 {
@@ -1978,8 +1995,11 @@ static int part_drop_orphan(struct part *p, struct mq_err *e)
 	if (p->next == p->log_base)
 		return 0;
 	part_path(p, path, sizeof path, p->next, MQ_LOG_SUFFIX);
-	if (file_size(path) < 0)
+	int64_t size = file_size(path);
+	if (size < 0)
 		return 0;
+	if (size > 0) /* not an orphan: the head is stale (its fsync failed) */
+		return 1;
 	sp_notice(p->q->sp, "%s/%d: removed segment %" PRIu64 " left empty by an interrupted roll",
 	          p->q->name, p->id, p->next);
 	if (part_remove_seg(p, p->next, e) < 0)
@@ -1996,12 +2016,14 @@ static int part_drop_orphan(struct part *p, struct mq_err *e)
  * index where it disagrees, sync what survived and publish it.  The work
  * is bounded by one segment, whatever the partition holds.
  */
-static int part_recover(struct part *p, struct mq_err *e)
+static int part_recover_from(struct part *p, int trust_head, struct mq_err *e)
 {
 	struct head h;
 	int valid = head_read(p, &h, e);
 	if (valid < 0)
 		return -1;
+	if (!trust_head)
+		valid = 0;
 	char path[PATH_MAX + 32];
 	if (valid) {
 		part_path(p, path, sizeof path, h.seg_base, MQ_LOG_SUFFIX);
@@ -2033,6 +2055,7 @@ static int part_recover(struct part *p, struct mq_err *e)
 		p->idx_len = (uint64_t)is.st_size;
 		return part_drop_orphan(p, e);
 	}
+	uint64_t pub_len = valid ? h.seg_len : 0; /* what was acknowledged for sure */
 	/* Slow path: something was left behind by a writer that died. */
 	uint64_t pos = valid ? h.seg_len : 0, next = valid ? h.next : base;
 	if (size < pos) /* the head claims more than exists: trust the log */
@@ -2052,11 +2075,36 @@ static int part_recover(struct part *p, struct mq_err *e)
 	p->log_base = base;
 	if (part_scan_tail(p, pos, next, size, e) < 0 || part_write_indexes(p, e) < 0)
 		return -1;
-	/* What survived may never have been synced: sync before publishing. */
+	/* What survived may never have been synced: sync before publishing.
+	 * If that fails, the unpublished tail is cut (it was never
+	 * acknowledged) and the partition retired for this process. */
 	part_path(p, path, sizeof path, base, MQ_LOG_SUFFIX);
-	if (dur_datasync(p->log_fd, path, e) < 0 || part_drop_orphan(p, e) < 0)
+	if (dur_datasync(p->log_fd, path, e) < 0) {
+		p->broken = 1;
+		if (valid && pub_len <= size) {
+			sys.ftruncate(p->log_fd, (off_t)pub_len);
+			sys.ftruncate(p->idx_fd, (off_t)((h.next - base) * MQ_IDX_ENTRY));
+			sys.ftruncate(p->tix_fd, (off_t)part_tix_keep(p, h.next));
+		}
 		return -1;
-	return part_publish(p, 0, e);
+	}
+	int orphan = part_drop_orphan(p, e);
+	return orphan != 0 ? orphan : part_publish(p, 0, e);
+}
+
+/* part_recover_from() trusting the head, then, if segments newer than
+ * the head hold data, again from the directory listing. */
+static int part_recover(struct part *p, struct mq_err *e)
+{
+	int r = part_recover_from(p, 1, e);
+	if (r == 1) {
+		sp_notice(p->q->sp, "%s/%d: head older than the segments; recovering from the newest",
+		          p->q->name, p->id);
+		part_close_seg(p);
+		r = part_recover_from(p, 0, e);
+	}
+	return r == 1 ? err_set(e, MQ_EX_DATAERR, "%s/%d: cannot find the active segment",
+	                        p->q->name, p->id) : r;
 }
 
 /* Take the writer lock only (no recovery): for `mq verify`. */
@@ -2081,6 +2129,9 @@ static int part_flock(struct part *p, int nonblock, struct mq_err *e)
  * the disk (part_recover). */
 static int part_lock(struct part *p, int nonblock, struct mq_err *e)
 {
+	if (p->broken) /* never write (or sync) again after a failed sync */
+		return err_set(e, MQ_EX_IOERR, "%s/%d: an earlier sync failed; not writing more",
+		               p->q->name, p->id);
 	if (part_flock(p, nonblock, e) < 0)
 		return -1;
 	if (part_recover(p, e) < 0) {
@@ -2107,7 +2158,7 @@ static void part_unlock(struct part *p)
 static void part_fail(struct part *p)
 {
 	p->broken = 1;
-	if (p->h.seg_base == p->log_base) {
+	if (p->log_fd >= 0 && p->h.seg_base == p->log_base) {
 		sys.ftruncate(p->log_fd, (off_t)p->h.seg_len);
 		sys.ftruncate(p->idx_fd, (off_t)((p->h.next - p->log_base) * MQ_IDX_ENTRY));
 		sys.ftruncate(p->tix_fd, (off_t)part_tix_keep(p, p->h.next));
@@ -2138,17 +2189,23 @@ static int part_roll(struct part *p, struct mq_err *e)
 {
 	if (part_sync(p, e) < 0)
 		return -1;
-	if (dur_datasync(p->idx_fd, p->idx_path, e) < 0 || dur_datasync(p->tix_fd, p->tix_path, e) < 0)
-		return -1;
-	if (part_open_seg(p, p->next, O_CREAT | O_TRUNC, e) < 0)
-		return -1;
+	if (dur_datasync(p->idx_fd, p->idx_path, e) < 0 ||
+	    dur_datasync(p->tix_fd, p->tix_path, e) < 0 ||
+	    part_open_seg(p, p->next, O_CREAT | O_TRUNC, e) < 0)
+		goto fail;
 	p->seg_len = p->idx_len = p->tix_len = 0;
 	p->tix_loaded = 1;
 	p->tix_max_ts = INT64_MIN;
 	p->rolled = 1;
-	if (dur_sync_dir(p->dir, e) < 0)
-		return -1;
-	return part_publish(p, 1, e);
+	if (dur_sync_dir(p->dir, e) < 0 || part_publish(p, 1, e) < 0)
+		goto fail;
+	return 0;
+fail:
+	/* Half a roll: what is on disk is unknown (a head whose fsync failed
+	 * may still be read from the page cache).  No more writes here; the
+	 * next process recovers from what the disk says. */
+	part_fail(p);
+	return -1;
 }
 
 /* Write [from, to) of enc's batches plus gathered index entries; on
@@ -2188,28 +2245,30 @@ static int part_append(struct part *p, struct rec_enc *enc, uint64_t *first,
 	*first = p->next;
 	const uint32_t *tags = (const uint32_t *)(const void *)enc->tags.p;
 	size_t at = 0, chunk = 0;
-	uint64_t pos = p->seg_len;
+	uint64_t pos = p->seg_len, next = p->next; /* p->next: what is written */
 	while (at < enc->out.len) {
 		unsigned char *b = (unsigned char *)enc->out.p + at;
 		uint32_t len = le32_get(b + 8), count = le32_get(b + 24);
 		if (pos > 0 && pos + len > (uint64_t)p->q->conf.segment_bytes) {
-			if (part_write(p, enc->out.p + chunk, at - chunk, e) < 0 || part_roll(p, e) < 0)
+			if (part_write(p, enc->out.p + chunk, at - chunk, e) < 0)
+				return -1;
+			p->next = next;
+			if (part_roll(p, e) < 0)
 				return -1;
 			chunk = at;
 			pos = 0;
 		}
-		rec_finish(b, p->next);
+		rec_finish(b, next);
 		seg_idx_entries(&p->idxbuf, pos, tags, count);
-		part_tix_note(p, pos, len, p->next, (int64_t)le64_get(b + 40));
+		part_tix_note(p, pos, len, next, (int64_t)le64_get(b + 40));
 		tags += count;
 		pos += len;
-		p->next += count;
+		next += count;
 		at += len;
 	}
-	if (part_write(p, enc->out.p + chunk, at - chunk, e) < 0) {
-		p->next = *first; /* offsets past the failure were never written */
+	if (part_write(p, enc->out.p + chunk, at - chunk, e) < 0)
 		return -1;
-	}
+	p->next = next;
 	return 0;
 }
 
@@ -2636,6 +2695,10 @@ static int rd_open_seg(struct reader *r, uint64_t base, struct mq_err *e)
 	r->fd = open(r->path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
 	if (r->fd < 0)
 		return errno == ENOENT ? 0 : err_sys(e, MQ_EX_IOERR, "cannot open '%s'", r->path);
+	if (base > r->h.seg_base) { /* past the published end: not ours to read */
+		dur_close(&r->fd);
+		return 0;
+	}
 	r->seg = base;
 	r->pos = 0;
 	r->rb.len = 0;
@@ -2660,8 +2723,19 @@ static int rd_seek(struct reader *r, uint64_t want, struct mq_err *e)
 	r->in_batch = 0;
 	r->check_idx = 0;
 	for (int tries = 0; tries < 100; tries++) {
-		if (rd_list(r, e) < 0)
+		struct head h;
+		int v;
+		if (rd_list(r, e) < 0 || (v = head_read(r->p, &h, e)) < 0)
 			return -1;
+		if (v)
+			r->h = h;
+		/* Retention may have rolled and removed the segment an older head
+		 * named: then list again with the head that replaced it. */
+		int listed = 0;
+		for (size_t k = 0; k < r->nsegs; k++)
+			listed |= r->segs[k] == r->h.seg_base;
+		if (!listed && r->nsegs > 0)
+			continue;
 		size_t i = r->nsegs; /* the last segment <= want, never past the active one */
 		while (i > 0 && (r->segs[i - 1] > r->want || r->segs[i - 1] > r->h.seg_base))
 			i--;
@@ -2772,6 +2846,12 @@ static int rd_advance(struct reader *r, struct mq_err *e)
 		return 1;
 	}
 	for (int pass = 0; pass < 2; pass++) {
+		struct head h; /* the head may have moved on while we read */
+		int v = head_read(r->p, &h, e);
+		if (v < 0)
+			return -1;
+		if (v)
+			r->h = h;
 		for (size_t i = 0; i < r->nsegs; i++) {
 			if (r->segs[i] <= r->seg || r->segs[i] > r->h.seg_base)
 				continue; /* done, or an orphan of an interrupted roll */
@@ -2792,7 +2872,7 @@ static int rd_advance(struct reader *r, struct mq_err *e)
  */
 static int rd_next(struct reader *r, struct rec_msg *m, struct mq_err *e)
 {
-	struct mq_err sub;
+	struct mq_err sub = {0};
 	for (;;) {
 		if (r->in_batch) {
 			int k = rec_next(&r->it, m, &sub);
@@ -2821,6 +2901,7 @@ static int rd_next(struct reader *r, struct rec_msg *m, struct mq_err *e)
 			return -1;
 		struct rec_hdr h;
 		const unsigned char *b = (unsigned char *)r->rb.p + (r->pos - r->rb_at);
+		sub.msg[0] = 0;
 		int bad = rec_parse_hdr(b, (size_t)got, &h, &sub) < 0 || h.len > r->limit - r->pos;
 		if (r->check_idx && (bad || h.base > r->want || h.base + h.count <= r->want)) {
 			r->check_idx = 0; /* the index misled us: scan the segment */
@@ -2830,7 +2911,7 @@ static int rd_next(struct reader *r, struct rec_msg *m, struct mq_err *e)
 		r->check_idx = 0;
 		if (bad)
 			return err_set(e, MQ_EX_DATAERR, "%s:%" PRIu64 ": %s", r->path, r->pos,
-			               sub.msg[0] && h.len <= r->limit - r->pos ? sub.msg : "batch runs past the end of the data");
+			               sub.msg[0] ? sub.msg : "batch runs past the end of the data");
 		if (h.base + h.count <= r->want) { /* skip without checking the body */
 			r->pos += h.len;
 			continue;
@@ -3185,6 +3266,7 @@ struct prod {
 	size_t pending;        /* bytes buffered over all partitions */
 	int64_t oldest_ms;     /* monotonic time of the oldest buffered message */
 	struct buf order;      /* u16 partition of each buffered message */
+	int failed;            /* a flush failed: the producer takes nothing more */
 	/* Called for each message once acknowledged, in the order added: */
 	void (*acked)(void *ctx, int part, uint64_t offset);
 	void *ctx;
@@ -3246,6 +3328,8 @@ static int prod_flush(struct prod *pr, int final, struct mq_err *e)
 {
 	struct queue *q = pr->q;
 	int64_t mode = q->conf.fsync, now = mono_ms();
+	if (pr->failed)
+		return err_set(e, MQ_EX_IOERR, "%s: an earlier write failed", q->name);
 	for (int i = 0; i < q->nparts; i++) {
 		struct rec_enc *enc = &pr->enc[i];
 		/* interval: unsynced data (dirty since dirty_ms) is synced once the
@@ -3279,16 +3363,19 @@ static int prod_flush(struct prod *pr, int final, struct mq_err *e)
 				part_retain(p, min, MQ_DRAINED_ROLL, &re);
 		}
 		part_unlock(p);
-		if (r < 0)
+		if (r < 0) {
+			/* Partitions before this one are written and published; their
+			 * buffers are already empty, and nothing is ever written twice. */
+			pr->failed = 1;
 			return -1;
+		}
+		rec_enc_reset(enc); /* written: never again */
 	}
 	if (pr->acked) {
 		const uint16_t *order = (const uint16_t *)(const void *)pr->order.p;
 		for (size_t k = 0; k < pr->order.len / 2; k++)
 			pr->acked(pr->ctx, order[k], pr->first[order[k]]++);
 	}
-	for (int i = 0; i < q->nparts; i++)
-		rec_enc_reset(&pr->enc[i]);
 	pr->order.len = 0;
 	pr->pending = 0;
 	pr->sticky = (pr->sticky + 1) % q->nparts; /* spread long streams */
@@ -3305,6 +3392,8 @@ static int prod_add(struct prod *pr, const struct rec_msg *m, struct mq_err *e)
 {
 	struct queue *q = pr->q;
 	size_t size = m->klen + m->tlen + m->hlen + m->blen;
+	if (pr->failed)
+		return err_set(e, MQ_EX_IOERR, "%s: an earlier write failed", q->name);
 	if (size > (size_t)q->conf.max_message)
 		return err_set(e, MQ_EX_DATAERR, "message of %zu bytes is over the maximum of %" PRId64
 		               " (max-message-bytes)", size, q->conf.max_message);
@@ -3462,7 +3551,7 @@ static int vr_scan(struct part *p, uint64_t base, int fd, const char *path, uint
 			r = err_set(&sub, MQ_EX_DATAERR, "%s:%" PRIu64 ": batch base offset %" PRIu64
 			            " out of sequence (expected %" PRIu64 ")", path, pos, h.base, *next);
 		if (r == 1 && seg_batch_tags((unsigned char *)b.p, &h, &scratch, &tags, &sub) < 0)
-			r = err_set(&sub, MQ_EX_DATAERR, "%s:%" PRIu64 ": %s", path, pos, sub.msg);
+			r = err_prefix(&sub, MQ_EX_DATAERR, path, pos);
 		if (r < 0 && sub.code != MQ_EX_DATAERR) {
 			*e = sub;
 			ncuts = -1;
@@ -4070,14 +4159,14 @@ struct msgfmt {
 
 static void fmt_headers(struct out *o, const struct rec_msg *m, int json)
 {
-	const unsigned char *p = m->hdrs, *name, *val;
+	const unsigned char *p = m->hdrs, *end = m->hdrs + m->hlen, *name, *val;
 	uint64_t left = 0;
 	size_t nl, vl;
-	p += varint_get(p, m->hdrs + m->hlen, &left);
+	p += varint_get(p, end, &left);
 	int first = 1;
 	if (json)
 		out_add(o, "{", 1);
-	while (rec_hdr_next(&p, &left, &name, &nl, &val, &vl)) {
+	while (rec_hdr_next(&p, end, &left, &name, &nl, &val, &vl)) {
 		if (!first)
 			out_add(o, ",", 1);
 		first = 0;
