@@ -2539,6 +2539,15 @@ static int q_open(struct spool *sp, const char *name, int create, const struct k
 		free(q);
 		return -1;
 	}
+	/* The partition count is what the queue was created with, never a
+	 * command-line override. */
+	struct qconf stored;
+	if (q_conf(sp, name, NULL, 0, &stored, e) < 0) {
+		free(q);
+		return -1;
+	}
+	q->conf.partitions = stored.partitions;
+	strfmt(q->conf.src[0], sizeof q->conf.src[0], "%s", stored.src[0]);
 	q->nparts = (int)q->conf.partitions;
 	q->parts = calloc((size_t)q->nparts, sizeof *q->parts);
 	if (!q->parts)
@@ -3342,8 +3351,10 @@ static int prod_flush(struct prod *pr, int final, struct mq_err *e)
 			continue;
 		struct part *p = &q->parts[i];
 		rec_enc_close(enc);
-		if (part_lock(p, 0, e) < 0)
+		if (part_lock(p, 0, e) < 0) {
+			pr->failed = 1;
 			return -1;
+		}
 		int r = enc->nmsgs ? part_append(p, enc, &pr->first[i], e) : 0;
 		if (r == 0 && sync) {
 			r = part_sync(p, e);

@@ -56,6 +56,15 @@ static void fault_set(const char *call, long n, int what, int sticky)
 	fault.sticky = sticky;
 }
 
+/* Create queue name with settings (stored in its meta.yaml) and open it. */
+static int q_new(const char *name, const struct kv *set, int nset, struct queue **q,
+                 struct mq_err *e)
+{
+	if (q_create(&sp, name, set, nset, e) < 0)
+		return -1;
+	return q_open(&sp, name, 0, NULL, 0, q, e);
+}
+
 /* Put n messages "m<i>" to queue name; returns 0 or -1. */
 static int put_n(struct queue *q, int from, int n, struct mq_err *e)
 {
@@ -289,7 +298,7 @@ static void t_put_read(void)
 	uint64_t n;
 	struct kv set[] = {{"segment-bytes", "4k"}};
 	spool_fresh();
-	CHECK(q_open(&sp, "q", 1, set, 1, &q, &e) == 0);
+	CHECK(q_new("q", set, 1, &q, &e) == 0);
 	CHECK(put_n(q, 0, 3000, &e) == 0);
 	CHECK(read_all(q, &n, &e) == 0 && n == 3000);
 	uint64_t *segs;
@@ -312,7 +321,7 @@ static void t_torn_tail(void)
 	struct mq_err e;
 	uint64_t n;
 	spool_fresh();
-	CHECK(q_open(&sp, "q", 1, NULL, 0, &q, &e) == 0);
+	CHECK(q_new("q", NULL, 0, &q, &e) == 0);
 	CHECK(put_n(q, 0, 100, &e) == 0);
 	char path[PATH_MAX + 64];
 	seg_path(path, sizeof path, q->parts[0].dir, 0, MQ_LOG_SUFFIX);
@@ -339,7 +348,7 @@ static void t_dead_writer(void)
 	struct mq_err e;
 	uint64_t n;
 	spool_fresh();
-	CHECK(q_open(&sp, "q", 1, NULL, 0, &q, &e) == 0);
+	CHECK(q_new("q", NULL, 0, &q, &e) == 0);
 	CHECK(put_n(q, 0, 50, &e) == 0);
 	struct part *p = &q->parts[0];
 	struct head h0 = p->h;
@@ -366,7 +375,7 @@ static void t_fsync_eio(void)
 	struct mq_err e;
 	uint64_t n;
 	spool_fresh();
-	CHECK(q_open(&sp, "q", 1, NULL, 0, &q, &e) == 0);
+	CHECK(q_new("q", NULL, 0, &q, &e) == 0);
 	CHECK(put_n(q, 0, 20, &e) == 0);
 	fault_set("fdatasync", 1, EIO, 0);
 	CHECK(put_n(q, 20, 20, &e) < 0 && e.code == MQ_EX_IOERR && strstr(e.msg, "fsync"));
@@ -389,7 +398,7 @@ static void t_write_errors(void)
 		struct mq_err e;
 		uint64_t n;
 		spool_fresh();
-		CHECK(q_open(&sp, "q", 1, NULL, 0, &q, &e) == 0);
+		CHECK(q_new("q", NULL, 0, &q, &e) == 0);
 		CHECK(put_n(q, 0, 30, &e) == 0);
 		fault_set("pwrite", 1, kinds[k], 1);
 		CHECK(put_n(q, 30, 30, &e) < 0 && e.code == MQ_EX_IOERR);
@@ -418,7 +427,7 @@ static void t_corrupt_repair(void)
 	uint64_t n;
 	struct kv set[] = {{"segment-bytes", "64k"}};
 	spool_fresh();
-	CHECK(q_open(&sp, "q", 1, set, 1, &q, &e) == 0);
+	CHECK(q_new("q", set, 1, &q, &e) == 0);
 	for (int i = 0; i < 40; i++) /* many small batches */
 		CHECK(put_n(q, i * 100, 100, &e) == 0);
 	char path[PATH_MAX + 64];
@@ -454,7 +463,7 @@ static void t_time_seek(void)
 	struct mq_err e;
 	struct kv set[] = {{"segment-bytes", "8k"}};
 	spool_fresh();
-	CHECK(q_open(&sp, "q", 1, set, 1, &q, &e) == 0);
+	CHECK(q_new("q", set, 1, &q, &e) == 0);
 	struct prod pr;
 	prod_init(&pr, q, 0);
 	for (int i = 0; i < 5000; i++) {
@@ -496,7 +505,7 @@ static void t_retention(void)
 	struct mq_err e;
 	struct kv set[] = {{"segment-bytes", "4k"}};
 	spool_fresh();
-	CHECK(q_open(&sp, "q", 1, set, 1, &q, &e) == 0);
+	CHECK(q_new("q", set, 1, &q, &e) == 0);
 	CHECK(put_n(q, 0, 3000, &e) == 0);
 	struct part *p = &q->parts[0];
 	CHECK(part_lock(p, 0, &e) == 0);
@@ -546,6 +555,111 @@ static void t_config_file(void)
 	CHECK(cfg_load(&cfg, spool_dir, &e) < 0 && strstr(e.msg, "mq.yaml:3") &&
 	      strstr(e.msg, "colour"));
 	cfg_free(&cfg);
+}
+
+/* A record claiming 2^63 headers, or an offset delta that is not its
+ * index, is rejected by the decoder (crc-valid hostile bytes). */
+static void t_hostile_record(void)
+{
+	for (int kind = 0; kind < 2; kind++) {
+		unsigned char b[MQ_BATCH_HDR + 64] = {0}, *p = b + MQ_BATCH_HDR;
+		size_t n = 0;
+		unsigned char rec[40];
+		size_t r = 0;
+		r += varint_put(rec + r, kind ? 1 : 0);             /* offset delta */
+		r += varint_put(rec + r, 0);                        /* ts delta */
+		r += varint_put(rec + r, 0);                        /* no key */
+		r += varint_put(rec + r, 0);                        /* no tag */
+		r += varint_put(rec + r, kind ? 0 : (1ull << 63));  /* headers */
+		rec[r++] = 'x';
+		n += varint_put(p, r);
+		memcpy(p + n, rec, r);
+		n += r;
+		le32_put(b, MQ_BATCH_MAGIC);
+		b[4] = MQ_BATCH_VERSION;
+		le16_put(b + 6, MQ_BATCH_HDR);
+		le32_put(b + 8, (uint32_t)(MQ_BATCH_HDR + n));
+		le32_put(b + 24, 1);
+		le32_put(b + 28, (uint32_t)n);
+		rec_finish(b, 0);
+		struct rec_hdr h;
+		struct rec_iter it;
+		struct rec_msg m;
+		struct mq_err e;
+		struct buf scratch = {0};
+		CHECK(rec_parse_hdr(b, sizeof b, &h, &e) == 0 && rec_check_crc(b, &h, &e) == 0);
+		CHECK(rec_iter_init(&it, b, &h, &scratch, &e) == 0);
+		CHECK(rec_next(&it, &m, &e) < 0);
+		buf_free(&scratch);
+	}
+}
+
+/* A head older than the segments (a roll's head fsync failed, then a
+ * power loss): recovery adopts the newest segment, loses nothing. */
+static void t_stale_head(void)
+{
+	struct queue *q;
+	struct mq_err e;
+	uint64_t n;
+	struct kv set[] = {{"segment-bytes", "4k"}};
+	spool_fresh();
+	CHECK(q_new("q", set, 1, &q, &e) == 0);
+	CHECK(put_n(q, 0, 1, &e) == 0);
+	char path[PATH_MAX + 16];
+	unsigned char old[MQ_HEAD_SIZE];
+	strfmt(path, sizeof path, "%s/head", q->parts[0].dir);
+	int fd = open(path, O_RDWR);
+	CHECK(pread(fd, old, sizeof old, 0) == sizeof old);
+	CHECK(put_n(q, 1, 2000, &e) == 0);
+	q_close(q);
+	CHECK(pwrite(fd, old, sizeof old, 0) == sizeof old);
+	close(fd);
+	CHECK(q_open(&sp, "q", 0, NULL, 0, &q, &e) == 0);
+	CHECK(put_n(q, 2001, 1, &e) == 0);
+	CHECK(read_all(q, &n, &e) == 0 && n == 2002);
+	struct vrep vr = {vr_print, NULL, 0, 0};
+	CHECK(verify_queue(q, 0, &vr, &e) == 0 && vr.damaged == 0);
+	q_close(q);
+}
+
+/* A flush that fails on its second partition writes nothing twice, and
+ * the producer refuses to go on. */
+static void t_failed_flush_no_dup(void)
+{
+	struct queue *q;
+	struct mq_err e;
+	struct kv set[] = {{"partitions", "2"}};
+	spool_fresh();
+	CHECK(q_new("q", set, 1, &q, &e) == 0);
+	struct prod pr;
+	prod_init(&pr, q, -1);
+	for (int i = 0; i < 200; i++) {
+		char key[8], body[16];
+		struct rec_msg m = {0};
+		m.ts = now_ms();
+		m.has_key = 1;
+		m.key = (const unsigned char *)key;
+		m.klen = (size_t)strfmt(key, sizeof key, "k%d", i % 7);
+		m.body = (const unsigned char *)body;
+		m.blen = (size_t)strfmt(body, sizeof body, "b%d", i);
+		CHECK(prod_add(&pr, &m, &e) == 0);
+	}
+	fault_set("pwrite", 5, ENOSPC, 1); /* partition 0 goes through, 1 fails */
+	CHECK(prod_flush(&pr, 1, &e) < 0);
+	fault_clear();
+	CHECK(pr.failed && prod_flush(&pr, 1, &e) < 0);
+	prod_free(&pr);
+	uint64_t total = 0;
+	for (int p = 0; p < 2; p++) {
+		struct reader r;
+		struct rec_msg m;
+		CHECK(rd_open(&r, &q->parts[p], 0, &e) == 0);
+		while (rd_next(&r, &m, &e) == 1)
+			total++;
+		rd_close(&r);
+	}
+	CHECK(total < 200); /* one partition's share, once */
+	q_close(q);
 }
 
 /* Options anywhere, bundled flags, and -w taking a duration only when a
@@ -608,6 +722,9 @@ static const struct {
 	{"seek by time", t_time_seek},
 	{"retention and purge", t_retention},
 	{"mq.yaml loading and errors", t_config_file},
+	{"hostile records: header count, offset delta", t_hostile_record},
+	{"stale head: recovery adopts the newest segment", t_stale_head},
+	{"a failed flush writes nothing twice", t_failed_flush_no_dup},
 };
 
 int main(void)
