@@ -298,7 +298,10 @@ kill_sweep() {
 	run -137 mqf fsync:1:kill put q --print-offsets < <(seq -f 'b-%g' 1 20000)
 	run -0 --separate-stderr mq get q -g g -n 0
 	n=${#lines[@]}
-	assert_eq "${lines[n - 1]}" "b-$((n - 500))"
+	# a-1..a-500, then whatever prefix of b- survived the crash.
+	[ "$n" -ge 500 ]
+	if [ "$n" = 500 ]; then last=a-500; else last=b-$((n - 500)); fi
+	assert_eq "${lines[n - 1]}" "$last"
 	# Recovery says once what it removed: the empty segment of the roll.
 	[[ "$stderr" == *"left empty by an interrupted roll" ]]
 	assert_eq "$(grep -c . <<<"$stderr")" 1
