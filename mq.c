@@ -3444,6 +3444,8 @@ struct vrep {
 	void *ctx;
 	int damaged;  /* problems found */
 	int repaired; /* problems repaired */
+	/* Optional: called before each segment is checked (progress). */
+	void (*progress)(void *ctx, const char *queue, int part, size_t seg, size_t nsegs);
 };
 
 static void vr_say(struct vrep *vr, const char *fmt, ...)
@@ -3711,6 +3713,8 @@ static int verify_part(struct part *p, int repair, struct vrep *vr, struct mq_er
 	for (size_t i = 0; i < n && rc == 0; i++) {
 		char path[PATH_MAX + 32];
 		struct buf idx = {0}, tix = {0}, vb = {0};
+		if (vr->progress)
+			vr->progress(vr->ctx, p->q->name, p->id, i, n);
 		struct vcut *cuts = NULL;
 		part_path(p, path, sizeof path, segs[i], MQ_LOG_SUFFIX);
 		int fd = open(path, O_RDONLY | O_CLOEXEC);
@@ -4269,6 +4273,36 @@ static void fmt_init(struct msgfmt *f, const struct args *a)
 	f->spec = spec ? spec : opt_has(a, "null") ? "%s\\0" : "%s\\n";
 }
 
+/* Progress on a terminal for long work: one line on stderr, rewritten
+ * at most every 200 ms, erased when done or before other output. */
+struct progress {
+	int on;           /* stderr is a terminal */
+	int64_t last_ms;  /* when the line was last drawn */
+	int shown;        /* a line is on the screen */
+};
+
+static void progress_draw(struct progress *pg, const char *fmt, ...)
+{
+	int64_t now = mono_ms();
+	if (!pg->on || now - pg->last_ms < 200)
+		return;
+	va_list ap;
+	va_start(ap, fmt);
+	fputs("\r\033[K", stderr);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fflush(stderr);
+	pg->last_ms = now;
+	pg->shown = 1;
+}
+
+static void progress_clear(struct progress *pg)
+{
+	if (pg->shown)
+		fputs("\r\033[K", stderr);
+	pg->shown = 0;
+}
+
 /* ----- errors and the spool ----- */
 
 static int fail(struct args *a, const struct mq_err *e)
@@ -4376,6 +4410,9 @@ static int opt_partition(struct args *a, const struct queue *q, int *part)
 /* ----- mq put ----- */
 
 struct putctx {
+	struct progress pg; /* bulk put from a file, on a terminal */
+	int64_t in_size;    /* size of stdin when it is a regular file, else -1 */
+	int64_t in_done;    /* bytes of it read */
 	struct args *a;
 	struct prod pr;
 	struct out out;
@@ -4467,6 +4504,11 @@ static int put_stdin(struct putctx *pc, int whole, char delim, struct mq_err *e)
 		}
 		if (n == 0)
 			break;
+		pc->in_done += n;
+		if (pc->in_size > 0)
+			progress_draw(&pc->pg, "mq: put: %s: %" PRId64 "%% of %" PRId64 " MB, %" PRIu64
+			              " messages", pc->pr.q->name, pc->in_done * 100 / pc->in_size,
+			              pc->in_size >> 20, pc->n);
 		int64_t ts = now_ms();
 		size_t at = 0;
 		const char *nl;
@@ -4596,7 +4638,11 @@ static int cmd_put(struct args *a)
 		for (int i = 1; i < a->npos && rc == 0; i++)
 			rc = put_one(&pc, a->pos[i], strlen(a->pos[i]), ts, &e);
 	} else {
+		struct stat st;
+		pc.in_size = fstat(0, &st) == 0 && S_ISREG(st.st_mode) ? (int64_t)st.st_size : -1;
+		pc.pg = (struct progress){isatty(2) && pc.in_size > (64 << 20), mono_ms(), 0};
 		rc = put_stdin(&pc, opt_has(a, "whole"), opt_has(a, "null") ? '\0' : '\n', &e);
+		progress_clear(&pc.pg);
 	}
 	/* Whatever was accepted before an error is still written and synced. */
 	struct mq_err fe = {0};
@@ -5054,8 +5100,14 @@ static int cmd_purge(struct args *a)
 
 static void verify_line(void *ctx, const char *msg)
 {
-	(void)ctx;
+	progress_clear(ctx);
 	printf("%s\n", msg);
+	fflush(stdout);
+}
+
+static void verify_progress(void *ctx, const char *queue, int part, size_t seg, size_t nsegs)
+{
+	progress_draw(ctx, "mq: verify: %s/%d: segment %zu of %zu", queue, part, seg + 1, nsegs);
 }
 
 static int cmd_verify(struct args *a)
@@ -5064,7 +5116,8 @@ static int cmd_verify(struct args *a)
 	char **names = NULL;
 	size_t n = 0;
 	int repair = opt_has(a, "repair");
-	struct vrep vr = {verify_line, NULL, 0, 0};
+	struct progress pg = {isatty(2), 0, 0}; /* first frame at once */
+	struct vrep vr = {verify_line, &pg, 0, 0, verify_progress};
 	if (spool_init(a, 0, &e) < 0)
 		return fail(a, &e);
 	if (a->npos == 0 && q_list(&a->sp, &names, &n, &e) < 0)
@@ -5074,6 +5127,7 @@ static int cmd_verify(struct args *a)
 		struct queue *q;
 		a->queue = a->npos ? a->pos[i] : names[i];
 		if (q_open(&a->sp, a->queue, 0, NULL, 0, &q, &e) < 0 || verify_queue(q, repair, &vr, &e) < 0) {
+			progress_clear(&pg);
 			fflush(stdout);
 			int rc = fail(a, &e); /* before a->queue's name is freed */
 			q_close(q);
@@ -5084,6 +5138,7 @@ static int cmd_verify(struct args *a)
 		q_close(q);
 	}
 	names_free(names, n);
+	progress_clear(&pg);
 	if (vr.damaged == 0)
 		printf("ok: %zu queues, %zu partitions, no damage\n", total, parts);
 	else if (repair)

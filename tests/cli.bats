@@ -257,3 +257,16 @@ table_commands() {
 	run -65 mq create q
 	run -66 mq get nosuch
 }
+
+@test "cli: long work shows a progress line on a terminal only" {
+	mq create q --segment-bytes 4k
+	seq 1 3000 | mq put q
+	# Not a terminal: stderr stays empty.
+	run -0 --separate-stderr mq verify q
+	assert_eq "$stderr" ""
+	command -v script >/dev/null || skip "script(1) not installed"
+	# A terminal: verify redraws one line per segment group, then erases it.
+	MQ_SPOOL=$MQ_SPOOL run -0 script -qec "'$MQ' verify q" /dev/null
+	[[ "$output" == *"mq: verify: q/0: segment "*" of "* ]]
+	[[ "$output" == *"ok: 1 queues, 1 partitions, no damage"* ]]
+}

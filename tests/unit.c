@@ -439,11 +439,11 @@ static void t_corrupt_repair(void)
 	CHECK(pwrite(fd, &c, 1, 3000) == 1);
 	close(fd);
 	CHECK(read_all(q, &n, &e) < 0 && e.code == MQ_EX_DATAERR && strstr(e.msg, ":"));
-	struct vrep vr = {vr_print, NULL, 0, 0};
+	struct vrep vr = {vr_print, NULL, 0, 0, NULL};
 	CHECK(verify_queue(q, 0, &vr, &e) == 0 && vr.damaged == 1);
-	vr = (struct vrep){vr_print, NULL, 0, 0};
+	vr = (struct vrep){vr_print, NULL, 0, 0, NULL};
 	CHECK(verify_queue(q, 1, &vr, &e) == 0 && vr.damaged == 1 && vr.repaired == 1);
-	vr = (struct vrep){vr_print, NULL, 0, 0};
+	vr = (struct vrep){vr_print, NULL, 0, 0, NULL};
 	CHECK(verify_queue(q, 0, &vr, &e) == 0 && vr.damaged == 0);
 	/* Exactly one batch of 100 messages is gone; the rest reads back. */
 	struct reader r;
@@ -617,7 +617,7 @@ static void t_stale_head(void)
 	CHECK(q_open(&sp, "q", 0, NULL, 0, &q, &e) == 0);
 	CHECK(put_n(q, 2001, 1, &e) == 0);
 	CHECK(read_all(q, &n, &e) == 0 && n == 2002);
-	struct vrep vr = {vr_print, NULL, 0, 0};
+	struct vrep vr = {vr_print, NULL, 0, 0, NULL};
 	CHECK(verify_queue(q, 0, &vr, &e) == 0 && vr.damaged == 0);
 	q_close(q);
 }
