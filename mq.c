@@ -3255,6 +3255,97 @@ static int q_stat(struct queue *q, struct qstat *st, struct mq_err *e)
 	return 0;
 }
 
+/* Point group g at offset off in partition part (creating the group),
+ * holding the group's lock so no consumer is mid-read.  The offset is
+ * clamped to what exists; returns it in *now. */
+static int grp_seek(struct queue *q, const char *g, int part, uint64_t off, uint64_t *now,
+                    struct mq_err *e)
+{
+	int fd;
+	uint64_t old, seq;
+	struct head h;
+	uint64_t *segs;
+	size_t n;
+	char path[PATH_MAX + 220];
+	struct part *p = &q->parts[part];
+	grp_path(q, g, part, path, sizeof path);
+	if (grp_open(q, g, part, 1, &fd, e) < 0)
+		return -1;
+	int r = dur_lock(fd, LOCK_EX, path, e);
+	if (r == 0)
+		r = grp_read(fd, path, &old, &seq, e);
+	if (r == 0 && head_read(p, &h, e) < 0)
+		r = -1;
+	if (r == 0 && seg_list(p->dir, &segs, &n, e) == 0) {
+		uint64_t lo = n ? segs[0] : 0;
+		free(segs);
+		*now = off < lo ? lo : off > h.next ? h.next : off;
+		r = grp_commit(fd, path, seq + 1, *now, q->conf.fsync >= MQ_FSYNC_BATCH, e);
+	} else {
+		r = -1;
+	}
+	close(fd);
+	return r;
+}
+
+/* Offset of the first message at or after time ts in a partition, or the
+ * partition's end if there is none. */
+static int part_offset_at_time(struct part *p, int64_t ts, uint64_t *off, struct mq_err *e)
+{
+	uint64_t start;
+	struct reader r;
+	struct rec_msg m;
+	if (part_offset_for_time(p, ts, &start, e) < 0 || rd_open(&r, p, start, e) < 0)
+		return -1;
+	r.min_ts = ts;
+	int k = rd_next(&r, &m, e);
+	*off = k == 1 ? m.offset : r.h.next;
+	rd_close(&r);
+	return k < 0 ? -1 : 0;
+}
+
+/*
+ * Forget group g: wait until no consumer of it holds a partition, rename
+ * its directory to a hidden name (from then on the group is gone), sync,
+ * delete, and let retention reclaim what only it was holding.
+ */
+static int grp_remove(struct queue *q, const char *g, struct mq_err *e)
+{
+	char dir[PATH_MAX + 200], tmp[PATH_MAX + 240], groups[PATH_MAX + 16];
+	if (q_check_name("group", g, e) < 0)
+		return -1;
+	grp_path(q, g, -1, dir, sizeof dir);
+	struct stat st;
+	if (lstat(dir, &st) < 0 || !S_ISDIR(st.st_mode))
+		return err_set(e, MQ_EX_NOINPUT, "no such group '%s'", g);
+	int *fds = calloc((size_t)q->nparts, sizeof *fds);
+	if (!fds)
+		abort();
+	int r = 0;
+	for (int i = 0; i < q->nparts; i++) {
+		char path[PATH_MAX + 220];
+		grp_path(q, g, i, path, sizeof path);
+		fds[i] = open(path, O_RDWR | O_CLOEXEC | O_NOFOLLOW);
+		if (fds[i] >= 0 && r == 0)
+			r = dur_lock(fds[i], LOCK_EX, path, e);
+	}
+	strfmt(groups, sizeof groups, "%s/groups", q->dir);
+	strfmt(tmp, sizeof tmp, "%s/.rm-%s.%ld", groups, g, (long)getpid());
+	if (r == 0 && sys.rename(dir, tmp) < 0)
+		r = err_sys(e, MQ_EX_IOERR, "cannot remove group '%s'", g);
+	if (r == 0)
+		r = dur_sync_dir(groups, e);
+	if (r == 0)
+		r = dur_rmtree(tmp, e);
+	for (int i = 0; i < q->nparts; i++)
+		dur_close(&fds[i]);
+	free(fds);
+	struct mq_err ignored; /* retention is housekeeping */
+	for (int i = 0; r == 0 && i < q->nparts; i++)
+		grp_retain(q, i, &ignored);
+	return r;
+}
+
 /* ===================================================================
  * 8. Producer: batching, partition choice and the sync policy
  *
@@ -4714,7 +4805,8 @@ static void wait_free(struct waiter *w) { dur_close(&w->fd); }
  * Returns messages delivered, or -1.
  */
 static int64_t get_part(struct queue *q, const char *g, int part, uint64_t want, int nonblock,
-                        struct out *o, const struct msgfmt *f, int *busy, struct mq_err *e)
+                        int commit_first, struct out *o, const struct msgfmt *f, int *busy,
+                        struct mq_err *e)
 {
 	int fd;
 	uint64_t off, seq;
@@ -4752,12 +4844,20 @@ static int64_t get_part(struct queue *q, const char *g, int part, uint64_t want,
 		          r.skip_to - 1, g);
 	int rc = k < 0 ? -1 : 0;
 	struct mq_err ce;
+	int sync = q->conf.fsync >= MQ_FSYNC_BATCH;
 	if (got > 0 || r.want != off) {
-		if (out_flush(o) < 0)
-			rc = err_set(e, MQ_EX_IOERR, "cannot write to stdout: %s (nothing committed)",
-			             strerror(o->err));
-		else if (grp_commit(fd, path, seq + 1, r.want, q->conf.fsync >= MQ_FSYNC_BATCH, &ce) < 0)
+		/* at-least-once: write out, then commit; --commit-first
+		 * (at-most-once): commit, then write out. */
+		if (commit_first && grp_commit(fd, path, seq + 1, r.want, sync, &ce) < 0) {
+			o->b.len = 0; /* not committed: deliver nothing */
 			rc = (*e = ce, -1);
+		} else if (out_flush(o) < 0) {
+			rc = err_set(e, MQ_EX_IOERR, "cannot write to stdout: %s (%s)", strerror(o->err),
+			             commit_first ? "already committed: lost for this group"
+			                          : "nothing committed");
+		} else if (!commit_first && grp_commit(fd, path, seq + 1, r.want, sync, &ce) < 0) {
+			rc = (*e = ce, -1);
+		}
 	}
 	int drained = r.want >= r.h.next || r.nsegs > 1;
 	rd_close(&r);
@@ -4769,8 +4869,8 @@ static int64_t get_part(struct queue *q, const char *g, int part, uint64_t want,
 
 /* One pass over the partitions: non-blocking first, then wait for the
  * busy ones, starting at a pid-dependent partition to spread consumers. */
-static int64_t get_once(struct queue *q, const char *g, uint64_t want, struct out *o,
-                        const struct msgfmt *f, struct mq_err *e)
+static int64_t get_once(struct queue *q, const char *g, uint64_t want, int commit_first,
+                        struct out *o, const struct msgfmt *f, struct mq_err *e)
 {
 	int64_t total = 0;
 	char *busy = calloc((size_t)q->nparts, 1);
@@ -4780,8 +4880,8 @@ static int64_t get_once(struct queue *q, const char *g, uint64_t want, struct ou
 			int i = (start + j) % q->nparts, b;
 			if (pass == 1 && !busy[i])
 				continue;
-			int64_t got = get_part(q, g, i, want ? want - (uint64_t)total : 0, pass == 0, o, f,
-			                       &b, e);
+			int64_t got = get_part(q, g, i, want ? want - (uint64_t)total : 0, pass == 0,
+			                       commit_first, o, f, &b, e);
 			if (got < 0) {
 				free(busy);
 				return -1;
@@ -4820,7 +4920,8 @@ static int cmd_get(struct args *a)
 	if (wait_ms != -2)
 		wait_init(&wt, q);
 	int64_t deadline = wait_ms >= 0 ? mono_ms() + wait_ms : 0, got;
-	while ((got = get_once(q, g, want, &o, &f, &e)) == 0 && wait_ms != -2 && !stop_flag) {
+	while ((got = get_once(q, g, want, opt_has(a, "commit-first"), &o, &f, &e)) == 0 &&
+	       wait_ms != -2 && !stop_flag) {
 		int64_t left = wait_ms < 0 ? -1 : deadline - mono_ms();
 		if (wait_ms >= 0 && left <= 0)
 			break;
@@ -5034,6 +5135,115 @@ static int cmd_stat(struct args *a)
 	return rc ? rc : wr;
 }
 
+/* ----- mq groups, mq seek ----- */
+
+/* mq groups QUEUE: each group's offsets, lag and oldest unconsumed age;
+ * mq groups rm QUEUE GROUP: forget a group. */
+static int cmd_groups(struct args *a)
+{
+	struct mq_err e = {0};
+	struct queue *q = NULL;
+	struct qstat st;
+	int rm = a->npos == 3 && !strcmp(a->pos[0], "rm");
+	if (a->npos != 1 && !rm)
+		return usage_error(a->cmd, "use 'mq groups QUEUE' or 'mq groups rm QUEUE GROUP'");
+	a->queue = a->pos[rm];
+	if (spool_init(a, 0, &e) < 0 || q_open(&a->sp, a->queue, 0, NULL, 0, &q, &e) < 0)
+		return fail(a, &e);
+	if (rm) {
+		int r = grp_remove(q, a->pos[2], &e);
+		q_close(q);
+		return r < 0 ? fail(a, &e) : MQ_EX_OK;
+	}
+	if (q_stat(q, &st, &e) < 0) {
+		q_stat_free(&st);
+		q_close(q);
+		return fail(a, &e);
+	}
+	int json = opt_has(a, "json");
+	int64_t now = now_ms();
+	if (json)
+		printf("[");
+	else if (st.ngroups)
+		printf("%-20s %10s %10s  %s\n", "GROUP", "LAG", "OLDEST", "OFFSETS");
+	for (size_t g = 0; g < st.ngroups; g++) {
+		const struct gstat *gs = &st.g[g];
+		char age[32] = "-";
+		if (gs->oldest_ts != INT64_MAX)
+			fmt_duration(age, sizeof age, now - gs->oldest_ts);
+		if (json) {
+			printf("%s{\"group\":\"%s\",\"lag\":%" PRIu64 ",\"oldest_unconsumed_age_ms\":",
+			       g ? "," : "", gs->name, gs->lag);
+			if (gs->oldest_ts == INT64_MAX)
+				printf("null");
+			else
+				printf("%" PRId64, now - gs->oldest_ts);
+			printf(",\"offsets\":[");
+		} else {
+			printf("%-20s %10" PRIu64 " %10s  ", gs->name, gs->lag, age);
+		}
+		for (int i = 0; i < st.nparts; i++) {
+			if (json)
+				printf("%s%" PRIu64, i ? "," : "", gs->off[i]);
+			else
+				printf("%s%d:%" PRIu64, i ? " " : "", i, gs->off[i]);
+		}
+		printf(json ? "]}" : "\n");
+	}
+	if (json)
+		printf("]\n");
+	q_stat_free(&st);
+	q_close(q);
+	return stdout_done(a);
+}
+
+/* mq seek QUEUE -g GROUP --to earliest|latest|OFFSET|TIME [-p P] */
+static int cmd_seek(struct args *a)
+{
+	struct mq_err e = {0};
+	struct queue *q = NULL;
+	const char *g = opt_val(a, "group"), *to = opt_val(a, "to");
+	int part, rc = 0;
+	uint64_t off = 0;
+	int64_t ts = 0;
+	enum { TO_EARLIEST, TO_LATEST, TO_OFFSET, TO_TIME } kind;
+	a->queue = a->pos[0];
+	if (!g || !to)
+		return usage_error(a->cmd, "-g GROUP and --to are required");
+	if (!strcmp(to, "earliest"))
+		kind = TO_EARLIEST;
+	else if (!strcmp(to, "latest"))
+		kind = TO_LATEST;
+	else if (parse_u64(to, &off) == 0)
+		kind = TO_OFFSET;
+	else if (parse_time_ms(to, &ts) == 0)
+		kind = TO_TIME;
+	else
+		return usage_error(a->cmd, "bad --to '%s' (earliest, latest, an offset, or a time)", to);
+	if (q_check_name("group", g, &e) < 0 || spool_init(a, 0, &e) < 0 ||
+	    q_open(&a->sp, a->queue, 0, NULL, 0, &q, &e) < 0)
+		return fail(a, &e);
+	if (opt_partition(a, q, &part) < 0) {
+		q_close(q);
+		return MQ_EX_USAGE;
+	}
+	for (int i = 0; i < q->nparts && rc == 0; i++) {
+		uint64_t target = kind == TO_OFFSET ? off : kind == TO_LATEST ? UINT64_MAX : 0, now;
+		if (part >= 0 && i != part)
+			continue;
+		if (kind == TO_TIME && part_offset_at_time(&q->parts[i], ts, &target, &e) < 0)
+			rc = -1;
+		if (rc == 0 && grp_seek(q, g, i, target, &now, &e) < 0)
+			rc = -1;
+		if (rc == 0)
+			printf("%d:%" PRIu64 "\n", i, now);
+	}
+	q_close(q);
+	if (rc < 0)
+		return fail(a, &e);
+	return stdout_done(a);
+}
+
 /* ----- mq create, rm, purge ----- */
 
 static int cmd_create(struct args *a)
@@ -5203,6 +5413,7 @@ static const struct opt get_opts[] = {
 	{'w', "wait", A_OPTDUR, "TIMEOUT", "wait for a message (for ever, or TIMEOUT)"},
 	{'f', "format", A_REQ, "FORMAT", "output format: %s %k %o %p %t %T %h %q, or json"},
 	{'0', "null", A_NONE, NULL, "end each message with NUL instead of newline"},
+	{0, "commit-first", A_NONE, NULL, "commit before writing out (at-most-once)"},
 	{0, NULL, 0, NULL, NULL}};
 
 static const struct opt peek_opts[] = {
@@ -5238,6 +5449,12 @@ static const struct opt create_opts[] = {
 	{0, "if-not-exists", A_NONE, NULL, "an existing queue is not an error"},
 	{0, NULL, 0, NULL, NULL}};
 
+static const struct opt seek_opts[] = {
+	{'g', "group", A_REQ, "GROUP", "the consumer group to move"},
+	{0, "to", A_REQ, "WHERE", "earliest, latest, an OFFSET, or a TIME"},
+	{'p', "partition", A_REQ, "P", "move partition P only (default: all)"},
+	{0, NULL, 0, NULL, NULL}};
+
 static const struct opt verify_opts[] = {
 	{0, "repair", A_NONE, NULL, "cut damaged data out into quarantine, rebuild indexes"},
 	{0, NULL, 0, NULL, NULL}};
@@ -5250,7 +5467,7 @@ static const struct cmd cmds[] = {
 	 "Append messages: the arguments, else stdin, one per line.  Exits 0 only once\n"
 	 "they are durable (fsync batch/always).  Creates the queue on first use.",
 	 put_opts, 1, -1},
-	{"get", cmd_get, "[-g GROUP] [-n COUNT] [-w [TIMEOUT]] [-f FORMAT] [-0] QUEUE",
+	{"get", cmd_get, "[-g GROUP] [-n COUNT] [-w [TIMEOUT]] [-f FORMAT] [-0] [--commit-first] QUEUE",
 	 "Print the group's next messages and commit them after they are written out\n"
 	 "(at-least-once).  Exits 1 when there is nothing (after the wait, if any).",
 	 get_opts, 1, 1},
@@ -5264,6 +5481,14 @@ static const struct cmd cmds[] = {
 	{"stat", cmd_stat, "[--json] [QUEUE...]",
 	 "Show messages, bytes, segments and per-group lag and oldest unconsumed age.",
 	 json_opts, 0, -1},
+	{"groups", cmd_groups, "[--json] QUEUE | rm QUEUE GROUP",
+	 "List the consumer groups of a queue with lag, oldest unconsumed age and\n"
+	 "offsets; 'groups rm' forgets a group, so retention can reclaim its share.",
+	 json_opts, 1, 3},
+	{"seek", cmd_seek, "-g GROUP --to earliest|latest|OFFSET|TIME [-p P] QUEUE",
+	 "Move a group to the first message, past the last one, to OFFSET, or to the\n"
+	 "first message at or after TIME; prints PARTITION:OFFSET for each partition.",
+	 seek_opts, 1, 1},
 	{"create", cmd_create, "[--partitions N] [--fsync MODE] [--segment-bytes SIZE] "
 	 "[--retain-age DURATION] [--retain-bytes SIZE] [--compression ALGO] "
 	 "[--max-message-bytes SIZE] [--if-not-exists] QUEUE",
