@@ -514,10 +514,12 @@ struct mq_sys {
 #ifdef MQ_FAULTS
 /*
  * MQ_FAULT=CALL:N:WHAT[:sticky] makes the Nth call (counting from 1) of
- * CALL (write pwrite fsync fdatasync rename open ftruncate unlink mkdir)
- * fail.  WHAT is eio, enospc, short (write half, then fail the rest), or
- * kill (SIGKILL the process just before the call).  sticky keeps failing
- * every later call of that kind too.
+ * CALL (write pwrite fsync fdatasync rename open ftruncate unlink mkdir
+ * rmdir) fail.  WHAT is eio, enospc, short (that write transfers only
+ * half; the write loop then goes on, unless sticky makes every later
+ * write short too, which ends in ENOSPC), or kill (SIGKILL the process
+ * just before the call).  sticky keeps failing every later call of that
+ * kind too.
  */
 static struct {
 	char call[16];
@@ -1110,13 +1112,17 @@ static int cfg_apply_meta(const char *path, struct qconf *c, struct mq_err *e)
 {
 	yaml_document_t doc;
 	int found;
-	if (cfg_load_doc(path, &doc, &found, e) < 0)
+	if (cfg_load_doc(path, &doc, &found, e) < 0) {
+		e->code = e->code == MQ_EX_USAGE ? MQ_EX_DATAERR : e->code;
 		return -1;
+	}
 	if (!found)
 		return 0;
 	yaml_node_t *root = yaml_document_get_root_node(&doc);
 	int r = root ? cfg_apply_map(&doc, root, path, "meta", c, e) : 0;
 	yaml_document_delete(&doc);
+	if (r < 0)
+		e->code = MQ_EX_DATAERR; /* mq wrote it: damage, not a usage error */
 	return r;
 }
 

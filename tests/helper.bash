@@ -6,8 +6,10 @@ bats_require_minimum_version 1.5.0
 : "${MQ:=$BATS_TEST_DIRNAME/../mq}"
 : "${MQ_FAULT_BIN:=$BATS_TEST_DIRNAME/../mq-fault}"
 export MQ MQ_FAULT_BIN
-export ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=0}"
-export UBSAN_OPTIONS="${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}"
+# A sanitizer report exits 86, so it can never pass as an expected status
+# (1 "nothing to get" would otherwise hide a leak or a UBSan error).
+export ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=0}:exitcode=86"
+export UBSAN_OPTIONS="${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}:exitcode=86"
 
 setup() {
 	export MQ_SPOOL="$BATS_TEST_TMPDIR/spool"
