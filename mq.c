@@ -31,7 +31,9 @@
  * includes this file; MQ_FAULTS adds fault injection to the syscall table,
  * driven by the MQ_FAULT environment variable (see dur_fault_init()).
  */
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE /* O_CLOEXEC, memmem, fdatasync on older libcs */
+#endif
 #include <assert.h>
 #include <ctype.h>
 #include <dirent.h>
@@ -5054,6 +5056,21 @@ static int cmd_ls(struct args *a)
 	return stdout_done(a);
 }
 
+/* One group as a JSON object (shared by stat --json and groups --json). */
+static void gstat_json(const struct gstat *gs, int nparts, int64_t now)
+{
+	printf("{\"group\":\"%s\",\"lag\":%" PRIu64 ",\"oldest_unconsumed_age_ms\":", gs->name,
+	       gs->lag);
+	if (gs->oldest_ts == INT64_MAX)
+		printf("null");
+	else
+		printf("%" PRId64, now - gs->oldest_ts);
+	printf(",\"offsets\":[");
+	for (int i = 0; i < nparts; i++)
+		printf("%s%" PRIu64, i ? "," : "", gs->off[i]);
+	printf("]}");
+}
+
 static void stat_print(const struct queue *q, const struct qstat *st, int json, int first)
 {
 	int64_t now = now_ms();
@@ -5071,17 +5088,8 @@ static void stat_print(const struct queue *q, const struct qstat *st, int json, 
 			printf("%s%" PRIu64, i ? "," : "", st->next[i]);
 		printf("],\"groups\":[");
 		for (size_t g = 0; g < st->ngroups; g++) {
-			const struct gstat *gs = &st->g[g];
-			printf("%s{\"group\":\"%s\",\"lag\":%" PRIu64 ",\"oldest_unconsumed_age_ms\":",
-			       g ? "," : "", gs->name, gs->lag);
-			if (gs->oldest_ts == INT64_MAX)
-				printf("null");
-			else
-				printf("%" PRId64, now - gs->oldest_ts);
-			printf(",\"offsets\":[");
-			for (int i = 0; i < st->nparts; i++)
-				printf("%s%" PRIu64, i ? "," : "", gs->off[i]);
-			printf("]}");
+			printf(g ? "," : "");
+			gstat_json(&st->g[g], st->nparts, now);
 		}
 		printf("]}");
 		return;
@@ -5175,26 +5183,17 @@ static int cmd_groups(struct args *a)
 	for (size_t g = 0; g < st.ngroups; g++) {
 		const struct gstat *gs = &st.g[g];
 		char age[32] = "-";
+		if (json) {
+			printf(g ? "," : "");
+			gstat_json(gs, st.nparts, now);
+			continue;
+		}
 		if (gs->oldest_ts != INT64_MAX)
 			fmt_duration(age, sizeof age, now - gs->oldest_ts);
-		if (json) {
-			printf("%s{\"group\":\"%s\",\"lag\":%" PRIu64 ",\"oldest_unconsumed_age_ms\":",
-			       g ? "," : "", gs->name, gs->lag);
-			if (gs->oldest_ts == INT64_MAX)
-				printf("null");
-			else
-				printf("%" PRId64, now - gs->oldest_ts);
-			printf(",\"offsets\":[");
-		} else {
-			printf("%-20s %10" PRIu64 " %10s  ", gs->name, gs->lag, age);
-		}
-		for (int i = 0; i < st.nparts; i++) {
-			if (json)
-				printf("%s%" PRIu64, i ? "," : "", gs->off[i]);
-			else
-				printf("%s%d:%" PRIu64, i ? " " : "", i, gs->off[i]);
-		}
-		printf(json ? "]}" : "\n");
+		printf("%-20s %10" PRIu64 " %10s  ", gs->name, gs->lag, age);
+		for (int i = 0; i < st.nparts; i++)
+			printf("%s%d:%" PRIu64, i ? " " : "", i, gs->off[i]);
+		printf("\n");
 	}
 	if (json)
 		printf("]\n");
