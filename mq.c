@@ -5088,7 +5088,7 @@ static void stat_print(const struct queue *q, const struct qstat *st, int json, 
 			printf("%s%" PRIu64, i ? "," : "", st->next[i]);
 		printf("],\"groups\":[");
 		for (size_t g = 0; g < st->ngroups; g++) {
-			printf(g ? "," : "");
+			fputs(g ? "," : "", stdout);
 			gstat_json(&st->g[g], st->nparts, now);
 		}
 		printf("]}");
@@ -5184,7 +5184,7 @@ static int cmd_groups(struct args *a)
 		const struct gstat *gs = &st.g[g];
 		char age[32] = "-";
 		if (json) {
-			printf(g ? "," : "");
+			fputs(g ? "," : "", stdout);
 			gstat_json(gs, st.nparts, now);
 			continue;
 		}
