@@ -13,6 +13,8 @@ else
 fi
 command -v bats >/dev/null 2>&1 || missing="$missing bats"
 command -v mandoc >/dev/null 2>&1 || missing="$missing mandoc"
+# The tests check -f json output with an independent JSON parser.
+command -v python3 >/dev/null 2>&1 || missing="$missing python3"
 [ -z "$missing" ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
 	echo "mq: installing:$missing" >&2
