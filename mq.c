@@ -2639,6 +2639,31 @@ static int q_remove(struct spool *sp, const char *name, struct mq_err *e)
 
 /* ----- reading ----- */
 
+/* A tag filter, 'A||B||C' (RocketMQ's syntax): messages with one of the
+ * tags; the hashes let a reader skip batches through the index alone. */
+struct tagset {
+	size_t n;
+	const char **tag;
+	size_t *len;
+	uint32_t *hash;
+};
+
+static int tagset_has_hash(const struct tagset *ts, uint32_t h)
+{
+	for (size_t i = 0; i < ts->n; i++)
+		if (ts->hash[i] == h)
+			return 1;
+	return 0;
+}
+
+static int tagset_match(const struct tagset *ts, const struct rec_msg *m)
+{
+	for (size_t i = 0; m->has_tag && i < ts->n; i++)
+		if (ts->len[i] == m->tlen && !memcmp(ts->tag[i], m->tag, m->tlen))
+			return 1;
+	return 0;
+}
+
 /*
  * A lock-free reader of one partition.  It delivers messages at offsets
  * >= want in order, up to the published end, and never returns a message
@@ -2668,6 +2693,8 @@ struct reader {
 	uint64_t batch_pos;     /* position of the batch being iterated */
 	uint64_t skip_from, skip_to; /* last range of missing offsets */
 	int64_t min_ts;         /* skip messages older than this (time seek) */
+	const struct tagset *tags; /* deliver only these tags (NULL: all) */
+	int idx_fd;             /* index of the open segment, for tag skips */
 };
 
 /* Read the head; if a writer died leaving unpublished bytes (or a bad
@@ -2721,6 +2748,7 @@ static int rd_open_seg(struct reader *r, uint64_t base, struct mq_err *e)
 	r->rb.len = 0;
 	r->rb_at = 0;
 	r->in_batch = 0;
+	dur_close(&r->idx_fd); /* opened again when a tag filter needs it */
 	r->sealed = base < r->h.seg_base;
 	if (r->sealed) {
 		struct stat st;
@@ -2790,7 +2818,7 @@ static int rd_open(struct reader *r, struct part *p, uint64_t want, struct mq_er
 {
 	memset(r, 0, sizeof *r);
 	r->p = p;
-	r->fd = -1;
+	r->fd = r->idx_fd = -1;
 	r->min_ts = INT64_MIN;
 	if (rd_head(r, e) < 0)
 		return -1;
@@ -2800,6 +2828,7 @@ static int rd_open(struct reader *r, struct part *p, uint64_t want, struct mq_er
 static void rd_close(struct reader *r)
 {
 	dur_close(&r->fd);
+	dur_close(&r->idx_fd);
 	free(r->segs);
 	r->segs = NULL;
 	buf_free(&r->rb);
@@ -2883,6 +2912,41 @@ static int rd_advance(struct reader *r, struct mq_err *e)
 }
 
 /*
+ * With a tag filter: may the batch h hold a wanted message?  Answered from
+ * the index's tag hashes, without checking or decoding the batch; when the
+ * index cannot answer (missing, short), the batch is decoded and each
+ * message compared.
+ */
+static int rd_batch_may_match(struct reader *r, const struct rec_hdr *h)
+{
+	uint64_t from = h->base > r->want ? h->base : r->want, n = h->base + h->count - from;
+	unsigned char ent[4096];
+	if (r->idx_fd < 0) {
+		char ipath[PATH_MAX + 32];
+		part_path(r->p, ipath, sizeof ipath, r->seg, MQ_IDX_SUFFIX);
+		r->idx_fd = open(ipath, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+		if (r->idx_fd < 0)
+			return 1;
+	}
+	for (uint64_t at = from; n > 0;) {
+		size_t k = n > sizeof ent / MQ_IDX_ENTRY ? sizeof ent / MQ_IDX_ENTRY : (size_t)n;
+		ssize_t got = pread(r->idx_fd, ent, k * MQ_IDX_ENTRY, (off_t)((at - r->seg) * MQ_IDX_ENTRY));
+		if (got != (ssize_t)(k * MQ_IDX_ENTRY))
+			return 1;
+		for (size_t i = 0; i < k; i++) {
+			uint64_t pos = le32_get(ent + i * MQ_IDX_ENTRY);
+			if (pos != r->pos) /* an index that disagrees cannot be trusted */
+				return 1;
+			if (tagset_has_hash(r->tags, le32_get(ent + i * MQ_IDX_ENTRY + 4)))
+				return 1;
+		}
+		at += k;
+		n -= k;
+	}
+	return 0;
+}
+
+/*
  * Next message at offset >= want.  Returns 1 (m valid until the next
  * call), 0 at the published end, -1 on error: a bad batch is code 65 with
  * "path:position" in the message, and nothing of it is returned.
@@ -2900,7 +2964,7 @@ static int rd_next(struct reader *r, struct rec_msg *m, struct mq_err *e)
 				if (m->offset < r->want)
 					continue;
 				r->want = m->offset + 1;
-				if (m->ts < r->min_ts)
+				if (m->ts < r->min_ts || (r->tags && !tagset_match(r->tags, m)))
 					continue;
 				r->min_ts = INT64_MIN;
 				return 1;
@@ -2930,6 +2994,11 @@ static int rd_next(struct reader *r, struct rec_msg *m, struct mq_err *e)
 			return err_set(e, MQ_EX_DATAERR, "%s:%" PRIu64 ": %s", r->path, r->pos,
 			               sub.msg[0] ? sub.msg : "batch runs past the end of the data");
 		if (h.base + h.count <= r->want) { /* skip without checking the body */
+			r->pos += h.len;
+			continue;
+		}
+		if (r->tags && !rd_batch_may_match(r, &h)) { /* nothing wanted in it */
+			r->want = h.base + h.count;
 			r->pos += h.len;
 			continue;
 		}
@@ -4402,6 +4471,54 @@ static void progress_clear(struct progress *pg)
 	pg->shown = 0;
 }
 
+static void tagset_free(struct tagset *ts)
+{
+	free(ts->tag);
+	free(ts->len);
+	free(ts->hash);
+	memset(ts, 0, sizeof *ts);
+}
+
+/* Parse --tag 'A||B' into ts; '*' (or no --tag) means every message and
+ * leaves ts NULL.  Returns 0, or -1 after a usage error. */
+static int opt_tags(struct args *a, struct tagset *ts, const struct tagset **out)
+{
+	const char *v = opt_val(a, "tag");
+	*out = NULL;
+	memset(ts, 0, sizeof *ts);
+	if (!v || !strcmp(v, "*"))
+		return 0;
+	size_t cap = 1;
+	for (const char *p = v; (p = strstr(p, "||")); p += 2)
+		cap++;
+	ts->tag = calloc(cap, sizeof *ts->tag);
+	ts->len = calloc(cap, sizeof *ts->len);
+	ts->hash = calloc(cap, sizeof *ts->hash);
+	if (!ts->tag || !ts->len || !ts->hash)
+		abort();
+	for (const char *p = v;;) {
+		const char *end = strstr(p, "||");
+		size_t n = end ? (size_t)(end - p) : strlen(p);
+		while (n && *p == ' ')
+			p++, n--;
+		while (n && p[n - 1] == ' ')
+			n--;
+		if (n == 0) {
+			usage_error(a->cmd, "bad --tag '%s': use TAG or 'TAG1||TAG2'", v);
+			tagset_free(ts);
+			return -1;
+		}
+		ts->tag[ts->n] = p;
+		ts->len[ts->n] = n;
+		ts->hash[ts->n++] = tag_hash(p, n);
+		if (!end)
+			break;
+		p = end + 2;
+	}
+	*out = ts;
+	return 0;
+}
+
 /* ----- errors and the spool ----- */
 
 static int fail(struct args *a, const struct mq_err *e)
@@ -4813,8 +4930,8 @@ static void wait_free(struct waiter *w) { dur_close(&w->fd); }
  * Returns messages delivered, or -1.
  */
 static int64_t get_part(struct queue *q, const char *g, int part, uint64_t want, int nonblock,
-                        int commit_first, struct out *o, const struct msgfmt *f, int *busy,
-                        struct mq_err *e)
+                        int commit_first, const struct tagset *tags, struct out *o,
+                        const struct msgfmt *f, int *busy, struct mq_err *e)
 {
 	int fd;
 	uint64_t off, seq;
@@ -4834,6 +4951,7 @@ static int64_t get_part(struct queue *q, const char *g, int part, uint64_t want,
 		close(fd);
 		return -1;
 	}
+	r.tags = tags;
 	if (off > r.h.next) {
 		sp_notice(q->sp, "%s/%d: group '%s' had committed offset %" PRIu64 " past the end (%"
 		          PRIu64 "), probably lost with unsynced data (fsync interval/never); "
@@ -4878,7 +4996,8 @@ static int64_t get_part(struct queue *q, const char *g, int part, uint64_t want,
 /* One pass over the partitions: non-blocking first, then wait for the
  * busy ones, starting at a pid-dependent partition to spread consumers. */
 static int64_t get_once(struct queue *q, const char *g, uint64_t want, int commit_first,
-                        struct out *o, const struct msgfmt *f, struct mq_err *e)
+                        const struct tagset *tags, struct out *o, const struct msgfmt *f,
+                        struct mq_err *e)
 {
 	int64_t total = 0;
 	char *busy = calloc((size_t)q->nparts, 1);
@@ -4889,7 +5008,7 @@ static int64_t get_once(struct queue *q, const char *g, uint64_t want, int commi
 			if (pass == 1 && !busy[i])
 				continue;
 			int64_t got = get_part(q, g, i, want ? want - (uint64_t)total : 0, pass == 0,
-			                       commit_first, o, f, &b, e);
+			                       commit_first, tags, o, f, &b, e);
 			if (got < 0) {
 				free(busy);
 				return -1;
@@ -4921,14 +5040,20 @@ static int cmd_get(struct args *a)
 	if (opt_val(a, "format") && fmt_check(opt_val(a, "format")) < 0)
 		return usage_error(a->cmd, "bad format '%s'", opt_val(a, "format"));
 	fmt_init(&f, a);
+	struct tagset tsbuf;
+	const struct tagset *tags;
+	if (opt_tags(a, &tsbuf, &tags) < 0)
+		return MQ_EX_USAGE;
 	if (q_check_name("group", g, &e) < 0 || spool_init(a, 0, &e) < 0 ||
-	    q_open(&a->sp, a->pos[0], 0, NULL, 0, &q, &e) < 0)
+	    q_open(&a->sp, a->pos[0], 0, NULL, 0, &q, &e) < 0) {
+		tagset_free(&tsbuf);
 		return fail(a, &e);
+	}
 	struct waiter wt = {-1};
 	if (wait_ms != -2)
 		wait_init(&wt, q);
 	int64_t deadline = wait_ms >= 0 ? mono_ms() + wait_ms : 0, got;
-	while ((got = get_once(q, g, want, opt_has(a, "commit-first"), &o, &f, &e)) == 0 &&
+	while ((got = get_once(q, g, want, opt_has(a, "commit-first"), tags, &o, &f, &e)) == 0 &&
 	       wait_ms != -2 && !stop_flag) {
 		int64_t left = wait_ms < 0 ? -1 : deadline - mono_ms();
 		if (wait_ms >= 0 && left <= 0)
@@ -4938,6 +5063,7 @@ static int cmd_get(struct args *a)
 	wait_free(&wt);
 	q_close(q);
 	buf_free(&o.b);
+	tagset_free(&tsbuf);
 	if (got < 0)
 		return fail(a, &e);
 	return got > 0 ? MQ_EX_OK : MQ_EX_EMPTY;
@@ -4975,10 +5101,17 @@ static int peek_run(struct args *a, int tail)
 	if (opt_val(a, "format") && fmt_check(opt_val(a, "format")) < 0)
 		return usage_error(a->cmd, "bad format '%s'", opt_val(a, "format"));
 	fmt_init(&f, a);
-	if (spool_init(a, 0, &e) < 0 || q_open(&a->sp, a->pos[0], 0, NULL, 0, &q, &e) < 0)
+	struct tagset tsbuf;
+	const struct tagset *tags;
+	if (opt_tags(a, &tsbuf, &tags) < 0)
+		return MQ_EX_USAGE;
+	if (spool_init(a, 0, &e) < 0 || q_open(&a->sp, a->pos[0], 0, NULL, 0, &q, &e) < 0) {
+		tagset_free(&tsbuf);
 		return fail(a, &e);
+	}
 	if (opt_partition(a, q, &part) < 0) {
 		q_close(q);
+		tagset_free(&tsbuf);
 		return MQ_EX_USAGE;
 	}
 	struct reader *rd = calloc((size_t)q->nparts, sizeof *rd);
@@ -5001,6 +5134,7 @@ static int peek_run(struct args *a, int tail)
 		if (rc == 0 && (tail || opt_has(a, "last")))
 			rc = rd_seek(r, r->h.next > last ? r->h.next - last : 0, &e);
 		r->min_ts = since;
+		r->tags = tags;
 	}
 	do {
 		for (int i = 0; i < q->nparts && rc == 0; i++) {
@@ -5027,6 +5161,7 @@ static int peek_run(struct args *a, int tail)
 	wait_free(&wt);
 	q_close(q);
 	buf_free(&o.b);
+	tagset_free(&tsbuf);
 	if (rc < 0)
 		return fail(a, &e);
 	return printed > 0 || tail ? MQ_EX_OK : MQ_EX_EMPTY;
@@ -5419,6 +5554,7 @@ static const struct opt get_opts[] = {
 	{'f', "format", A_REQ, "FORMAT", "output format: %s %k %o %p %t %T %h %q, or json"},
 	{'0', "null", A_NONE, NULL, "end each message with NUL instead of newline"},
 	{0, "commit-first", A_NONE, NULL, "commit before writing out (at-most-once)"},
+	{0, "tag", A_REQ, "EXPR", "only messages tagged so: TAG or 'TAG1||TAG2'"},
 	{0, NULL, 0, NULL, NULL}};
 
 static const struct opt peek_opts[] = {
@@ -5429,6 +5565,7 @@ static const struct opt peek_opts[] = {
 	{'p', "partition", A_REQ, "P", "read partition P only"},
 	{'f', "format", A_REQ, "FORMAT", "output format (see get)"},
 	{'0', "null", A_NONE, NULL, "end each message with NUL instead of newline"},
+	{0, "tag", A_REQ, "EXPR", "only messages tagged so: TAG or 'TAG1||TAG2'"},
 	{0, NULL, 0, NULL, NULL}};
 
 static const struct opt tail_opts[] = {
@@ -5437,6 +5574,7 @@ static const struct opt tail_opts[] = {
 	{'p', "partition", A_REQ, "P", "read partition P only"},
 	{'f', "format", A_REQ, "FORMAT", "output format (see get)"},
 	{'0', "null", A_NONE, NULL, "end each message with NUL instead of newline"},
+	{0, "tag", A_REQ, "EXPR", "only messages tagged so: TAG or 'TAG1||TAG2'"},
 	{0, NULL, 0, NULL, NULL}};
 
 static const struct opt json_opts[] = {
@@ -5472,15 +5610,16 @@ static const struct cmd cmds[] = {
 	 "Append messages: the arguments, else stdin, one per line.  Exits 0 only once\n"
 	 "they are durable (fsync batch/always).  Creates the queue on first use.",
 	 put_opts, 1, -1},
-	{"get", cmd_get, "[-g GROUP] [-n COUNT] [-w [TIMEOUT]] [-f FORMAT] [-0] [--commit-first] QUEUE",
+	{"get", cmd_get, "[-g GROUP] [-n COUNT] [-w [TIMEOUT]] [-f FORMAT] [-0] [--commit-first] "
+	 "[--tag EXPR] QUEUE",
 	 "Print the group's next messages and commit them after they are written out\n"
 	 "(at-least-once).  Exits 1 when there is nothing (after the wait, if any).",
 	 get_opts, 1, 1},
 	{"peek", cmd_peek, "[-n COUNT] [--from OFFSET | --since TIME | --last N] [-p P] "
-	 "[-f FORMAT] [-0] QUEUE",
+	 "[-f FORMAT] [-0] [--tag EXPR] QUEUE",
 	 "Print messages without consuming them.  Exits 1 when it printed nothing.",
 	 peek_opts, 1, 1},
-	{"tail", cmd_tail, "[-F] [-n N] [-p P] [-f FORMAT] [-0] QUEUE",
+	{"tail", cmd_tail, "[-F] [-n N] [-p P] [-f FORMAT] [-0] [--tag EXPR] QUEUE",
 	 "Print the last messages; with -F keep following like tail -f.", tail_opts, 1, 1},
 	{"ls", cmd_ls, "[--json]", "List the queues of the spool.", json_opts, 0, 0},
 	{"stat", cmd_stat, "[--json] [QUEUE...]",
