@@ -180,6 +180,13 @@ static void buf_add(struct buf *b, const void *p, size_t n)
 
 static void buf_adds(struct buf *b, const char *s) { buf_add(b, s, strlen(s)); }
 
+/* NUL-terminate b's contents (the NUL is not counted in len). */
+static void buf_addc0(struct buf *b)
+{
+	buf_reserve(b, 1);
+	b->p[b->len] = 0;
+}
+
 static void buf_printf(struct buf *b, const char *fmt, ...)
 {
 	va_list ap;
@@ -5069,6 +5076,267 @@ static int cmd_get(struct args *a)
 	return got > 0 ? MQ_EX_OK : MQ_EX_EMPTY;
 }
 
+/* ----- mq consume ----- */
+
+struct consume {
+	struct queue *q;
+	const char *group;
+	char **argv;              /* the command to run */
+	uint64_t batch;           /* messages per run */
+	int64_t timeout_ms;       /* per run; -1 none */
+	const struct tagset *tags;
+	uint64_t done;            /* messages handled and committed */
+	uint64_t max;             /* stop after this many (0: no limit) */
+};
+
+/* The metadata of a run's first message, copied out of the reader. */
+struct runmeta {
+	int part;
+	uint64_t offset, count;
+	int64_t ts;
+	struct buf key, tag;
+	int has_key, has_tag;
+};
+
+/* Run the command once with the messages in in on its stdin and the
+ * first message's metadata in its environment.  Returns its wait status
+ * (a run past the timeout is killed and reported as killed), -1 if it
+ * could not be started.  SIGTERM/SIGINT let a running command finish. */
+static int consume_run(struct consume *c, const struct runmeta *rm, const struct buf *in,
+                       struct mq_err *e)
+{
+	int fds[2];
+	if (pipe(fds) < 0)
+		return err_sys(e, MQ_EX_IOERR, "cannot make a pipe");
+	pid_t pid = fork();
+	if (pid < 0) {
+		close(fds[0]);
+		close(fds[1]);
+		return err_sys(e, MQ_EX_IOERR, "cannot fork");
+	}
+	if (pid == 0) {
+		char num[32];
+		dup2(fds[0], 0);
+		close(fds[0]);
+		close(fds[1]);
+		setenv("MQ_QUEUE", c->q->name, 1);
+		strfmt(num, sizeof num, "%d", rm->part);
+		setenv("MQ_PARTITION", num, 1);
+		strfmt(num, sizeof num, "%" PRIu64, rm->offset);
+		setenv("MQ_OFFSET", num, 1);
+		strfmt(num, sizeof num, "%" PRIu64, rm->count);
+		setenv("MQ_COUNT", num, 1);
+		strfmt(num, sizeof num, "%" PRId64, rm->ts);
+		setenv("MQ_TIMESTAMP", num, 1);
+		setenv("MQ_ATTEMPT", "1", 1);
+		setenv("MQ_KEY", rm->has_key ? rm->key.p : "", 1);
+		setenv("MQ_TAG", rm->has_tag ? rm->tag.p : "", 1);
+		char id[MQ_NAME_MAX + 64];
+		strfmt(id, sizeof id, "%s/%d/%" PRIu64, c->q->name, rm->part, rm->offset);
+		setenv("MQ_ID", id, 1);
+		signal(SIGPIPE, SIG_DFL);
+		execvp(c->argv[0], c->argv);
+		fprintf(stderr, "%s: consume: cannot run '%s': %s\n", progname, c->argv[0], strerror(errno));
+		_exit(127);
+	}
+	close(fds[0]);
+	/* A command that does not read its input makes this write fail with
+	 * EPIPE once it exits: that is its business, not an error here. */
+	for (size_t done = 0; done < in->len;) {
+		ssize_t w = write(fds[1], in->p + done, in->len - done);
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w <= 0)
+			break;
+		done += (size_t)w;
+	}
+	close(fds[1]);
+	int st = 0, killed = 0;
+	int64_t deadline = c->timeout_ms >= 0 ? mono_ms() + c->timeout_ms : 0;
+	for (;;) {
+		pid_t r = waitpid(pid, &st, c->timeout_ms >= 0 ? WNOHANG : 0);
+		if (r == pid)
+			break;
+		if (r < 0 && errno != EINTR)
+			return err_sys(e, MQ_EX_IOERR, "cannot wait for '%s'", c->argv[0]);
+		if (r == 0 && !killed && mono_ms() >= deadline) {
+			kill(pid, SIGKILL);
+			killed = 1;
+		}
+		if (r == 0)
+			poll(NULL, 0, 5);
+	}
+	return st;
+}
+
+/*
+ * Consume from one partition holding the group's lock on it: take up to
+ * batch messages, run the command, commit when it exits 0, and go on.
+ * Returns messages committed; -1 on an error; -2 when the command failed
+ * (its messages are not committed and will come again).
+ */
+static int64_t consume_part(struct consume *c, int part, int nonblock, int *busy,
+                            struct mq_err *e)
+{
+	struct queue *q = c->q;
+	int fd;
+	uint64_t off, seq;
+	struct reader r;
+	char path[PATH_MAX + 220];
+	int64_t done = 0;
+	*busy = 0;
+	grp_path(q, c->group, part, path, sizeof path);
+	if (grp_open(q, c->group, part, 1, &fd, e) < 0)
+		return -1;
+	if (dur_lock(fd, LOCK_EX | (nonblock ? LOCK_NB : 0), path, e) < 0) {
+		close(fd);
+		*busy = e->code == MQ_EX_TEMPFAIL;
+		return *busy ? 0 : -1;
+	}
+	if (grp_read(fd, path, &off, &seq, e) < 0 || rd_open(&r, &q->parts[part], off, e) < 0) {
+		close(fd);
+		return -1;
+	}
+	r.tags = c->tags;
+	struct buf in = {0};
+	struct runmeta rm = {0};
+	struct out o = {-1, {0}, 0};
+	struct msgfmt f = {0, "%s\\n"};
+	int rc = 0;
+	while (rc == 0 && !stop_flag && (c->max == 0 || c->done < c->max)) {
+		struct rec_msg m;
+		int k = 0;
+		uint64_t n = 0, room = c->max ? c->max - c->done : UINT64_MAX;
+		o.b.len = 0;
+		while (n < c->batch && n < room && (k = rd_next(&r, &m, e)) == 1) {
+			if (n == 0) {
+				rm = (struct runmeta){part, m.offset, 0, m.ts, rm.key, rm.tag, m.has_key, m.has_tag};
+				rm.key.len = rm.tag.len = 0;
+				buf_add(&rm.key, m.key, m.klen);
+				buf_addc0(&rm.key);
+				buf_add(&rm.tag, m.tag, m.tlen);
+				buf_addc0(&rm.tag);
+			}
+			fmt_msg(&o, &f, q->name, part, &m);
+			n++;
+		}
+		if (k < 0) {
+			rc = -1;
+			break;
+		}
+		if (n == 0) {
+			if (r.want != off) /* only skipped (tag, retention): move on */
+				rc = grp_commit(fd, path, ++seq, off = r.want, q->conf.fsync >= MQ_FSYNC_BATCH, e);
+			break;
+		}
+		rm.count = n;
+		in = o.b;
+		int st = consume_run(c, &rm, &in, e);
+		if (st < 0) {
+			rc = -1;
+		} else if (!WIFEXITED(st) || WEXITSTATUS(st) != 0) {
+			err_set(e, MQ_EX_TEMPFAIL, "'%s' failed on %s/%d offset %" PRIu64 " (%s %d); not "
+			        "committed, it will be delivered again", c->argv[0], q->name, part, rm.offset,
+			        WIFEXITED(st) ? "exit status" : "killed by signal",
+			        WIFEXITED(st) ? WEXITSTATUS(st) : WTERMSIG(st));
+			rc = -2;
+		} else if (grp_commit(fd, path, ++seq, off = r.want, q->conf.fsync >= MQ_FSYNC_BATCH, e) < 0) {
+			rc = -1;
+		} else {
+			done += (int64_t)n;
+			c->done += n;
+		}
+	}
+	buf_free(&o.b);
+	buf_free(&rm.key);
+	buf_free(&rm.tag);
+	rd_close(&r);
+	close(fd);
+	return rc < 0 ? rc : done;
+}
+
+/* One pass over the partitions, like get_once(). */
+static int64_t consume_once(struct consume *c, struct mq_err *e)
+{
+	struct queue *q = c->q;
+	int64_t total = 0;
+	char *busy = calloc((size_t)q->nparts, 1);
+	int start = (int)(getpid() % q->nparts);
+	for (int pass = 0; pass < 2; pass++) {
+		for (int j = 0; j < q->nparts && !stop_flag && (c->max == 0 || c->done < c->max); j++) {
+			int i = (start + j) % q->nparts, b;
+			if (pass == 1 && !busy[i])
+				continue;
+			int64_t got = consume_part(c, i, pass == 0, &b, e);
+			if (got < 0) {
+				free(busy);
+				return got;
+			}
+			busy[i] = (char)b;
+			total += got;
+		}
+	}
+	free(busy);
+	return total;
+}
+
+static int cmd_consume(struct args *a)
+{
+	struct mq_err e = {0};
+	struct consume c = {0};
+	const char *w = opt_val(a, "wait"), *t = opt_val(a, "timeout");
+	int64_t wait_ms = -2; /* -2: stop when empty; -1: wait for ever */
+	a->queue = a->pos[0];
+	c.group = opt_val(a, "group");
+	c.argv = a->pos + 1;
+	c.timeout_ms = -1;
+	if (!c.group)
+		return usage_error(a->cmd, "-g GROUP is required");
+	if (opt_u64(a, "batch", 1, &c.batch) < 0 || opt_u64(a, "max", 0, &c.max) < 0)
+		return MQ_EX_USAGE;
+	if (c.batch == 0)
+		return usage_error(a->cmd, "--batch must be at least 1");
+	if (t && (parse_duration_ms(t, &c.timeout_ms) < 0 || c.timeout_ms == 0))
+		return usage_error(a->cmd, "bad duration '%s' for --timeout", t);
+	if (w && *w && parse_duration_ms(w, &wait_ms) < 0)
+		return usage_error(a->cmd, "bad duration '%s' for --wait", w);
+	if (w && !*w)
+		wait_ms = -1;
+	if (w && opt_has(a, "until-empty"))
+		return usage_error(a->cmd, "-e and -w exclude each other");
+	struct tagset tsbuf;
+	if (opt_tags(a, &tsbuf, &c.tags) < 0)
+		return MQ_EX_USAGE;
+	if (q_check_name("group", c.group, &e) < 0 || spool_init(a, 0, &e) < 0 ||
+	    q_open(&a->sp, a->queue, 0, NULL, 0, &c.q, &e) < 0) {
+		tagset_free(&tsbuf);
+		return fail(a, &e);
+	}
+	signal(SIGPIPE, SIG_IGN);
+	struct waiter wt = {-1};
+	if (wait_ms != -2)
+		wait_init(&wt, c.q);
+	int64_t got = 0, idle_since = mono_ms();
+	while (!stop_flag && (c.max == 0 || c.done < c.max)) {
+		if ((got = consume_once(&c, &e)) < 0)
+			break;
+		if (got > 0) {
+			idle_since = mono_ms();
+			continue;
+		}
+		int64_t left = wait_ms < 0 ? -1 : idle_since + wait_ms - mono_ms();
+		if (wait_ms == -2 || (wait_ms >= 0 && left <= 0))
+			break;
+		wait_change(&wt, left);
+	}
+	wait_free(&wt);
+	q_close(c.q);
+	tagset_free(&tsbuf);
+	if (got < 0)
+		return fail(a, &e);
+	return MQ_EX_OK;
+}
+
 /* ----- mq peek, mq tail ----- */
 
 /* Read without consuming: each partition from a start point, then (tail
@@ -5577,6 +5845,16 @@ static const struct opt tail_opts[] = {
 	{0, "tag", A_REQ, "EXPR", "only messages tagged so: TAG or 'TAG1||TAG2'"},
 	{0, NULL, 0, NULL, NULL}};
 
+static const struct opt consume_opts[] = {
+	{'g', "group", A_REQ, "GROUP", "consumer group (required)"},
+	{'e', "until-empty", A_NONE, NULL, "stop when nothing is left (the default without -w)"},
+	{'w', "wait", A_OPTDUR, "TIMEOUT", "when idle, wait for new messages (for ever, or TIMEOUT)"},
+	{0, "max", A_REQ, "N", "stop after N messages"},
+	{0, "batch", A_REQ, "N", "up to N messages per run of the command (default 1)"},
+	{0, "timeout", A_REQ, "DURATION", "kill a run after DURATION (it counts as failed)"},
+	{0, "tag", A_REQ, "EXPR", "only messages tagged so: TAG or 'TAG1||TAG2'"},
+	{0, NULL, 0, NULL, NULL}};
+
 static const struct opt json_opts[] = {
 	{0, "json", A_NONE, NULL, "print JSON"},
 	{0, NULL, 0, NULL, NULL}};
@@ -5621,6 +5899,12 @@ static const struct cmd cmds[] = {
 	 peek_opts, 1, 1},
 	{"tail", cmd_tail, "[-F] [-n N] [-p P] [-f FORMAT] [-0] [--tag EXPR] QUEUE",
 	 "Print the last messages; with -F keep following like tail -f.", tail_opts, 1, 1},
+	{"consume", cmd_consume, "-g GROUP [-e | -w [TIMEOUT]] [--max N] [--batch N] "
+	 "[--timeout DURATION] [--tag EXPR] QUEUE -- CMD [ARG...]",
+	 "Run CMD for each message (or --batch of them) with the body on stdin and its\n"
+	 "metadata in MQ_* variables; commit when CMD exits 0.  A failed run stops\n"
+	 "consume (75) without committing, so its messages come again.",
+	 consume_opts, 2, -1},
 	{"ls", cmd_ls, "[--json]", "List the queues of the spool.", json_opts, 0, 0},
 	{"stat", cmd_stat, "[--json] [QUEUE...]",
 	 "Show messages, bytes, segments and per-group lag and oldest unconsumed age.",
