@@ -5000,25 +5000,35 @@ static int64_t get_part(struct queue *q, const char *g, int part, uint64_t want,
 	return rc < 0 ? -1 : got;
 }
 
-/* One pass over the partitions: non-blocking first, then wait for the
- * busy ones, starting at a pid-dependent partition to spread consumers. */
-static int64_t get_once(struct queue *q, const char *g, uint64_t want, int commit_first,
-                        const struct tagset *tags, struct out *o, const struct msgfmt *f,
-                        struct mq_err *e)
+/*
+ * One pass of a group consumer over the partitions: first each partition
+ * whose group lock is free, then, waiting for it, each that was busy;
+ * starting at a pid-dependent partition so concurrent consumers spread.
+ * part() handles one partition (messages done, or < 0 to stop with that);
+ * more() says whether to go on after total messages.
+ */
+struct cpass {
+	int64_t (*part)(void *ctx, int p, int nonblock, int64_t total, int *busy, struct mq_err *e);
+	int (*more)(void *ctx, int64_t total);
+	void *ctx;
+};
+
+static int64_t consumer_pass(struct queue *q, const struct cpass *cp, struct mq_err *e)
 {
 	int64_t total = 0;
 	char *busy = calloc((size_t)q->nparts, 1);
 	int start = (int)(getpid() % q->nparts);
+	if (!busy)
+		abort();
 	for (int pass = 0; pass < 2; pass++) {
-		for (int j = 0; j < q->nparts && (want == 0 || (uint64_t)total < want); j++) {
+		for (int j = 0; j < q->nparts && cp->more(cp->ctx, total); j++) {
 			int i = (start + j) % q->nparts, b;
 			if (pass == 1 && !busy[i])
 				continue;
-			int64_t got = get_part(q, g, i, want ? want - (uint64_t)total : 0, pass == 0,
-			                       commit_first, tags, o, f, &b, e);
+			int64_t got = cp->part(cp->ctx, i, pass == 0, total, &b, e);
 			if (got < 0) {
 				free(busy);
-				return -1;
+				return got;
 			}
 			busy[i] = (char)b;
 			total += got;
@@ -5026,6 +5036,31 @@ static int64_t get_once(struct queue *q, const char *g, uint64_t want, int commi
 	}
 	free(busy);
 	return total;
+}
+
+/* get's side of consumer_pass(). */
+struct getctx {
+	struct queue *q;
+	const char *group;
+	uint64_t want; /* 0: all there are */
+	int commit_first;
+	const struct tagset *tags;
+	struct out *o;
+	const struct msgfmt *f;
+};
+
+static int64_t get_pass_part(void *ctx, int p, int nonblock, int64_t total, int *busy,
+                             struct mq_err *e)
+{
+	struct getctx *g = ctx;
+	return get_part(g->q, g->group, p, g->want ? g->want - (uint64_t)total : 0, nonblock,
+	                g->commit_first, g->tags, g->o, g->f, busy, e);
+}
+
+static int get_pass_more(void *ctx, int64_t total)
+{
+	struct getctx *g = ctx;
+	return g->want == 0 || (uint64_t)total < g->want;
 }
 
 static int cmd_get(struct args *a)
@@ -5060,8 +5095,9 @@ static int cmd_get(struct args *a)
 	if (wait_ms != -2)
 		wait_init(&wt, q);
 	int64_t deadline = wait_ms >= 0 ? mono_ms() + wait_ms : 0, got;
-	while ((got = get_once(q, g, want, opt_has(a, "commit-first"), tags, &o, &f, &e)) == 0 &&
-	       wait_ms != -2 && !stop_flag) {
+	struct getctx gc = {q, g, want, opt_has(a, "commit-first"), tags, &o, &f};
+	struct cpass cp = {get_pass_part, get_pass_more, &gc};
+	while ((got = consumer_pass(q, &cp, &e)) == 0 && wait_ms != -2 && !stop_flag) {
 		int64_t left = wait_ms < 0 ? -1 : deadline - mono_ms();
 		if (wait_ms >= 0 && left <= 0)
 			break;
@@ -5255,29 +5291,19 @@ static int64_t consume_part(struct consume *c, int part, int nonblock, int *busy
 	return rc < 0 ? rc : done;
 }
 
-/* One pass over the partitions, like get_once(). */
-static int64_t consume_once(struct consume *c, struct mq_err *e)
+/* consume's side of consumer_pass(). */
+static int64_t consume_pass_part(void *ctx, int p, int nonblock, int64_t total, int *busy,
+                                 struct mq_err *e)
 {
-	struct queue *q = c->q;
-	int64_t total = 0;
-	char *busy = calloc((size_t)q->nparts, 1);
-	int start = (int)(getpid() % q->nparts);
-	for (int pass = 0; pass < 2; pass++) {
-		for (int j = 0; j < q->nparts && !stop_flag && (c->max == 0 || c->done < c->max); j++) {
-			int i = (start + j) % q->nparts, b;
-			if (pass == 1 && !busy[i])
-				continue;
-			int64_t got = consume_part(c, i, pass == 0, &b, e);
-			if (got < 0) {
-				free(busy);
-				return got;
-			}
-			busy[i] = (char)b;
-			total += got;
-		}
-	}
-	free(busy);
-	return total;
+	(void)total; /* consume counts in c->done */
+	return consume_part(ctx, p, nonblock, busy, e);
+}
+
+static int consume_pass_more(void *ctx, int64_t total)
+{
+	struct consume *c = ctx;
+	(void)total;
+	return !stop_flag && (c->max == 0 || c->done < c->max);
 }
 
 static int cmd_consume(struct args *a)
@@ -5318,7 +5344,8 @@ static int cmd_consume(struct args *a)
 		wait_init(&wt, c.q);
 	int64_t got = 0, idle_since = mono_ms();
 	while (!stop_flag && (c.max == 0 || c.done < c.max)) {
-		if ((got = consume_once(&c, &e)) < 0)
+		struct cpass cp = {consume_pass_part, consume_pass_more, &c};
+		if ((got = consumer_pass(c.q, &cp, &e)) < 0)
 			break;
 		if (got > 0) {
 			idle_since = mono_ms();
