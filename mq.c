@@ -3339,6 +3339,80 @@ static int q_stat(struct queue *q, struct qstat *st, struct mq_err *e)
 	return 0;
 }
 
+/*
+ * A consumer's hold on one partition of a group: the group's lock on it,
+ * the committed offset, and a reader positioned there.  grp_claim()
+ * returns 1 with the claim, 0 if nonblock and another consumer holds it,
+ * -1 on error.  grp_claim_commit() commits what the reader has passed;
+ * grp_release() drops the claim, says once if retention removed offsets
+ * the group never read, and runs retention if it committed anything.
+ */
+struct claim {
+	struct queue *q;
+	const char *group;
+	int part;
+	int fd;                 /* the offset file, locked */
+	uint64_t start, off;    /* offset claimed at; committed so far */
+	uint64_t seq;           /* sequence of the last commit */
+	char path[PATH_MAX + 220];
+	struct reader r;
+};
+
+static int grp_claim(struct queue *q, const char *g, int part, int nonblock, struct claim *c,
+                     struct mq_err *e)
+{
+	memset(c, 0, sizeof *c);
+	c->q = q;
+	c->group = g;
+	c->part = part;
+	grp_path(q, g, part, c->path, sizeof c->path);
+	if (grp_open(q, g, part, 1, &c->fd, e) < 0)
+		return -1;
+	if (dur_lock(c->fd, LOCK_EX | (nonblock ? LOCK_NB : 0), c->path, e) < 0) {
+		dur_close(&c->fd);
+		return e->code == MQ_EX_TEMPFAIL && nonblock ? 0 : -1;
+	}
+	if (grp_read(c->fd, c->path, &c->off, &c->seq, e) < 0 ||
+	    rd_open(&c->r, &q->parts[part], c->off, e) < 0) {
+		dur_close(&c->fd);
+		return -1;
+	}
+	c->start = c->off;
+	if (c->off > c->r.h.next) {
+		sp_notice(q->sp, "%s/%d: group '%s' had committed offset %" PRIu64 " past the end (%"
+		          PRIu64 "), probably lost with unsynced data (fsync interval/never); "
+		          "continuing from the end", q->name, part, g, c->off, c->r.h.next);
+		c->r.want = c->r.h.next;
+	}
+	return 1;
+}
+
+static int grp_claim_commit(struct claim *c, struct mq_err *e)
+{
+	if (grp_commit(c->fd, c->path, c->seq + 1, c->r.want, c->q->conf.fsync >= MQ_FSYNC_BATCH,
+	               e) < 0)
+		return -1;
+	c->seq++;
+	c->off = c->r.want;
+	return 0;
+}
+
+static void grp_release(struct claim *c)
+{
+	struct queue *q = c->q;
+	struct reader *r = &c->r;
+	if (r->skip_to > c->start)
+		sp_notice(q->sp, "%s/%d: offsets %" PRIu64 "-%" PRIu64 " were removed (retention, purge "
+		          "or repair) before group '%s' read them", q->name, c->part, r->skip_from,
+		          r->skip_to - 1, c->group);
+	int drained = c->off != c->start && (c->off >= r->h.next || r->nsegs > 1);
+	rd_close(r);
+	dur_close(&c->fd);
+	struct mq_err ignored; /* housekeeping: its failure fails no consumer */
+	if (drained)
+		grp_retain(q, c->part, &ignored);
+}
+
 /* Point group g at offset off in partition part (creating the group),
  * holding the group's lock so no consumer is mid-read.  The offset is
  * clamped to what exists; returns it in *now. */
@@ -4931,72 +5005,42 @@ static void wait_free(struct waiter *w) { dur_close(&w->fd); }
 /* ----- mq get ----- */
 
 /*
- * Deliver up to want messages of one partition to group g, holding the
- * group's lock on it: read from the committed offset, write the messages
- * out, and commit only after the write succeeded (at-least-once).
+ * Deliver up to want messages of one partition to group g under a claim
+ * on it: write them out and commit only after the write succeeded
+ * (at-least-once), or commit first with commit_first (at-most-once).
  * Returns messages delivered, or -1.
  */
 static int64_t get_part(struct queue *q, const char *g, int part, uint64_t want, int nonblock,
                         int commit_first, const struct tagset *tags, struct out *o,
                         const struct msgfmt *f, int *busy, struct mq_err *e)
 {
-	int fd;
-	uint64_t off, seq;
+	struct claim c;
 	int64_t got = 0;
-	struct reader r;
-	char path[PATH_MAX + 220];
-	*busy = 0;
-	grp_path(q, g, part, path, sizeof path);
-	if (grp_open(q, g, part, 1, &fd, e) < 0)
-		return -1;
-	if (dur_lock(fd, LOCK_EX | (nonblock ? LOCK_NB : 0), path, e) < 0) {
-		close(fd);
-		*busy = e->code == MQ_EX_TEMPFAIL;
-		return *busy ? 0 : -1;
-	}
-	if (grp_read(fd, path, &off, &seq, e) < 0 || rd_open(&r, &q->parts[part], off, e) < 0) {
-		close(fd);
-		return -1;
-	}
-	r.tags = tags;
-	if (off > r.h.next) {
-		sp_notice(q->sp, "%s/%d: group '%s' had committed offset %" PRIu64 " past the end (%"
-		          PRIu64 "), probably lost with unsynced data (fsync interval/never); "
-		          "continuing from the end", q->name, part, g, off, r.h.next);
-		r.want = r.h.next;
-	}
+	int k = grp_claim(q, g, part, nonblock, &c, e);
+	*busy = k == 0;
+	if (k <= 0)
+		return k;
+	c.r.tags = tags;
 	struct rec_msg m;
-	int k = 0;
-	while ((want == 0 || (uint64_t)got < want) && (k = rd_next(&r, &m, e)) == 1) {
+	while ((want == 0 || (uint64_t)got < want) && (k = rd_next(&c.r, &m, e)) == 1) {
 		fmt_msg(o, f, q->name, part, &m);
 		got++;
 	}
-	if (r.skip_to > off)
-		sp_notice(q->sp, "%s/%d: offsets %" PRIu64 "-%" PRIu64 " were removed (retention, purge "
-		          "or repair) before group '%s' read them", q->name, part, r.skip_from,
-		          r.skip_to - 1, g);
 	int rc = k < 0 ? -1 : 0;
 	struct mq_err ce;
-	int sync = q->conf.fsync >= MQ_FSYNC_BATCH;
-	if (got > 0 || r.want != off) {
-		/* at-least-once: write out, then commit; --commit-first
-		 * (at-most-once): commit, then write out. */
-		if (commit_first && grp_commit(fd, path, seq + 1, r.want, sync, &ce) < 0) {
+	if (got > 0 || c.r.want != c.off) {
+		if (commit_first && grp_claim_commit(&c, &ce) < 0) {
 			o->b.len = 0; /* not committed: deliver nothing */
 			rc = (*e = ce, -1);
 		} else if (out_flush(o) < 0) {
 			rc = err_set(e, MQ_EX_IOERR, "cannot write to stdout: %s (%s)", strerror(o->err),
 			             commit_first ? "already committed: lost for this group"
 			                          : "nothing committed");
-		} else if (!commit_first && grp_commit(fd, path, seq + 1, r.want, sync, &ce) < 0) {
+		} else if (!commit_first && grp_claim_commit(&c, &ce) < 0) {
 			rc = (*e = ce, -1);
 		}
 	}
-	int drained = r.want >= r.h.next || r.nsegs > 1;
-	rd_close(&r);
-	close(fd);
-	if (rc == 0 && got > 0 && drained)
-		grp_retain(q, part, &ce); /* housekeeping: failure fails no get */
+	grp_release(&c);
 	return rc < 0 ? -1 : got;
 }
 
@@ -5215,36 +5259,24 @@ static int64_t consume_part(struct consume *c, int part, int nonblock, int *busy
                             struct mq_err *e)
 {
 	struct queue *q = c->q;
-	int fd;
-	uint64_t off, seq;
-	struct reader r;
-	char path[PATH_MAX + 220];
+	struct claim cl;
 	int64_t done = 0;
-	*busy = 0;
-	grp_path(q, c->group, part, path, sizeof path);
-	if (grp_open(q, c->group, part, 1, &fd, e) < 0)
-		return -1;
-	if (dur_lock(fd, LOCK_EX | (nonblock ? LOCK_NB : 0), path, e) < 0) {
-		close(fd);
-		*busy = e->code == MQ_EX_TEMPFAIL;
-		return *busy ? 0 : -1;
-	}
-	if (grp_read(fd, path, &off, &seq, e) < 0 || rd_open(&r, &q->parts[part], off, e) < 0) {
-		close(fd);
-		return -1;
-	}
-	r.tags = c->tags;
-	struct buf in = {0};
+	int k = grp_claim(q, c->group, part, nonblock, &cl, e);
+	*busy = k == 0;
+	if (k <= 0)
+		return k;
+	struct reader *r = &cl.r;
+	r->tags = c->tags;
 	struct runmeta rm = {0};
 	struct out o = {-1, {0}, 0};
 	struct msgfmt f = {0, "%s\\n"};
 	int rc = 0;
 	while (rc == 0 && !stop_flag && (c->max == 0 || c->done < c->max)) {
 		struct rec_msg m;
-		int k = 0;
 		uint64_t n = 0, room = c->max ? c->max - c->done : UINT64_MAX;
+		k = 0;
 		o.b.len = 0;
-		while (n < c->batch && n < room && (k = rd_next(&r, &m, e)) == 1) {
+		while (n < c->batch && n < room && (k = rd_next(r, &m, e)) == 1) {
 			if (n == 0) {
 				rm = (struct runmeta){part, m.offset, 0, m.ts, rm.key, rm.tag, m.has_key, m.has_tag};
 				rm.key.len = rm.tag.len = 0;
@@ -5261,13 +5293,12 @@ static int64_t consume_part(struct consume *c, int part, int nonblock, int *busy
 			break;
 		}
 		if (n == 0) {
-			if (r.want != off) /* only skipped (tag, retention): move on */
-				rc = grp_commit(fd, path, ++seq, off = r.want, q->conf.fsync >= MQ_FSYNC_BATCH, e);
+			if (r->want != cl.off) /* only skipped (tag, retention): move on */
+				rc = grp_claim_commit(&cl, e);
 			break;
 		}
 		rm.count = n;
-		in = o.b;
-		int st = consume_run(c, &rm, &in, e);
+		int st = consume_run(c, &rm, &o.b, e);
 		if (st < 0) {
 			rc = -1;
 		} else if (!WIFEXITED(st) || WEXITSTATUS(st) != 0) {
@@ -5276,7 +5307,7 @@ static int64_t consume_part(struct consume *c, int part, int nonblock, int *busy
 			        WIFEXITED(st) ? "exit status" : "killed by signal",
 			        WIFEXITED(st) ? WEXITSTATUS(st) : WTERMSIG(st));
 			rc = -2;
-		} else if (grp_commit(fd, path, ++seq, off = r.want, q->conf.fsync >= MQ_FSYNC_BATCH, e) < 0) {
+		} else if (grp_claim_commit(&cl, e) < 0) {
 			rc = -1;
 		} else {
 			done += (int64_t)n;
@@ -5286,8 +5317,7 @@ static int64_t consume_part(struct consume *c, int part, int nonblock, int *busy
 	buf_free(&o.b);
 	buf_free(&rm.key);
 	buf_free(&rm.tag);
-	rd_close(&r);
-	close(fd);
+	grp_release(&cl);
 	return rc < 0 ? rc : done;
 }
 
