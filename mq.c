@@ -19,8 +19,10 @@
  *   5. Segments: segment files, index and time index, tail scan
  *   6. Partitions and queues: open/create, append, recover, read, retain
  *   7. Consumer groups: offset files and consumption-driven retention
- *   8. Producer: batching, partition choice and the sync policy
- *   9. Verification and repair
+ *   8. Delayed messages: the timing wheel
+ *   9. Producer: batching, partition choice and the sync policy
+ *  10. Verification and repair
+ *  11. Delivery: claims, leases, acks, retries and dead letters
  *  12. CLI: option parser, output formats, commands and the command table
  *  13. main
  *
@@ -810,6 +812,43 @@ static int64_t file_size(const char *path)
 	return lstat(path, &st) < 0 ? -1 : (int64_t)st.st_size;
 }
 
+static void names_free(char **names, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		free(names[i]);
+	free(names);
+}
+
+/* The entries of a directory that keep(name) accepts, sorted.  A missing
+ * directory has none. */
+static int dir_names(const char *path, int (*keep)(const char *), char ***names, size_t *n,
+                     struct mq_err *e)
+{
+	*names = NULL;
+	*n = 0;
+	DIR *d = opendir(path);
+	if (!d)
+		return errno == ENOENT ? 0 : err_sys(e, MQ_EX_IOERR, "cannot open '%s'", path);
+	struct dirent *de;
+	size_t cap = 0;
+	while ((de = readdir(d))) {
+		if (!keep(de->d_name))
+			continue;
+		if (*n == cap) {
+			cap = cap ? cap * 2 : 8;
+			*names = realloc(*names, cap * sizeof **names);
+			if (!*names)
+				abort();
+		}
+		if (!((*names)[(*n)++] = strdup(de->d_name)))
+			abort();
+	}
+	closedir(d);
+	if (*n > 1)
+		qsort(*names, *n, sizeof **names, cmp_str);
+	return 0;
+}
+
 /* ===================================================================
  * 3. Configuration: settings table, mq.yaml and queue meta (libyaml)
  *
@@ -830,10 +869,14 @@ struct qconf {
 	int64_t retain_bytes;    /* 0 = no size limit, bytes per partition */
 	int64_t compression;     /* 0 none, 1 zlib */
 	int64_t max_message;     /* largest body + key + tag + headers, bytes */
-	char src[8][PATH_MAX + 32]; /* where each setting came from */
+	int64_t retries;         /* retries of a failed message before it is dead */
+	int64_t dedupe_ms;       /* put --id drops duplicates seen this recently */
+	int64_t nbackoff;        /* delays before retry 1, 2, ... (the last repeats) */
+	int64_t backoff[MQ_BACKOFF_MAX];
+	char src[16][PATH_MAX + 32]; /* where each setting came from */
 };
 
-enum set_kind { SET_INT, SET_SIZE, SET_DURATION, SET_FSYNC, SET_COMPRESSION };
+enum set_kind { SET_INT, SET_SIZE, SET_DURATION, SET_FSYNC, SET_COMPRESSION, SET_DURATIONS };
 
 /* The settings table drives mq.yaml parsing, `mq create` flags and
  * `mq config` output alike. */
@@ -858,6 +901,12 @@ static const struct setting {
 	 "none or zlib, per batch"},
 	{"max-message-bytes", SET_SIZE, offsetof(struct qconf, max_message), 1,
 	 MQ_MAX_MESSAGE_LIMIT, "largest message accepted"},
+	{"retries", SET_INT, offsetof(struct qconf, retries), 0, 1000,
+	 "retries of a failed message before it goes to QUEUE.dlq"},
+	{"backoff", SET_DURATIONS, offsetof(struct qconf, nbackoff), 1, MQ_BACKOFF_MAX,
+	 "delays before each retry, e.g. '10s 30s 1m' (the last repeats)"},
+	{"dedupe-window", SET_DURATION, offsetof(struct qconf, dedupe_ms), 0, INT64_MAX,
+	 "put --id drops a duplicate id seen this recently"},
 };
 #define NSETTINGS (sizeof settings / sizeof settings[0])
 
@@ -866,6 +915,9 @@ static int64_t *conf_field(struct qconf *c, const struct setting *s)
 	return (int64_t *)(void *)((char *)c + s->off);
 }
 
+static int conf_set(struct qconf *c, const char *name, const char *val, const char *src,
+                    struct mq_err *e);
+
 static void conf_defaults(struct qconf *c)
 {
 	memset(c, 0, sizeof *c);
@@ -873,6 +925,10 @@ static void conf_defaults(struct qconf *c)
 	c->fsync = MQ_FSYNC_BATCH;
 	c->segment_bytes = MQ_DEF_SEGMENT_BYTES;
 	c->max_message = MQ_DEF_MAX_MESSAGE;
+	c->retries = MQ_DEF_RETRIES;
+	c->dedupe_ms = MQ_DEF_DEDUPE_MS;
+	struct mq_err ignored;
+	conf_set(c, "backoff", MQ_DEF_BACKOFF, "built-in default", &ignored);
 	for (size_t i = 0; i < NSETTINGS; i++)
 		strfmt(c->src[i], sizeof c->src[i], "built-in default");
 }
@@ -899,6 +955,28 @@ static int conf_set(struct qconf *c, const char *name, const char *val,
 		}
 		case SET_SIZE: bad = parse_size(val, &v) < 0; break;
 		case SET_DURATION: bad = parse_duration_ms(val, &v) < 0; break;
+		case SET_DURATIONS: {
+			int64_t d[MQ_BACKOFF_MAX];
+			char word[64];
+			for (const char *p = val; *p && !bad;) {
+				size_t k = strcspn(p, " ,\t");
+				if (k == 0) {
+					p++;
+					continue;
+				}
+				bad = k >= sizeof word || v == MQ_BACKOFF_MAX;
+				if (!bad) {
+					memcpy(word, p, k);
+					word[k] = 0;
+					bad = parse_duration_ms(word, &d[v]) < 0 || d[v] <= 0;
+					v++;
+				}
+				p += k;
+			}
+			if (!bad && v >= s->min)
+				memcpy(c->backoff, d, (size_t)v * sizeof *d);
+			break;
+		}
 		case SET_COMPRESSION:
 			v = !strcmp(val, "zlib") ? 1 : 0;
 			bad = strcmp(val, "zlib") && strcmp(val, "none");
@@ -937,6 +1015,15 @@ static void conf_format(const struct qconf *c, size_t i, char *out, size_t n)
 			fmt_duration_exact(out, n, v);
 		break;
 	case SET_COMPRESSION: strfmt(out, n, "%s", v ? "zlib" : "none"); break;
+	case SET_DURATIONS:
+		*out = 0;
+		for (int64_t k = 0; k < v; k++) {
+			char d[32];
+			size_t used = strlen(out);
+			fmt_duration_exact(d, sizeof d, c->backoff[k]);
+			strfmt(out + used, n - used, "%s%s", k ? " " : "", d);
+		}
+		break;
 	case SET_FSYNC: {
 		static const char *names[] = {"never", "interval", "batch", "always"};
 		if (v == MQ_FSYNC_INTERVAL)
@@ -3098,106 +3185,301 @@ static int grp_open(struct queue *q, const char *g, int part, int create, int *f
 	return 0;
 }
 
-/* Read a committed offset: the valid slot with the higher sequence.  No
- * valid slot (new group, or both damaged) reads as offset 0, seq 0. */
-static int grp_read(int fd, const char *path, uint64_t *off, uint64_t *seq, struct mq_err *e)
+/*
+ * A group's state in one partition (mq.h: the offset file): everything
+ * below `off` is done, everything from `next` on is new, and between the
+ * two, entries name the offsets still leased out or waiting for a retry;
+ * the offsets no entry names are done.  Each save writes the whole state
+ * as a new record, never over the newest one, so a crash leaves either
+ * the old state or the new.
+ */
+enum { GE_LEASED = MQ_OFF_LEASED, GE_WAITING = MQ_OFF_WAITING };
+
+struct gent {
+	uint64_t lo;
+	uint32_t n, lease, why;
+	uint16_t attempt, kind;
+	int64_t until;
+};
+
+struct gstate {
+	uint64_t seq, off, next;
+	uint32_t lease;       /* the last lease id handed out */
+	struct gent *e;
+	size_t n, cap;
+	uint64_t at, len;     /* the newest record in the file (len 0: none) */
+	int damaged;          /* the file had bytes but no valid record */
+};
+
+static void gs_free(struct gstate *gs)
 {
-	unsigned char b[2 * MQ_OFF_SLOT];
-	ssize_t n = dur_pread(fd, b, sizeof b, 0, path, e);
-	if (n < 0)
+	free(gs->e);
+	memset(gs, 0, sizeof *gs);
+}
+
+/* Parse the record at b (n bytes available); 0 if it is valid. */
+static int gs_parse(const unsigned char *b, uint64_t n, struct gstate *gs)
+{
+	if (n < MQ_OFF_HDR || le32_get(b) != MQ_OFF_MAGIC)
 		return -1;
-	*off = *seq = 0;
-	for (int s = 0; s < 2; s++) {
-		const unsigned char *p = b + s * MQ_OFF_SLOT;
-		if (n < (s + 1) * MQ_OFF_SLOT || le32_get(p) != MQ_OFF_MAGIC ||
-		    le32_get(p + 4) != (uint32_t)crc32(0L, p + 8, MQ_OFF_SLOT - 8))
+	uint32_t len = le32_get(b + 8), cnt = le32_get(b + 12);
+	if (len < MQ_OFF_HDR || len > n || (uint64_t)cnt * MQ_OFF_ENTRY != len - MQ_OFF_HDR ||
+	    le32_get(b + 4) != (uint32_t)crc32(0L, b + 8, len - 8))
+		return -1;
+	uint64_t off = le64_get(b + 24), next = le64_get(b + 32), prev = off;
+	if (off > next)
+		return -1;
+	struct gent *e = cnt ? calloc(cnt, sizeof *e) : NULL;
+	if (cnt && !e)
+		abort();
+	for (uint32_t i = 0; i < cnt; i++) {
+		const unsigned char *p = b + MQ_OFF_HDR + (size_t)i * MQ_OFF_ENTRY;
+		e[i] = (struct gent){le64_get(p), le32_get(p + 8), le32_get(p + 24), le32_get(p + 28),
+		                     le16_get(p + 12), le16_get(p + 14), (int64_t)le64_get(p + 16)};
+		if (e[i].lo < prev || e[i].n == 0 || e[i].lo + e[i].n > next ||
+		    (e[i].kind != GE_LEASED && e[i].kind != GE_WAITING)) {
+			free(e);
+			return -1;
+		}
+		prev = e[i].lo + e[i].n;
+	}
+	free(gs->e);
+	gs->e = e;
+	gs->n = gs->cap = cnt;
+	gs->seq = le64_get(b + 16);
+	gs->off = off;
+	gs->next = next;
+	gs->lease = le32_get(b + 48);
+	gs->len = len;
+	return 0;
+}
+
+/* Read the state: the valid record with the highest sequence.  None
+ * (a new group, or every record damaged) reads as offset 0. */
+static int gs_read(int fd, const char *path, struct gstate *gs, struct mq_err *e)
+{
+	struct stat st;
+	memset(gs, 0, sizeof *gs);
+	if (fstat(fd, &st) < 0)
+		return err_sys(e, MQ_EX_IOERR, "cannot stat '%s'", path);
+	if (st.st_size == 0)
+		return 0;
+	if (st.st_size > MQ_OFF_FILE_MAX)
+		return err_set(e, MQ_EX_DATAERR, "offset file '%s' is too large", path);
+	size_t size = (size_t)st.st_size;
+	unsigned char *b = malloc(size);
+	if (!b)
+		abort();
+	ssize_t got = dur_pread(fd, b, size, 0, path, e);
+	if (got < 0) {
+		free(b);
+		return -1;
+	}
+	struct gstate cand = {0};
+	for (uint64_t at = 0; at + MQ_OFF_HDR <= (uint64_t)got; at += MQ_OFF_ALIGN) {
+		if (le32_get(b + at) != MQ_OFF_MAGIC || le64_get(b + at + 16) <= gs->seq)
 			continue;
-		if (le64_get(p + 8) > *seq) {
-			*seq = le64_get(p + 8);
-			*off = le64_get(p + 16);
+		if (gs_parse(b + at, (uint64_t)got - at, &cand) == 0) {
+			free(gs->e);
+			*gs = cand;
+			gs->at = at;
+			cand.e = NULL;
 		}
 	}
+	free(cand.e);
+	free(b);
+	gs->damaged = gs->len == 0;
 	return 0;
 }
 
 /*
- * Commit offset off as sequence seq (previous + 1), synced when asked.
- * On failure the other slot still holds the previous commit.  A failed
- * sync may leave the new slot readable from the page cache though never
- * written to disk, so the slot is overwritten with zeros: later readers
- * of this process's lifetime then see the previous commit (redelivery),
- * as a reader after a power loss might.
+ * Write the state as record seq + 1, after the newest record, or at the
+ * start once the file passes MQ_OFF_WRAP and the record ends before the
+ * newest one begins: the newest record is never overwritten, so a torn
+ * write leaves it in force.  A failed sync may leave the new record
+ * readable from the page cache though never on disk, so it is zeroed:
+ * later readers see the previous state (redelivery), as a reader after a
+ * power loss might.
  */
-static int grp_commit(int fd, const char *path, uint64_t seq, uint64_t off, int sync,
-                      struct mq_err *e)
+static int gs_write(int fd, const char *path, struct gstate *gs, int sync, struct mq_err *e)
 {
-	unsigned char p[MQ_OFF_SLOT];
-	le32_put(p, MQ_OFF_MAGIC);
-	le64_put(p + 8, seq);
-	le64_put(p + 16, off);
-	le64_put(p + 24, (uint64_t)now_ms());
-	le32_put(p + 4, (uint32_t)crc32(0L, p + 8, MQ_OFF_SLOT - 8));
-	off_t at = (off_t)(seq % 2) * MQ_OFF_SLOT;
-	if (dur_pwrite_all(fd, p, sizeof p, at, path, e) < 0)
-		return -1;
-	if (sync && dur_datasync(fd, path, e) < 0) {
-		struct mq_err ignored;
-		memset(p, 0, sizeof p);
-		dur_pwrite_all(fd, p, sizeof p, at, path, &ignored);
-		return -1;
+	size_t len = MQ_OFF_HDR + gs->n * MQ_OFF_ENTRY;
+	unsigned char *b = calloc(1, len);
+	if (!b)
+		abort();
+	le32_put(b, MQ_OFF_MAGIC);
+	le32_put(b + 8, (uint32_t)len);
+	le32_put(b + 12, (uint32_t)gs->n);
+	le64_put(b + 16, gs->seq + 1);
+	le64_put(b + 24, gs->off);
+	le64_put(b + 32, gs->next);
+	le64_put(b + 40, (uint64_t)now_ms());
+	le32_put(b + 48, gs->lease);
+	for (size_t i = 0; i < gs->n; i++) {
+		unsigned char *p = b + MQ_OFF_HDR + i * MQ_OFF_ENTRY;
+		const struct gent *g = &gs->e[i];
+		le64_put(p, g->lo);
+		le32_put(p + 8, g->n);
+		le16_put(p + 12, g->attempt);
+		le16_put(p + 14, g->kind);
+		le64_put(p + 16, (uint64_t)g->until);
+		le32_put(p + 24, g->lease);
+		le32_put(p + 28, g->why);
 	}
-	return 0;
+	le32_put(b + 4, (uint32_t)crc32(0L, b + 8, (uInt)(len - 8)));
+	uint64_t at = 0;
+	if (gs->len) {
+		at = (gs->at + gs->len + MQ_OFF_ALIGN - 1) / MQ_OFF_ALIGN * MQ_OFF_ALIGN;
+		if (at + len > MQ_OFF_WRAP && len <= gs->at)
+			at = 0;
+	}
+	int r = dur_pwrite_all(fd, b, len, (off_t)at, path, e);
+	if (r == 0 && sync && dur_datasync(fd, path, e) < 0) {
+		struct mq_err ignored;
+		memset(b, 0, len);
+		dur_pwrite_all(fd, b, len, (off_t)at, path, &ignored);
+		r = -1;
+	}
+	free(b);
+	if (r == 0) {
+		gs->seq++;
+		gs->at = at;
+		gs->len = len;
+	}
+	return r;
+}
+
+/* Make room for one more entry at index i. */
+static void gs_insert(struct gstate *gs, size_t i, const struct gent *g)
+{
+	if (gs->n == gs->cap) {
+		gs->cap = gs->cap ? gs->cap * 2 : 8;
+		gs->e = realloc(gs->e, gs->cap * sizeof *gs->e);
+		if (!gs->e)
+			abort();
+	}
+	memmove(gs->e + i + 1, gs->e + i, (gs->n - i) * sizeof *gs->e);
+	gs->e[i] = *g;
+	gs->n++;
+}
+
+/* Remove offsets [lo, lo + n) from every entry, splitting as needed. */
+static void gs_clear(struct gstate *gs, uint64_t lo, uint64_t n)
+{
+	uint64_t hi = lo + n;
+	for (size_t i = 0; i < gs->n; i++) {
+		struct gent *g = &gs->e[i];
+		uint64_t glo = g->lo, ghi = g->lo + g->n;
+		if (ghi <= lo || glo >= hi)
+			continue;
+		if (glo < lo && ghi > hi) { /* a hole in the middle: split */
+			struct gent tail = *g;
+			tail.lo = hi;
+			tail.n = (uint32_t)(ghi - hi);
+			g->n = (uint32_t)(lo - glo);
+			gs_insert(gs, i + 1, &tail);
+			return;
+		}
+		if (glo < lo) {
+			g->n = (uint32_t)(lo - glo);
+		} else if (ghi > hi) {
+			g->lo = hi;
+			g->n = (uint32_t)(ghi - hi);
+		} else {
+			memmove(g, g + 1, (gs->n - i - 1) * sizeof *g);
+			gs->n--;
+			i--;
+		}
+	}
+}
+
+/* Recompute the committed offset: the low watermark of what is done. */
+static void gs_norm(struct gstate *gs)
+{
+	gs->off = gs->n && gs->e[0].lo < gs->next ? gs->e[0].lo : gs->next;
+}
+
+/* Offsets [lo, lo + n) are done (acknowledged, or gone). */
+static void gs_done(struct gstate *gs, uint64_t lo, uint64_t n)
+{
+	gs_clear(gs, lo, n);
+	if (gs->next < lo + n)
+		gs->next = lo + n;
+	gs_norm(gs);
+}
+
+/* Give offsets [g->lo, g->lo + g->n) the state *g, merging with an equal
+ * neighbour so a run of messages stays one entry. */
+static void gs_set(struct gstate *gs, const struct gent *g)
+{
+	gs_clear(gs, g->lo, g->n);
+	if (gs->next < g->lo + g->n)
+		gs->next = g->lo + g->n;
+	size_t i = 0;
+	while (i < gs->n && gs->e[i].lo < g->lo)
+		i++;
+	struct gent *pv = i ? &gs->e[i - 1] : NULL;
+	if (pv && pv->lo + pv->n == g->lo && pv->kind == g->kind && pv->attempt == g->attempt &&
+	    pv->until == g->until && pv->lease == g->lease && pv->why == g->why &&
+	    (uint64_t)pv->n + g->n <= UINT32_MAX)
+		pv->n += g->n;
+	else
+		gs_insert(gs, i, g);
+	gs_norm(gs);
+}
+
+/* The entry holding offset off, or NULL. */
+static struct gent *gs_find(struct gstate *gs, uint64_t off)
+{
+	for (size_t i = 0; i < gs->n; i++)
+		if (off >= gs->e[i].lo && off < gs->e[i].lo + gs->e[i].n)
+			return &gs->e[i];
+	return NULL;
+}
+
+/* Messages leased out (with an unexpired lease) and waiting for a retry. */
+static void gs_count(const struct gstate *gs, int64_t now, uint64_t *leased, uint64_t *waiting)
+{
+	*leased = *waiting = 0;
+	for (size_t i = 0; i < gs->n; i++) {
+		if (gs->e[i].kind == GE_LEASED && gs->e[i].until > now)
+			*leased += gs->e[i].n;
+		else
+			*waiting += gs->e[i].n;
+	}
 }
 
 /* Group names of a queue, sorted. */
 static int grp_list(struct queue *q, char ***names, size_t *n, struct mq_err *e)
 {
 	char dir[PATH_MAX + 16];
-	*names = NULL;
-	*n = 0;
 	strfmt(dir, sizeof dir, "%s/groups", q->dir);
-	DIR *d = opendir(dir);
-	if (!d)
-		return errno == ENOENT ? 0 : err_sys(e, MQ_EX_IOERR, "cannot open '%s'", dir);
-	struct dirent *de;
-	size_t cap = 0;
-	while ((de = readdir(d))) {
-		if (!name_valid(de->d_name))
-			continue;
-		if (*n == cap) {
-			cap = cap ? cap * 2 : 8;
-			*names = realloc(*names, cap * sizeof **names);
-			if (!*names)
-				abort();
-		}
-		(*names)[(*n)++] = strdup(de->d_name);
-	}
-	closedir(d);
-	if (*n > 1)
-		qsort(*names, *n, sizeof **names, cmp_str);
-	return 0;
+	return dir_names(dir, name_valid, names, n, e);
 }
 
-static void names_free(char **names, size_t n)
+/* State of group g in partition part (empty if it never read). */
+static int grp_state(struct queue *q, const char *g, int part, struct gstate *gs,
+                     struct mq_err *e)
 {
-	for (size_t i = 0; i < n; i++)
-		free(names[i]);
-	free(names);
+	int fd;
+	memset(gs, 0, sizeof *gs);
+	if (grp_open(q, g, part, 0, &fd, e) < 0)
+		return e->code == MQ_EX_NOINPUT ? 0 : -1;
+	char path[PATH_MAX + 220];
+	grp_path(q, g, part, path, sizeof path);
+	int r = gs_read(fd, path, gs, e);
+	close(fd);
+	return r;
 }
 
 /* Committed offset of group g in partition part (0 if it never read). */
 static int grp_offset(struct queue *q, const char *g, int part, uint64_t *off,
                       struct mq_err *e)
 {
-	int fd;
-	uint64_t seq;
-	*off = 0;
-	if (grp_open(q, g, part, 0, &fd, e) < 0)
-		return e->code == MQ_EX_NOINPUT ? 0 : -1;
-	char path[PATH_MAX + 220];
-	grp_path(q, g, part, path, sizeof path);
-	int r = grp_read(fd, path, off, &seq, e);
-	close(fd);
+	struct gstate gs;
+	int r = grp_state(q, g, part, &gs, e);
+	*off = gs.off;
+	gs_free(&gs);
 	return r;
 }
 
@@ -3256,6 +3538,8 @@ struct gstat {
 	char *name;
 	uint64_t *off;     /* committed offset per partition */
 	uint64_t lag;      /* messages not yet consumed, all partitions */
+	uint64_t leased;   /* of those, leased out now */
+	uint64_t waiting;  /* of those, waiting for a retry (or an expired lease) */
 	int64_t oldest_ts; /* timestamp of the oldest unconsumed, or INT64_MAX */
 };
 
@@ -3320,15 +3604,25 @@ static int q_stat(struct queue *q, struct qstat *st, struct mq_err *e)
 		gs->off = calloc((size_t)q->nparts, sizeof *gs->off);
 		gs->oldest_ts = INT64_MAX;
 		for (int i = 0; i < q->nparts; i++) {
-			uint64_t off;
-			if (grp_offset(q, names[g], i, &off, e) < 0)
+			struct gstate s;
+			uint64_t leased, waiting;
+			if (grp_state(q, names[g], i, &s, e) < 0)
 				return -1;
+			uint64_t off = s.off, fresh = s.next;
+			gs_count(&s, now_ms(), &leased, &waiting);
+			gs_free(&s);
 			if (off < st->earliest[i])
 				off = st->earliest[i];
 			if (off > st->next[i])
 				off = st->next[i];
+			if (fresh < off)
+				fresh = off;
+			if (fresh > st->next[i])
+				fresh = st->next[i];
 			gs->off[i] = off;
-			gs->lag += st->next[i] - off;
+			gs->leased += leased;
+			gs->waiting += waiting;
+			gs->lag += st->next[i] - fresh + leased + waiting;
 			int64_t ts;
 			if (off < st->next[i] && part_ts_at(&q->parts[i], off, &ts, e) == 0 &&
 			    ts < gs->oldest_ts)
@@ -3339,80 +3633,6 @@ static int q_stat(struct queue *q, struct qstat *st, struct mq_err *e)
 	return 0;
 }
 
-/*
- * A consumer's hold on one partition of a group: the group's lock on it,
- * the committed offset, and a reader positioned there.  grp_claim()
- * returns 1 with the claim, 0 if nonblock and another consumer holds it,
- * -1 on error.  grp_claim_commit() commits what the reader has passed;
- * grp_release() drops the claim, says once if retention removed offsets
- * the group never read, and runs retention if it committed anything.
- */
-struct claim {
-	struct queue *q;
-	const char *group;
-	int part;
-	int fd;                 /* the offset file, locked */
-	uint64_t start, off;    /* offset claimed at; committed so far */
-	uint64_t seq;           /* sequence of the last commit */
-	char path[PATH_MAX + 220];
-	struct reader r;
-};
-
-static int grp_claim(struct queue *q, const char *g, int part, int nonblock, struct claim *c,
-                     struct mq_err *e)
-{
-	memset(c, 0, sizeof *c);
-	c->q = q;
-	c->group = g;
-	c->part = part;
-	grp_path(q, g, part, c->path, sizeof c->path);
-	if (grp_open(q, g, part, 1, &c->fd, e) < 0)
-		return -1;
-	if (dur_lock(c->fd, LOCK_EX | (nonblock ? LOCK_NB : 0), c->path, e) < 0) {
-		dur_close(&c->fd);
-		return e->code == MQ_EX_TEMPFAIL && nonblock ? 0 : -1;
-	}
-	if (grp_read(c->fd, c->path, &c->off, &c->seq, e) < 0 ||
-	    rd_open(&c->r, &q->parts[part], c->off, e) < 0) {
-		dur_close(&c->fd);
-		return -1;
-	}
-	c->start = c->off;
-	if (c->off > c->r.h.next) {
-		sp_notice(q->sp, "%s/%d: group '%s' had committed offset %" PRIu64 " past the end (%"
-		          PRIu64 "), probably lost with unsynced data (fsync interval/never); "
-		          "continuing from the end", q->name, part, g, c->off, c->r.h.next);
-		c->r.want = c->r.h.next;
-	}
-	return 1;
-}
-
-static int grp_claim_commit(struct claim *c, struct mq_err *e)
-{
-	if (grp_commit(c->fd, c->path, c->seq + 1, c->r.want, c->q->conf.fsync >= MQ_FSYNC_BATCH,
-	               e) < 0)
-		return -1;
-	c->seq++;
-	c->off = c->r.want;
-	return 0;
-}
-
-static void grp_release(struct claim *c)
-{
-	struct queue *q = c->q;
-	struct reader *r = &c->r;
-	if (r->skip_to > c->start)
-		sp_notice(q->sp, "%s/%d: offsets %" PRIu64 "-%" PRIu64 " were removed (retention, purge "
-		          "or repair) before group '%s' read them", q->name, c->part, r->skip_from,
-		          r->skip_to - 1, c->group);
-	int drained = c->off != c->start && (c->off >= r->h.next || r->nsegs > 1);
-	rd_close(r);
-	dur_close(&c->fd);
-	struct mq_err ignored; /* housekeeping: its failure fails no consumer */
-	if (drained)
-		grp_retain(q, c->part, &ignored);
-}
-
 /* Point group g at offset off in partition part (creating the group),
  * holding the group's lock so no consumer is mid-read.  The offset is
  * clamped to what exists; returns it in *now. */
@@ -3420,7 +3640,7 @@ static int grp_seek(struct queue *q, const char *g, int part, uint64_t off, uint
                     struct mq_err *e)
 {
 	int fd;
-	uint64_t old, seq;
+	struct gstate gs = {0};
 	struct head h;
 	uint64_t *segs;
 	size_t n;
@@ -3431,17 +3651,20 @@ static int grp_seek(struct queue *q, const char *g, int part, uint64_t off, uint
 		return -1;
 	int r = dur_lock(fd, LOCK_EX, path, e);
 	if (r == 0)
-		r = grp_read(fd, path, &old, &seq, e);
+		r = gs_read(fd, path, &gs, e);
 	if (r == 0 && head_read(p, &h, e) < 0)
 		r = -1;
 	if (r == 0 && seg_list(p->dir, &segs, &n, e) == 0) {
 		uint64_t lo = n ? segs[0] : 0;
 		free(segs);
 		*now = off < lo ? lo : off > h.next ? h.next : off;
-		r = grp_commit(fd, path, seq + 1, *now, q->conf.fsync >= MQ_FSYNC_BATCH, e);
+		gs.n = 0; /* leases and retries are forgotten with the position */
+		gs.off = gs.next = *now;
+		r = gs_write(fd, path, &gs, q->conf.fsync >= MQ_FSYNC_BATCH, e);
 	} else {
 		r = -1;
 	}
+	gs_free(&gs);
 	close(fd);
 	return r;
 }
@@ -3505,7 +3728,391 @@ static int grp_remove(struct queue *q, const char *g, struct mq_err *e)
 }
 
 /* ===================================================================
- * 8. Producer: batching, partition choice and the sync policy
+ * 8. Delayed messages: the timing wheel
+ *
+ * A delayed message waits in QUEUE/delay/ until it is due, then moves
+ * into its partition (mq.h: the delay files).  Buckets are files named by
+ * due second and partition; a hint file holds the earliest due time, so
+ * a consumer learns with one read that nothing is due, however many
+ * messages wait.  Whoever finds something due moves it under the wheel's
+ * lock, a chunk at a time: an intent record names the chunk and where it
+ * will land before it is appended, and the chunk's batches carry the
+ * intent's id, so after a crash the move resumes exactly where the
+ * partition says it stopped: no duplicate, no loss.  Uses layers 1-7.
+ * =================================================================== */
+
+static void dly_path(const struct queue *q, const char *name, char *out, size_t n)
+{
+	strfmt(out, n, "%s/%s%s%s", q->dir, MQ_DELAY_DIR, *name ? "/" : "", name);
+}
+
+/* The earliest due time (ms since the epoch) that may be waiting:
+ * INT64_MAX when nothing is, 0 when the hint is unreadable. */
+static int64_t dly_hint(const struct queue *q)
+{
+	char path[PATH_MAX + 32];
+	unsigned char b[MQ_DELAY_HINT];
+	dly_path(q, MQ_DELAY_NEXT, path, sizeof path);
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return errno == ENOENT ? INT64_MAX : 0;
+	ssize_t n = pread(fd, b, sizeof b, 0);
+	close(fd);
+	if (n != (ssize_t)sizeof b || le32_get(b) != MQ_DELAY_MAGIC ||
+	    le32_get(b + 4) != (uint32_t)crc32(0L, b + 8, 8))
+		return 0;
+	return (int64_t)le64_get(b + 8);
+}
+
+static int dly_hint_write(const struct queue *q, int64_t due, struct mq_err *e)
+{
+	char path[PATH_MAX + 32];
+	unsigned char b[MQ_DELAY_HINT];
+	dly_path(q, MQ_DELAY_NEXT, path, sizeof path);
+	le32_put(b, MQ_DELAY_MAGIC);
+	le64_put(b + 8, (uint64_t)due);
+	le32_put(b + 4, (uint32_t)crc32(0L, b + 8, 8));
+	int fd = sys.open(path, O_WRONLY | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0644);
+	if (fd < 0)
+		return err_sys(e, err_code_for(errno), "cannot open '%s'", path);
+	int r = dur_pwrite_all(fd, b, sizeof b, 0, path, e);
+	if (r == 0)
+		r = dur_datasync(fd, path, e);
+	close(fd);
+	return r;
+}
+
+/* Lock the wheel (creating it when asked).  Returns the lock's fd, -2 if
+ * nonblock and another process holds it or there is no wheel, -1. */
+static int dly_lock(const struct queue *q, int create, int nonblock, struct mq_err *e)
+{
+	char dir[PATH_MAX + 32], path[PATH_MAX + 32];
+	dly_path(q, "", dir, sizeof dir);
+	dly_path(q, "lock", path, sizeof path);
+	if (create && file_size(dir) < 0 && (dur_mkdir(dir, e) < 0 || dur_sync_dir(q->dir, e) < 0))
+		return -1;
+	int fd = sys.open(path, O_RDWR | O_CLOEXEC | O_NOFOLLOW | (create ? O_CREAT : 0), 0644);
+	if (fd < 0 && errno == ENOENT && !create)
+		return -2;
+	if (fd < 0)
+		return err_sys(e, err_code_for(errno), "cannot open '%s'", path);
+	if (dur_lock(fd, LOCK_EX | (nonblock ? LOCK_NB : 0), path, e) < 0) {
+		close(fd);
+		return nonblock && e->code == MQ_EX_TEMPFAIL ? -2 : -1;
+	}
+	return fd;
+}
+
+/*
+ * Store the closed batches of enc for partition part, due at due_ms:
+ * append them to the bucket of their due second, synced when sync, after
+ * lowering the hint if this is now the earliest.  A crash mid-append
+ * leaves a torn batch in the bucket, which the mover skips.
+ */
+static int dly_append(struct queue *q, int part, int64_t due_ms, struct rec_enc *enc, int sync,
+                      struct mq_err *e)
+{
+	int64_t sec = due_ms / 1000 + (due_ms % 1000 != 0);
+	char dir[PATH_MAX + 64], path[PATH_MAX + 96], name[64];
+	int lk = dly_lock(q, 1, 0, e), fd = -1, r = -1;
+	if (lk < 0)
+		return -1;
+	strfmt(name, sizeof name, "%0*" PRId64, MQ_DELAY_DIGITS, sec / 1000);
+	dly_path(q, name, dir, sizeof dir);
+	strfmt(path, sizeof path, "%s/%0*" PRId64 ".%d", dir, MQ_DELAY_DIGITS, sec, part);
+	int fresh_dir = file_size(dir) < 0;
+	if (fresh_dir && dur_mkdir(dir, e) < 0)
+		goto out;
+	if (fresh_dir) {
+		char top[PATH_MAX + 32];
+		dly_path(q, "", top, sizeof top);
+		if (dur_sync_dir(top, e) < 0)
+			goto out;
+	}
+	if (sec * 1000 < dly_hint(q) && dly_hint_write(q, sec * 1000, e) < 0)
+		goto out;
+	int existed = file_size(path) >= 0;
+	fd = sys.open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | O_NOFOLLOW, 0644);
+	if (fd < 0) {
+		err_sys(e, err_code_for(errno), "cannot open '%s'", path);
+		goto out;
+	}
+	for (size_t at = 0; at < enc->out.len;) {
+		unsigned char *b = (unsigned char *)enc->out.p + at;
+		rec_finish(b, 0);
+		at += le32_get(b + 8);
+	}
+	struct stat st;
+	if (fstat(fd, &st) < 0) {
+		err_sys(e, MQ_EX_IOERR, "cannot stat '%s'", path);
+		goto out;
+	}
+	if (dur_pwrite_all(fd, enc->out.p, enc->out.len, st.st_size, path, e) < 0) {
+		sys.ftruncate(fd, st.st_size);
+		goto out;
+	}
+	if ((sync && dur_datasync(fd, path, e) < 0) || (!existed && dur_sync_dir(dir, e) < 0))
+		goto out;
+	r = 0;
+out:
+	dur_close(&fd);
+	close(lk);
+	return r;
+}
+
+/* The move intent: two slots written alternately (like offset files). */
+struct dly_intent {
+	uint64_t seq;          /* 0: none */
+	int64_t sec;           /* the bucket */
+	uint32_t part, count;  /* target partition; messages in the chunk */
+	uint64_t from, to;     /* the chunk: bucket bytes [from, to) */
+	uint64_t at;           /* the partition offset its first message gets */
+};
+
+static void dly_intent_read(int fd, struct dly_intent *in)
+{
+	unsigned char b[2 * MQ_DELAY_INTENT];
+	ssize_t n = pread(fd, b, sizeof b, 0);
+	memset(in, 0, sizeof *in);
+	for (int s = 0; s < 2; s++) {
+		const unsigned char *p = b + s * MQ_DELAY_INTENT;
+		if (n < (s + 1) * MQ_DELAY_INTENT || le32_get(p) != MQ_DELAY_MAGIC ||
+		    le32_get(p + 4) != (uint32_t)crc32(0L, p + 8, MQ_DELAY_INTENT - 8) ||
+		    le64_get(p + 8) <= in->seq)
+			continue;
+		*in = (struct dly_intent){le64_get(p + 8), (int64_t)le64_get(p + 16), le32_get(p + 24),
+		                          le32_get(p + 28), le64_get(p + 32), le64_get(p + 40),
+		                          le64_get(p + 48)};
+	}
+}
+
+static int dly_intent_write(int fd, const char *path, const struct dly_intent *in,
+                            struct mq_err *e)
+{
+	unsigned char p[MQ_DELAY_INTENT] = {0};
+	le32_put(p, MQ_DELAY_MAGIC);
+	le64_put(p + 8, in->seq);
+	le64_put(p + 16, (uint64_t)in->sec);
+	le32_put(p + 24, in->part);
+	le32_put(p + 28, in->count);
+	le64_put(p + 32, in->from);
+	le64_put(p + 40, in->to);
+	le64_put(p + 48, in->at);
+	le32_put(p + 4, (uint32_t)crc32(0L, p + 8, MQ_DELAY_INTENT - 8));
+	if (dur_pwrite_all(fd, p, sizeof p, (off_t)(in->seq % 2) * MQ_DELAY_INTENT, path, e) < 0)
+		return -1;
+	return dur_datasync(fd, path, e);
+}
+
+/* Did the chunk an intent names reach its partition?  Its last message
+ * must exist, in a batch stamped with the intent's id. */
+static int dly_landed(struct queue *q, const struct dly_intent *in, struct mq_err *e)
+{
+	struct part *p = &q->parts[in->part];
+	uint64_t last = in->at + in->count - 1;
+	if (in->count == 0 || p->next <= last)
+		return 0;
+	struct reader r;
+	struct rec_msg m;
+	struct rec_hdr h;
+	struct buf b = {0};
+	if (rd_open(&r, p, last, e) < 0)
+		return -1;
+	int k = rd_next(&r, &m, e), landed = 0;
+	if (k == 1 && m.offset == last &&
+	    seg_read_batch(r.fd, r.path, r.batch_pos, r.limit, &b, &h, e) == 1)
+		landed = h.pid == MQ_PRODUCER_DELAY && h.pseq == (uint32_t)in->seq;
+	rd_close(&r);
+	buf_free(&b);
+	return k < 0 ? -1 : landed;
+}
+
+static int dly_digits(const char *name)
+{
+	size_t k = strspn(name, "0123456789");
+	return k == MQ_DELAY_DIGITS && name[k] == 0;
+}
+
+static int dly_bucket_name(const char *name)
+{
+	size_t k = strspn(name, "0123456789");
+	return k == MQ_DELAY_DIGITS && name[k] == '.' && name[k + 1] &&
+	       strspn(name + k + 1, "0123456789") == strlen(name + k + 1);
+}
+
+/* The earliest bucket: its due second and partition; returns 1, or 0 if
+ * there is none.  Emptied directories of the wheel go on the way. */
+static int dly_first(struct queue *q, int64_t *sec, int *part, struct mq_err *e)
+{
+	char top[PATH_MAX + 32];
+	dly_path(q, "", top, sizeof top);
+	for (;;) {
+		char **dirs, **files, sub[PATH_MAX + 64];
+		size_t nd, nf;
+		if (dir_names(top, dly_digits, &dirs, &nd, e) < 0)
+			return -1;
+		if (nd)
+			strfmt(sub, sizeof sub, "%s/%s", top, dirs[0]);
+		names_free(dirs, nd);
+		if (nd == 0)
+			return 0;
+		if (dir_names(sub, dly_bucket_name, &files, &nf, e) < 0)
+			return -1;
+		if (nf) {
+			*sec = strtoll(files[0], NULL, 10);
+			*part = atoi(files[0] + MQ_DELAY_DIGITS + 1);
+		}
+		names_free(files, nf);
+		if (nf)
+			return 1;
+		if (sys.rmdir(sub) < 0) /* not empty: something foreign; leave it be */
+			return errno == ENOENT ? 0 : err_sys(e, MQ_EX_IOERR, "cannot remove '%s'", sub);
+	}
+}
+
+/*
+ * Move the bucket (sec, part) into its partition from bucket byte start,
+ * a chunk at a time, then remove it.  A damaged batch (a torn append) is
+ * skipped up to the next valid one.
+ */
+static int dly_move_bucket(struct queue *q, int ifd, const char *ipath, struct dly_intent *last,
+                           int64_t sec, int part, uint64_t start, uint64_t *moved,
+                           struct mq_err *e)
+{
+	char dir[PATH_MAX + 64], path[PATH_MAX + 96], name[64];
+	strfmt(name, sizeof name, "%0*" PRId64, MQ_DELAY_DIGITS, sec / 1000);
+	dly_path(q, name, dir, sizeof dir);
+	strfmt(path, sizeof path, "%s/%0*" PRId64 ".%d", dir, MQ_DELAY_DIGITS, sec, part);
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return err_sys(e, MQ_EX_IOERR, "cannot open '%s'", path);
+	struct stat st;
+	struct buf b = {0}, scratch = {0};
+	struct rec_enc enc;
+	struct part *p = &q->parts[part];
+	rec_enc_init(&enc, (int)q->conf.compression, MQ_BATCH_TARGET);
+	int r = fstat(fd, &st) < 0 ? err_sys(e, MQ_EX_IOERR, "cannot stat '%s'", path) : 0;
+	uint64_t size = r == 0 ? (uint64_t)st.st_size : 0, pos = start;
+	while (r == 0 && pos < size) {
+		struct dly_intent in = {last->seq + 1, sec, (uint32_t)part, 0, pos, pos, 0};
+		rec_enc_reset(&enc);
+		while (pos < size && enc.out.len < MQ_BATCH_TARGET) {
+			struct rec_hdr h;
+			struct rec_iter it;
+			struct rec_msg m;
+			struct mq_err bad;
+			if (seg_read_batch(fd, path, pos, size, &b, &h, &bad) != 1 ||
+			    rec_iter_init(&it, (unsigned char *)b.p, &h, &scratch, &bad) < 0) {
+				pos++; /* torn: look for the next batch */
+				continue;
+			}
+			int k;
+			while ((k = rec_next(&it, &m, &bad)) == 1) {
+				m.ts = now_ms();
+				rec_enc_add(&enc, &m);
+			}
+			pos += h.len;
+		}
+		in.to = pos;
+		if (enc.nmsgs == 0)
+			break;
+		rec_enc_close(&enc);
+		for (size_t at = 0; at < enc.out.len;) {
+			unsigned char *h = (unsigned char *)enc.out.p + at;
+			le64_put(h + 48, MQ_PRODUCER_DELAY);
+			le32_put(h + 56, (uint32_t)in.seq);
+			at += le32_get(h + 8);
+		}
+		in.count = (uint32_t)enc.nmsgs;
+		uint64_t first;
+		if (part_lock(p, 0, e) < 0) {
+			r = -1;
+			break;
+		}
+		in.at = p->next;
+		r = dly_intent_write(ifd, ipath, &in, e);
+		if (r == 0)
+			r = part_append(p, &enc, &first, e);
+		if (r == 0 && q->conf.fsync >= MQ_FSYNC_BATCH)
+			r = part_sync(p, e);
+		if (r == 0 && part_publish(p, 0, e) < 0) {
+			part_fail(p);
+			r = -1;
+		}
+		part_unlock(p);
+		if (r == 0) {
+			*last = in;
+			*moved += enc.nmsgs;
+		}
+	}
+	close(fd);
+	buf_free(&b);
+	buf_free(&scratch);
+	rec_enc_free(&enc);
+	if (r == 0 && sys.unlink(path) < 0)
+		r = err_sys(e, MQ_EX_IOERR, "cannot remove '%s'", path);
+	if (r == 0)
+		r = dur_sync_dir(dir, e);
+	return r;
+}
+
+/*
+ * Move every due delayed message into its partition, if no other process
+ * is doing it.  Cheap when nothing is due: one read of the hint.
+ * Returns messages moved, or -1.
+ */
+static int64_t dly_tick(struct queue *q, struct mq_err *e)
+{
+	int64_t now = now_ms();
+	if (dly_hint(q) > now)
+		return 0;
+	int lk = dly_lock(q, 0, 1, e);
+	if (lk == -2)
+		return 0;
+	if (lk < 0)
+		return -1;
+	char ipath[PATH_MAX + 32];
+	dly_path(q, MQ_DELAY_MOVING, ipath, sizeof ipath);
+	int ifd = sys.open(ipath, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0644);
+	uint64_t moved = 0;
+	int r = ifd < 0 ? err_sys(e, err_code_for(errno), "cannot open '%s'", ipath) : 0;
+	struct dly_intent in;
+	int64_t sec = 0;
+	int part = 0, k = 0;
+	if (r == 0) {
+		dly_intent_read(ifd, &in);
+		/* a move cut short by a crash: resume the bucket where it stopped */
+		char path[PATH_MAX + 96];
+		strfmt(path, sizeof path, "%s/%s/%0*" PRId64 "/%0*" PRId64 ".%u", q->dir, MQ_DELAY_DIR,
+		       MQ_DELAY_DIGITS, in.sec / 1000, MQ_DELAY_DIGITS, in.sec, in.part);
+		if (in.seq && in.part < (uint32_t)q->nparts && file_size(path) >= 0) {
+			struct part *p = &q->parts[in.part];
+			int landed = part_lock(p, 0, e) < 0 ? -1 : dly_landed(q, &in, e);
+			part_unlock(p);
+			if (landed < 0)
+				r = -1;
+			else
+				r = dly_move_bucket(q, ifd, ipath, &in, in.sec, (int)in.part,
+				                    landed ? in.to : in.from, &moved, e);
+		}
+	}
+	while (r == 0 && (k = dly_first(q, &sec, &part, e)) == 1 && sec * 1000 <= now &&
+	       part < q->nparts)
+		r = dly_move_bucket(q, ifd, ipath, &in, sec, part, 0, &moved, e);
+	if (r == 0 && k == 1 && (part < 0 || part >= q->nparts))
+		r = err_set(e, MQ_EX_DATAERR, "%s: delayed messages for partition %d, which the queue "
+		            "does not have", q->name, part);
+	if (r == 0 && k >= 0)
+		r = dly_hint_write(q, k == 1 ? sec * 1000 : INT64_MAX, e);
+	if (k < 0)
+		r = -1;
+	dur_close(&ifd);
+	close(lk);
+	return r < 0 ? -1 : (int64_t)moved;
+}
+
+/* ===================================================================
+ * 9. Producer: batching, partition choice and the sync policy
  *
  * Buffers messages per partition and writes them in batches, taking a
  * partition's writer lock only while writing.  When a flush returns, its
@@ -3525,6 +4132,7 @@ struct prod {
 	int64_t oldest_ms;     /* monotonic time of the oldest buffered message */
 	struct buf order;      /* u16 partition of each buffered message */
 	int failed;            /* a flush failed: the producer takes nothing more */
+	int64_t due_ms;        /* > 0: delayed until then (into the timing wheel) */
 	/* Called for each message once acknowledged, in the order added: */
 	void (*acked)(void *ctx, int part, uint64_t offset);
 	void *ctx;
@@ -3600,6 +4208,14 @@ static int prod_flush(struct prod *pr, int final, struct mq_err *e)
 			continue;
 		struct part *p = &q->parts[i];
 		rec_enc_close(enc);
+		if (pr->due_ms > 0) { /* delayed: to the wheel, not the partition */
+			if (dly_append(q, i, pr->due_ms, enc, mode >= MQ_FSYNC_BATCH, e) < 0) {
+				pr->failed = 1;
+				return -1;
+			}
+			rec_enc_reset(enc);
+			continue;
+		}
 		if (part_lock(p, 0, e) < 0) {
 			pr->failed = 1;
 			return -1;
@@ -3631,7 +4247,7 @@ static int prod_flush(struct prod *pr, int final, struct mq_err *e)
 		}
 		rec_enc_reset(enc); /* written: never again */
 	}
-	if (pr->acked) {
+	if (pr->acked && pr->due_ms <= 0) {
 		const uint16_t *order = (const uint16_t *)(const void *)pr->order.p;
 		for (size_t k = 0; k < pr->order.len / 2; k++)
 			pr->acked(pr->ctx, order[k], pr->first[order[k]]++);
@@ -3677,7 +4293,7 @@ static int prod_add(struct prod *pr, const struct rec_msg *m, struct mq_err *e)
 }
 
 /* ===================================================================
- * 9. Verification and repair
+ * 10. Verification and repair
  *
  * Checks every batch's header, crc and records, offset continuity, every
  * index entry, the time index, the head and the group offset files, and
@@ -4066,32 +4682,29 @@ static int verify_queue(struct queue *q, int repair, struct vrep *vr, struct mq_
 	for (size_t g = 0; g < ng; g++) {
 		for (int i = 0; i < q->nparts; i++) {
 			char path[PATH_MAX + 220];
-			unsigned char b[2 * MQ_OFF_SLOT];
+			struct gstate gs;
 			grp_path(q, groups[g], i, path, sizeof path);
 			int fd = open(path, O_RDONLY | O_CLOEXEC);
 			if (fd < 0)
 				continue;
-			ssize_t r = pread(fd, b, sizeof b, 0);
+			struct mq_err re;
+			int bad = gs_read(fd, path, &gs, &re) < 0 || gs.damaged;
 			close(fd);
-			int good = 0;
-			for (int s = 0; s < 2 && r > 0; s++)
-				good += r >= (s + 1) * MQ_OFF_SLOT && le32_get(b + s * MQ_OFF_SLOT) == MQ_OFF_MAGIC &&
-				        le32_get(b + s * MQ_OFF_SLOT + 4) ==
-				            (uint32_t)crc32(0L, b + s * MQ_OFF_SLOT + 8, MQ_OFF_SLOT - 8);
-			if (r > 0 && good == 0) {
+			gs_free(&gs);
+			if (bad) {
 				vr->damaged++;
 				vr_say(vr, "%s/%d: offset file '%s' of group '%s' is damaged: the group will "
 				       "read this partition again from the start%s", q->name, i, path,
 				       groups[g], repair ? "; reset to offset 0" : "");
 				/* Reading it already means offset 0 (redelivery, never a skip);
 				 * repair writes that down so the file is valid again. */
-				unsigned char fresh[2 * MQ_OFF_SLOT];
-				memset(fresh, 0, sizeof fresh);
 				if (repair) {
 					int ofd = -1;
+					struct gstate fresh = {0};
 					if (grp_open(q, groups[g], i, 1, &ofd, e) < 0 ||
-					    dur_pwrite_all(ofd, fresh, sizeof fresh, 0, path, e) < 0 ||
-					    grp_commit(ofd, path, 1, 0, 1, e) < 0) {
+					    (sys.ftruncate(ofd, 0) < 0 &&
+					     err_sys(e, MQ_EX_IOERR, "cannot truncate '%s'", path) < 0) ||
+					    gs_write(ofd, path, &fresh, 1, e) < 0) {
 						dur_close(&ofd);
 						names_free(groups, ng);
 						return -1;
@@ -4104,6 +4717,479 @@ static int verify_queue(struct queue *q, int repair, struct vrep *vr, struct mq_
 	}
 	names_free(groups, ng);
 	return 0;
+}
+
+/* ===================================================================
+ * 11. Delivery: claims, leases, acks, retries and dead letters
+ *
+ * A consumer works on one partition of a group under a claim: the
+ * group's lock on the partition and its state (layer 7).  It takes the
+ * messages due again first (retries, expired leases), then new ones, and
+ * settles what it took: done, leased until a time, or failed.  A failed
+ * message waits out the queue's backoff and comes back with its attempt
+ * count raised; after the last retry it is buried in QUEUE.dlq.
+ * Uses layers 1-8.
+ * =================================================================== */
+
+/* A run of offsets taken under a claim and not yet settled. */
+struct took {
+	uint64_t lo;
+	uint32_t n;
+	uint16_t attempt;
+};
+
+enum { CL_NONBLOCK = 1, CL_NOREAD = 2, CL_ORDERED = 4 };
+
+struct claim {
+	struct queue *q;
+	const char *group;
+	int part, flags;
+	int fd;                 /* the offset file, locked */
+	char path[PATH_MAX + 220];
+	struct gstate gs;
+	uint64_t start;         /* committed offset when claimed */
+	int64_t now;            /* ms since the epoch when claimed */
+	int dirty;              /* gs changed and is not yet written */
+	int failed;             /* a write failed: gs is not what is on disk */
+	struct reader r;        /* new messages, from gs.next */
+	struct reader rr;       /* a run due again */
+	int rr_open;
+	uint64_t rr_want, rr_hi;
+	uint16_t rr_attempt;
+	uint64_t scan;          /* runs below this were already taken up */
+	struct took *t;
+	size_t nt, ct;
+};
+
+/* Why a message failed, in words (for notices and dead-letter headers). */
+static void why_text(uint32_t why, char *out, size_t n)
+{
+	switch (why & 0xff) {
+	case MQ_WHY_EXIT: strfmt(out, n, "exit status %u", why >> 8); break;
+	case MQ_WHY_SIGNAL: strfmt(out, n, "killed by signal %u", why >> 8); break;
+	case MQ_WHY_TIMEOUT: strfmt(out, n, "timed out"); break;
+	case MQ_WHY_NACK: strfmt(out, n, "nack"); break;
+	case MQ_WHY_EXPIRED: strfmt(out, n, "lease expired"); break;
+	default: strfmt(out, n, "failed");
+	}
+}
+
+/* Delay before the retry that follows failed attempt `attempt`. */
+static int64_t backoff_ms(const struct qconf *c, unsigned attempt)
+{
+	int64_t i = attempt < 1 ? 0 : (int64_t)attempt - 1;
+	return c->backoff[i < c->nbackoff ? i : c->nbackoff - 1];
+}
+
+static void hdr_pair(struct buf *b, const char *name, const char *val, size_t vlen)
+{
+	unsigned char tmp[10];
+	buf_add(b, tmp, varint_put(tmp, strlen(name)));
+	buf_adds(b, name);
+	buf_add(b, tmp, varint_put(tmp, vlen));
+	buf_add(b, val, vlen);
+}
+
+/*
+ * Move offsets [lo, lo + n) of the claimed partition to QUEUE.dlq, each
+ * with its key, tag, headers and body, plus headers saying from where,
+ * after how many attempts and why.  The dead letters are synced before
+ * the caller marks the offsets done, so a crash in between buries them
+ * twice, never loses them.
+ */
+static int grp_bury(struct claim *c, uint64_t lo, uint64_t n, unsigned attempt, uint32_t why,
+                    struct mq_err *e)
+{
+	struct queue *q = c->q, *dq = NULL;
+	char name[MQ_NAME_MAX + 8], whys[64], num[32];
+	strfmt(name, sizeof name, "%s%s", q->name, MQ_DLQ_SUFFIX);
+	if (!name_valid(name))
+		return err_set(e, MQ_EX_DATAERR, "%s: cannot bury dead letters: '%s' is not a valid "
+		               "queue name", q->name, name);
+	if (q_open(q->sp, name, 1, NULL, 0, &dq, e) < 0)
+		return -1;
+	why_text(why, whys, sizeof whys);
+	struct prod pr;
+	struct reader r;
+	struct rec_msg m;
+	struct buf hb = {0};
+	int k, rc = 0;
+	prod_init(&pr, dq, -1);
+	if (rd_open(&r, &q->parts[c->part], lo, e) < 0) {
+		rc = -1;
+		goto out;
+	}
+	while (rc == 0 && (k = rd_next(&r, &m, e)) == 1 && m.offset < lo + n) {
+		/* the message's own headers, then ours */
+		const unsigned char *p = m.hdrs, *end = m.hdrs + m.hlen, *hn, *hv;
+		uint64_t left = 0, have = 0;
+		size_t nl, vl;
+		struct buf pairs = {0};
+		if (m.hlen)
+			p += varint_get(p, end, &left);
+		while (rec_hdr_next(&p, end, &left, &hn, &nl, &hv, &vl)) {
+			unsigned char tmp[10];
+			buf_add(&pairs, tmp, varint_put(tmp, nl));
+			buf_add(&pairs, hn, nl);
+			buf_add(&pairs, tmp, varint_put(tmp, vl));
+			buf_add(&pairs, hv, vl);
+			have++;
+		}
+		hdr_pair(&pairs, "mq-dlq-queue", q->name, strlen(q->name));
+		hdr_pair(&pairs, "mq-dlq-group", c->group, strlen(c->group));
+		strfmt(num, sizeof num, "%d", c->part);
+		hdr_pair(&pairs, "mq-dlq-partition", num, strlen(num));
+		strfmt(num, sizeof num, "%" PRIu64, m.offset);
+		hdr_pair(&pairs, "mq-dlq-offset", num, strlen(num));
+		strfmt(num, sizeof num, "%u", attempt);
+		hdr_pair(&pairs, "mq-dlq-attempts", num, strlen(num));
+		hdr_pair(&pairs, "mq-dlq-reason", whys, strlen(whys));
+		strfmt(num, sizeof num, "%" PRId64, m.ts);
+		hdr_pair(&pairs, "mq-dlq-timestamp", num, strlen(num));
+		unsigned char tmp[10];
+		hb.len = 0;
+		buf_add(&hb, tmp, varint_put(tmp, have + 7));
+		buf_add(&hb, pairs.p, pairs.len);
+		buf_free(&pairs);
+		struct rec_msg d = m;
+		d.hdrs = (const unsigned char *)hb.p;
+		d.hlen = hb.len;
+		d.ts = now_ms();
+		if (prod_add(&pr, &d, e) < 0)
+			rc = -1;
+	}
+	if (rc == 0 && k < 0)
+		rc = -1;
+	rd_close(&r);
+	if (rc == 0)
+		rc = prod_flush(&pr, 1, e);
+out:
+	prod_free(&pr);
+	buf_free(&hb);
+	q_close(dq);
+	return rc;
+}
+
+/*
+ * Offsets [lo, lo + n), delivered as attempt `attempt`, failed (base: when;
+ * delay_ms < 0: the queue's backoff).  They wait for their retry, or are
+ * buried after the last one.
+ */
+static int grp_failed(struct claim *c, uint64_t lo, uint32_t n, unsigned attempt, uint32_t why,
+                      int64_t base, int64_t delay_ms, struct mq_err *e)
+{
+	const struct qconf *conf = &c->q->conf;
+	c->dirty = 1;
+	if ((int64_t)attempt > conf->retries) {
+		if (grp_bury(c, lo, n, attempt, why, e) < 0)
+			return -1;
+		char w[64];
+		why_text(why, w, sizeof w);
+		sp_notice(c->q->sp, "%s/%d: group '%s': offsets %" PRIu64 "-%" PRIu64 " failed %u "
+		          "times (last: %s); moved to %s%s", c->q->name, c->part, c->group, lo,
+		          lo + n - 1, attempt, w, c->q->name, MQ_DLQ_SUFFIX);
+		gs_done(&c->gs, lo, n);
+		return 0;
+	}
+	struct gent g = {lo, n, 0, why, (uint16_t)(attempt + 1), GE_WAITING,
+	                 base + (delay_ms >= 0 ? delay_ms : backoff_ms(conf, attempt))};
+	gs_set(&c->gs, &g);
+	return 0;
+}
+
+/* Write the state if it changed (synced for fsync batch and always, and
+ * whenever sync asks even in lower modes' absence of a choice). */
+static int grp_save(struct claim *c, int sync, struct mq_err *e)
+{
+	if (c->r.p && c->nt == 0 && c->r.want > c->gs.next) /* passed (tags, gaps) */
+		c->gs.next = c->r.want, c->dirty = 1;
+	if (c->failed) /* never write again what failed: the next claim rereads */
+		return err_set(e, MQ_EX_IOERR, "%s/%d: group '%s': an earlier write of its offsets "
+		               "failed", c->q->name, c->part, c->group);
+	if (!c->dirty)
+		return 0;
+	gs_norm(&c->gs);
+	if (gs_write(c->fd, c->path, &c->gs, sync && c->q->conf.fsync >= MQ_FSYNC_BATCH, e) < 0) {
+		c->failed = 1;
+		return -1;
+	}
+	c->dirty = 0;
+	return 0;
+}
+
+/*
+ * Claim partition part of group g: lock its offset file (waiting unless
+ * CL_NONBLOCK), read the state, turn expired leases into retries (or
+ * dead letters), and open a reader at the first new offset (unless
+ * CL_NOREAD).  Returns 1 with the claim, 0 if another consumer holds it
+ * (CL_NONBLOCK), -1 on error.
+ */
+static int grp_claim(struct queue *q, const char *g, int part, int flags, struct claim *c,
+                     struct mq_err *e)
+{
+	memset(c, 0, sizeof *c);
+	c->q = q;
+	c->group = g;
+	c->part = part;
+	c->flags = flags;
+	c->now = now_ms();
+	grp_path(q, g, part, c->path, sizeof c->path);
+	if (grp_open(q, g, part, 1, &c->fd, e) < 0)
+		return -1;
+	if (dur_lock(c->fd, LOCK_EX | (flags & CL_NONBLOCK ? LOCK_NB : 0), c->path, e) < 0) {
+		dur_close(&c->fd);
+		return e->code == MQ_EX_TEMPFAIL && (flags & CL_NONBLOCK) ? 0 : -1;
+	}
+	if (gs_read(c->fd, c->path, &c->gs, e) < 0)
+		goto fail;
+	c->start = c->gs.off;
+	for (size_t i = 0; i < c->gs.n; i++) {
+		struct gent x = c->gs.e[i];
+		if (x.kind != GE_LEASED || x.until > c->now)
+			continue;
+		if (grp_failed(c, x.lo, x.n, x.attempt, MQ_WHY_EXPIRED, x.until, -1, e) < 0)
+			goto fail;
+		i = (size_t)-1; /* the entries changed: look again from the start */
+	}
+	if (flags & CL_NOREAD)
+		return 1;
+	if (rd_open(&c->r, &q->parts[part], c->gs.next, e) < 0)
+		goto fail;
+	uint64_t end = c->r.h.next, first = c->r.nsegs ? c->r.segs[0] : end;
+	if (c->gs.next > end) {
+		sp_notice(q->sp, "%s/%d: group '%s' had committed offset %" PRIu64 " past the end (%"
+		          PRIu64 "), probably lost with unsynced data (fsync interval/never); "
+		          "continuing from the end", q->name, part, g, c->gs.next, end);
+		c->r.want = end;
+		gs_clear(&c->gs, end, UINT64_MAX - end);
+		c->gs.next = end;
+		c->dirty = 1;
+	}
+	if (c->gs.n && c->gs.e[0].lo < first) { /* removed by retention, purge or repair */
+		gs_clear(&c->gs, 0, first);
+		c->dirty = 1;
+	}
+	gs_norm(&c->gs);
+	return 1;
+fail:
+	gs_free(&c->gs);
+	dur_close(&c->fd);
+	return -1;
+}
+
+static void took_add(struct claim *c, uint64_t off, uint16_t attempt)
+{
+	struct took *t = c->nt ? &c->t[c->nt - 1] : NULL;
+	if (t && t->lo + t->n == off && t->attempt == attempt && t->n < UINT32_MAX) {
+		t->n++;
+		return;
+	}
+	if (c->nt == c->ct) {
+		c->ct = c->ct ? c->ct * 2 : 8;
+		c->t = realloc(c->t, c->ct * sizeof *c->t);
+		if (!c->t)
+			abort();
+	}
+	c->t[c->nt++] = (struct took){off, 1, attempt};
+}
+
+/*
+ * The next message for this consumer: first runs due again (retries and
+ * expired leases), in offset order, then new messages.  With CL_ORDERED
+ * a run still waiting or leased stops the partition: nothing after it is
+ * delivered until it is done.  Returns 1 with *m (valid until the next
+ * call) and its attempt, 0 when there is nothing, -1 on error.
+ */
+static int grp_take(struct claim *c, struct rec_msg *m, unsigned *attempt, struct mq_err *e)
+{
+	for (;;) {
+		if (c->rr_open) {
+			int k = rd_next(&c->rr, m, e);
+			if (k < 0)
+				return -1;
+			uint64_t upto = k == 1 && m->offset < c->rr_hi ? m->offset : c->rr_hi;
+			if (upto > c->rr_want) { /* gone meanwhile (retention): done */
+				gs_done(&c->gs, c->rr_want, upto - c->rr_want);
+				c->dirty = 1;
+			}
+			if (k == 1 && m->offset < c->rr_hi) {
+				c->rr_want = m->offset + 1;
+				*attempt = c->rr_attempt;
+				took_add(c, m->offset, c->rr_attempt);
+				return 1;
+			}
+			rd_close(&c->rr);
+			c->rr_open = 0;
+		}
+		struct gent *due = NULL;
+		for (size_t i = 0; i < c->gs.n && !due; i++) {
+			struct gent *g = &c->gs.e[i];
+			if (g->lo + g->n <= c->scan)
+				continue;
+			if (g->kind == GE_WAITING && g->until <= c->now)
+				due = g;
+			else if (c->flags & CL_ORDERED)
+				return 0;
+		}
+		if (!due)
+			break;
+		c->rr_want = due->lo > c->scan ? due->lo : c->scan;
+		c->rr_hi = c->scan = due->lo + due->n;
+		c->rr_attempt = due->attempt;
+		if (rd_open(&c->rr, &c->q->parts[c->part], c->rr_want, e) < 0)
+			return -1;
+		c->rr_open = 1;
+	}
+	int k = rd_next(&c->r, m, e);
+	if (k == 1) {
+		*attempt = 1;
+		took_add(c, m->offset, 1);
+	}
+	return k;
+}
+
+/* Settle what was taken since the last settle: done, leased until
+ * lease_until (ms since the epoch) under a new lease id, or failed. */
+static int grp_settle_done(struct claim *c, struct mq_err *e)
+{
+	for (size_t i = 0; i < c->nt; i++)
+		gs_done(&c->gs, c->t[i].lo, c->t[i].n);
+	c->dirty |= c->nt > 0;
+	c->nt = 0;
+	return grp_save(c, 1, e);
+}
+
+static int grp_settle_lease(struct claim *c, int64_t lease_until, uint32_t *lease,
+                            struct mq_err *e)
+{
+	*lease = ++c->gs.lease;
+	for (size_t i = 0; i < c->nt; i++) {
+		struct gent g = {c->t[i].lo, c->t[i].n, *lease, 0, c->t[i].attempt, GE_LEASED,
+		                 lease_until};
+		gs_set(&c->gs, &g);
+	}
+	c->dirty = 1;
+	c->nt = 0;
+	/* A lease is not synced: after a power loss the message comes back
+	 * sooner, which at-least-once allows; acks and failures are synced. */
+	return grp_save(c, 0, e);
+}
+
+static int grp_settle_failed(struct claim *c, uint32_t why, struct mq_err *e)
+{
+	for (size_t i = 0; i < c->nt; i++)
+		if (grp_failed(c, c->t[i].lo, c->t[i].n, c->t[i].attempt, why, now_ms(), -1, e) < 0)
+			return -1;
+	c->nt = 0;
+	return grp_save(c, 1, e);
+}
+
+/* Drop the claim: write the state if it changed, say once if retention
+ * removed offsets the group never read, and run retention if the
+ * committed offset moved. */
+static int grp_release(struct claim *c, struct mq_err *e)
+{
+	struct queue *q = c->q;
+	struct reader *r = &c->r;
+	for (size_t i = 0; i < c->nt; i++) { /* taken, never settled: due again now */
+		struct gent g = {c->t[i].lo, c->t[i].n, 0, 0, c->t[i].attempt, GE_WAITING, 0};
+		gs_set(&c->gs, &g);
+		c->dirty = 1;
+	}
+	c->nt = 0;
+	int rc = c->fd >= 0 && !c->failed ? grp_save(c, 1, e) : 0;
+	if (r->p && r->skip_to > c->start)
+		sp_notice(q->sp, "%s/%d: offsets %" PRIu64 "-%" PRIu64 " were removed (retention, purge "
+		          "or repair) before group '%s' read them", q->name, c->part, r->skip_from,
+		          r->skip_to - 1, c->group);
+	int drained = c->gs.off > c->start && (!r->p || c->gs.off >= r->h.next || r->nsegs > 1);
+	if (r->p)
+		rd_close(r);
+	if (c->rr_open)
+		rd_close(&c->rr);
+	dur_close(&c->fd);
+	gs_free(&c->gs);
+	free(c->t);
+	c->t = NULL;
+	struct mq_err ignored; /* housekeeping: its failure fails no consumer */
+	if (drained)
+		grp_retain(q, c->part, &ignored);
+	return rc;
+}
+
+/* A receipt names one leased message: GROUP:PARTITION:OFFSET:LEASE. */
+struct receipt {
+	char group[MQ_NAME_MAX + 1];
+	int part;
+	uint64_t off;
+	uint32_t lease;
+	int result;            /* set by grp_answer() */
+};
+
+enum { RC_OK = 1, RC_ALREADY, RC_STALE, RC_UNKNOWN };
+
+static int receipt_parse(const char *s, struct receipt *r)
+{
+	const char *c1 = strchr(s, ':');
+	char *end;
+	if (!c1 || c1 == s || (size_t)(c1 - s) > MQ_NAME_MAX)
+		return -1;
+	memcpy(r->group, s, (size_t)(c1 - s));
+	r->group[c1 - s] = 0;
+	if (!name_valid(r->group) || !isdigit((unsigned char)c1[1]))
+		return -1;
+	errno = 0;
+	unsigned long p = strtoul(c1 + 1, &end, 10);
+	if (*end != ':' || p >= MQ_MAX_PARTITIONS || !isdigit((unsigned char)end[1]))
+		return -1;
+	unsigned long long o = strtoull(end + 1, &end, 10);
+	if (*end != ':' || errno || !isdigit((unsigned char)end[1]))
+		return -1;
+	unsigned long long l = strtoull(end + 1, &end, 10);
+	if (*end || errno || l > UINT32_MAX)
+		return -1;
+	r->part = (int)p;
+	r->off = o;
+	r->lease = (uint32_t)l;
+	r->result = 0;
+	return 0;
+}
+
+/*
+ * Answer the receipts rs[0..n) that name group g and partition part:
+ * ack (the message is done) or nack (it failed: retried after delay_ms,
+ * or the queue's backoff when delay_ms < 0).  Each gets a result: RC_OK;
+ * RC_ALREADY (done before: acked, or its lease expired and another
+ * consumer finished it); RC_STALE (its lease expired and the message is
+ * waiting or leased to someone else); RC_UNKNOWN (never delivered).  One
+ * synced write covers them all.
+ */
+static int grp_answer(struct queue *q, const char *g, int part, struct receipt *rs, size_t n,
+                      int nack, int64_t delay_ms, struct mq_err *e)
+{
+	struct claim c;
+	if (grp_claim(q, g, part, CL_NOREAD, &c, e) < 0)
+		return -1;
+	int rc = 0;
+	for (size_t i = 0; i < n && rc == 0; i++) {
+		struct receipt *r = &rs[i];
+		struct gent *x = gs_find(&c.gs, r->off);
+		if (x && x->kind == GE_LEASED && x->lease == r->lease) {
+			r->result = RC_OK;
+			if (nack)
+				rc = grp_failed(&c, r->off, 1, x->attempt, MQ_WHY_NACK, now_ms(), delay_ms, e);
+			else
+				gs_done(&c.gs, r->off, 1);
+			c.dirty = 1;
+		} else if (!x && r->off < c.gs.next) {
+			r->result = RC_ALREADY;
+		} else {
+			r->result = x ? RC_STALE : RC_UNKNOWN;
+		}
+	}
+	if (grp_release(&c, e) < 0)
+		rc = -1;
+	return rc;
 }
 
 /* ===================================================================
@@ -4448,8 +5534,29 @@ static void fmt_headers(struct out *o, const struct rec_msg *m, int json)
 		out_add(o, "}", 1);
 }
 
+/* What a group consumer adds to a message: its attempt and, when leased,
+ * the lease its receipt names. */
+struct dlv {
+	const char *group;
+	unsigned attempt;
+	uint32_t lease; /* 0: not leased */
+};
+
+static void fmt_receipt(struct out *o, const struct dlv *d, int part, const struct rec_msg *m)
+{
+	if (!d || !d->lease)
+		return;
+	out_add(o, d->group, strlen(d->group));
+	out_add(o, ":", 1);
+	out_u64(o, (uint64_t)part);
+	out_add(o, ":", 1);
+	out_u64(o, m->offset);
+	out_add(o, ":", 1);
+	out_u64(o, d->lease);
+}
+
 static void fmt_msg(struct out *o, const struct msgfmt *f, const char *queue, int part,
-                    const struct rec_msg *m)
+                    const struct rec_msg *m, const struct dlv *d)
 {
 	if (f->json) {
 		out_add(o, "{\"queue\":", 9);
@@ -4472,6 +5579,15 @@ static void fmt_msg(struct out *o, const struct msgfmt *f, const char *queue, in
 			out_add(o, "null", 4);
 		out_add(o, ",\"headers\":", 11);
 		fmt_headers(o, m, 1);
+		if (d) {
+			out_add(o, ",\"attempt\":", 11);
+			out_u64(o, d->attempt);
+		}
+		if (d && d->lease) {
+			out_add(o, ",\"receipt\":\"", 12);
+			fmt_receipt(o, d, part, m);
+			out_add(o, "\"", 1);
+		}
 		out_add(o, ",\"body\":", 8);
 		out_json_str(o, m->body, m->blen);
 		out_add(o, "}\n", 2);
@@ -4488,6 +5604,8 @@ static void fmt_msg(struct out *o, const struct msgfmt *f, const char *queue, in
 			case 'T': out_u64(o, (uint64_t)m->ts); break;
 			case 'q': out_add(o, queue, strlen(queue)); break;
 			case 'h': fmt_headers(o, m, 0); break;
+			case 'a': out_u64(o, d ? d->attempt : 1); break;
+			case 'r': fmt_receipt(o, d, part, m); break;
 			case '%': out_add(o, "%", 1); break;
 			default: out_add(o, s - 1, 2);
 			}
@@ -4510,7 +5628,7 @@ static int fmt_check(const char *spec)
 	if (!strcmp(spec, "json"))
 		return 0;
 	for (const char *s = spec; *s; s++)
-		if (*s == '%' && (!s[1] || !strchr("sktopTqh%", *++s)))
+		if (*s == '%' && (!s[1] || !strchr("sktopTqhar%", *++s)))
 			return -1;
 	return 0;
 }
@@ -4887,6 +6005,21 @@ static int cmd_put(struct args *a)
 		return usage_error(a->cmd, "-K needs a non-empty delimiter and excludes -k");
 	if (opt_has(a, "whole") && (opt_has(a, "null") || kd || a->npos > 1))
 		return usage_error(a->cmd, "--whole excludes -0, -K and message arguments");
+	int64_t due = 0, dl;
+	const char *dv = opt_val(a, "delay"), *at = opt_val(a, "at");
+	if (dv && at)
+		return usage_error(a->cmd, "--delay and --at exclude each other");
+	if (dv && parse_duration_ms(dv, &dl) < 0)
+		return usage_error(a->cmd, "bad duration '%s' for --delay", dv);
+	uint64_t epoch;
+	if (at && ((parse_u64(at, &epoch) < 0 && dur_like(at)) || parse_time_ms(at, &due) < 0))
+		return usage_error(a->cmd, "bad time '%s' for --at (RFC 3339 or epoch seconds)", at);
+	if (dv)
+		due = dl ? now_ms() + dl : 0;
+	if (due > 0 && due <= now_ms())
+		due = 0; /* already due: an ordinary put */
+	if (due > 0 && opt_has(a, "print-offsets"))
+		return usage_error(a->cmd, "--print-offsets: a delayed message has no offset yet");
 	if (spool_init(a, !opt_has(a, "no-create"), &e) < 0) {
 		rc = fail(a, &e);
 		goto out;
@@ -4914,6 +6047,7 @@ static int cmd_put(struct args *a)
 		goto out;
 	}
 	prod_init(&pc.pr, q, part);
+	pc.pr.due_ms = due;
 	if (opt_has(a, "print-offsets")) {
 		pc.pr.acked = put_acked;
 		pc.pr.ctx = &pc.out;
@@ -4952,6 +6086,9 @@ static int cmd_put(struct args *a)
 		rc = fail(a, &fe);
 	else if (stop_flag) /* interrupted: what was read is stored, say so by 128+N */
 		rc = 128 + stop_flag;
+	struct mq_err te; /* moving due delayed messages is housekeeping here */
+	if (rc == 0)
+		dly_tick(q, &te);
 	prod_free(&pc.pr);
 out:
 	buf_free(&pc.out.b);
@@ -5004,43 +6141,77 @@ static void wait_free(struct waiter *w) { dur_close(&w->fd); }
 
 /* ----- mq get ----- */
 
+/* --retries and --backoff as settings for q_open(); returns how many. */
+static int opt_retry_settings(struct args *a, struct kv *set)
+{
+	int n = 0;
+	const struct opt *o = a->cmd->opts;
+	while (o->lng && strcmp(o->lng, "retries"))
+		o++;
+	if (!o->lng) /* a command without these options */
+		return 0;
+	if (opt_val(a, "retries"))
+		set[n++] = (struct kv){"retries", opt_val(a, "retries")};
+	if (opt_val(a, "backoff"))
+		set[n++] = (struct kv){"backoff", opt_val(a, "backoff")};
+	return n;
+}
+
+/* get's side of consumer_pass(). */
+struct getctx {
+	struct queue *q;
+	const char *group;
+	uint64_t want;    /* 0: all there are */
+	int commit_first;
+	int64_t lease_ms; /* < 0: no lease */
+	const struct tagset *tags;
+	struct out *o;
+	const struct msgfmt *f;
+};
+
 /*
- * Deliver up to want messages of one partition to group g under a claim
- * on it: write them out and commit only after the write succeeded
- * (at-least-once), or commit first with commit_first (at-most-once).
- * Returns messages delivered, or -1.
+ * Deliver up to want messages of one partition to the group under a
+ * claim on it.  Without a lease: write them out and commit only after the
+ * write succeeded (at-least-once), or commit first with commit_first
+ * (at-most-once).  With a lease: record the lease, then write them out;
+ * they are done when acked.  Returns messages delivered, or -1.
  */
-static int64_t get_part(struct queue *q, const char *g, int part, uint64_t want, int nonblock,
-                        int commit_first, const struct tagset *tags, struct out *o,
-                        const struct msgfmt *f, int *busy, struct mq_err *e)
+static int64_t get_part(struct getctx *g, int part, uint64_t want, int nonblock, int *busy,
+                        struct mq_err *e)
 {
 	struct claim c;
+	struct queue *q = g->q;
+	struct out *o = g->o;
 	int64_t got = 0;
-	int k = grp_claim(q, g, part, nonblock, &c, e);
+	int k = grp_claim(q, g->group, part, nonblock ? CL_NONBLOCK : 0, &c, e);
 	*busy = k == 0;
 	if (k <= 0)
 		return k;
-	c.r.tags = tags;
+	c.r.tags = g->tags;
+	struct dlv d = {g->group, 1, g->lease_ms >= 0 ? c.gs.lease + 1 : 0};
 	struct rec_msg m;
-	while ((want == 0 || (uint64_t)got < want) && (k = rd_next(&c.r, &m, e)) == 1) {
-		fmt_msg(o, f, q->name, part, &m);
+	while ((want == 0 || (uint64_t)got < want) && (k = grp_take(&c, &m, &d.attempt, e)) == 1) {
+		fmt_msg(o, g->f, q->name, part, &m, &d);
 		got++;
 	}
-	int rc = k < 0 ? -1 : 0;
+	int rc = k < 0 ? -1 : 0, first = g->commit_first || d.lease;
 	struct mq_err ce;
-	if (got > 0 || c.r.want != c.off) {
-		if (commit_first && grp_claim_commit(&c, &ce) < 0) {
-			o->b.len = 0; /* not committed: deliver nothing */
+	uint32_t lease;
+	if (got > 0) {
+		if (first && (d.lease ? grp_settle_lease(&c, now_ms() + g->lease_ms, &lease, &ce)
+		                      : grp_settle_done(&c, &ce)) < 0) {
+			o->b.len = 0; /* not recorded: deliver nothing */
 			rc = (*e = ce, -1);
 		} else if (out_flush(o) < 0) {
 			rc = err_set(e, MQ_EX_IOERR, "cannot write to stdout: %s (%s)", strerror(o->err),
-			             commit_first ? "already committed: lost for this group"
-			                          : "nothing committed");
-		} else if (!commit_first && grp_claim_commit(&c, &ce) < 0) {
+			             d.lease ? "the leases will expire and the messages come again"
+			             : first ? "already committed: lost for this group" : "nothing committed");
+		} else if (!first && grp_settle_done(&c, &ce) < 0) {
 			rc = (*e = ce, -1);
 		}
 	}
-	grp_release(&c);
+	if (grp_release(&c, &ce) < 0 && rc == 0)
+		rc = (*e = ce, -1);
 	return rc < 0 ? -1 : got;
 }
 
@@ -5060,6 +6231,8 @@ struct cpass {
 static int64_t consumer_pass(struct queue *q, const struct cpass *cp, struct mq_err *e)
 {
 	int64_t total = 0;
+	if (dly_tick(q, e) < 0) /* delayed messages now due join their partitions */
+		return -1;
 	char *busy = calloc((size_t)q->nparts, 1);
 	int start = (int)(getpid() % q->nparts);
 	if (!busy)
@@ -5082,23 +6255,11 @@ static int64_t consumer_pass(struct queue *q, const struct cpass *cp, struct mq_
 	return total;
 }
 
-/* get's side of consumer_pass(). */
-struct getctx {
-	struct queue *q;
-	const char *group;
-	uint64_t want; /* 0: all there are */
-	int commit_first;
-	const struct tagset *tags;
-	struct out *o;
-	const struct msgfmt *f;
-};
-
 static int64_t get_pass_part(void *ctx, int p, int nonblock, int64_t total, int *busy,
                              struct mq_err *e)
 {
 	struct getctx *g = ctx;
-	return get_part(g->q, g->group, p, g->want ? g->want - (uint64_t)total : 0, nonblock,
-	                g->commit_first, g->tags, g->o, g->f, busy, e);
+	return get_part(g, p, g->want ? g->want - (uint64_t)total : 0, nonblock, busy, e);
 }
 
 static int get_pass_more(void *ctx, int64_t total)
@@ -5114,11 +6275,18 @@ static int cmd_get(struct args *a)
 	struct out o = {1, {0}, 0};
 	struct msgfmt f;
 	uint64_t want;
-	int64_t wait_ms = -2; /* -2 no wait, -1 forever */
+	int64_t wait_ms = -2, lease_ms = -1; /* wait: -2 no wait, -1 forever */
 	const char *g = opt_val(a, "group") ? opt_val(a, "group") : "default", *w = opt_val(a, "wait");
+	const char *l = opt_val(a, "lease");
+	struct kv set[2];
+	int nset = opt_retry_settings(a, set);
 	a->queue = a->pos[0];
 	if (opt_u64(a, "count", 1, &want) < 0)
 		return MQ_EX_USAGE;
+	if (l && (parse_duration_ms(l, &lease_ms) < 0 || lease_ms == 0))
+		return usage_error(a->cmd, "bad duration '%s' for --lease", l);
+	if (l && opt_has(a, "commit-first"))
+		return usage_error(a->cmd, "--lease and --commit-first exclude each other");
 	if (w && *w && parse_duration_ms(w, &wait_ms) < 0)
 		return usage_error(a->cmd, "bad duration '%s' for --wait", w);
 	if (w && !*w)
@@ -5131,7 +6299,7 @@ static int cmd_get(struct args *a)
 	if (opt_tags(a, &tsbuf, &tags) < 0)
 		return MQ_EX_USAGE;
 	if (q_check_name("group", g, &e) < 0 || spool_init(a, 0, &e) < 0 ||
-	    q_open(&a->sp, a->pos[0], 0, NULL, 0, &q, &e) < 0) {
+	    q_open(&a->sp, a->pos[0], 0, set, nset, &q, &e) < 0) {
 		tagset_free(&tsbuf);
 		return fail(a, &e);
 	}
@@ -5139,7 +6307,7 @@ static int cmd_get(struct args *a)
 	if (wait_ms != -2)
 		wait_init(&wt, q);
 	int64_t deadline = wait_ms >= 0 ? mono_ms() + wait_ms : 0, got;
-	struct getctx gc = {q, g, want, opt_has(a, "commit-first"), tags, &o, &f};
+	struct getctx gc = {q, g, want, opt_has(a, "commit-first"), lease_ms, tags, &o, &f};
 	struct cpass cp = {get_pass_part, get_pass_more, &gc};
 	while ((got = consumer_pass(q, &cp, &e)) == 0 && wait_ms != -2 && !stop_flag) {
 		int64_t left = wait_ms < 0 ? -1 : deadline - mono_ms();
@@ -5166,12 +6334,15 @@ struct consume {
 	int64_t timeout_ms;       /* per run; -1 none */
 	const struct tagset *tags;
 	uint64_t done;            /* messages handled and committed */
+	uint64_t failed;          /* messages whose run failed */
 	uint64_t max;             /* stop after this many (0: no limit) */
+	int ordered;              /* a failed message blocks its partition */
 };
 
 /* The metadata of a run's first message, copied out of the reader. */
 struct runmeta {
 	int part;
+	unsigned attempt;
 	uint64_t offset, count;
 	int64_t ts;
 	struct buf key, tag;
@@ -5183,7 +6354,7 @@ struct runmeta {
  * (a run past the timeout is killed and reported as killed), -1 if it
  * could not be started.  SIGTERM/SIGINT let a running command finish. */
 static int consume_run(struct consume *c, const struct runmeta *rm, const struct buf *in,
-                       struct mq_err *e)
+                       int *timed_out, struct mq_err *e)
 {
 	int fds[2];
 	if (pipe(fds) < 0)
@@ -5208,7 +6379,8 @@ static int consume_run(struct consume *c, const struct runmeta *rm, const struct
 		setenv("MQ_COUNT", num, 1);
 		strfmt(num, sizeof num, "%" PRId64, rm->ts);
 		setenv("MQ_TIMESTAMP", num, 1);
-		setenv("MQ_ATTEMPT", "1", 1);
+		strfmt(num, sizeof num, "%u", rm->attempt);
+		setenv("MQ_ATTEMPT", num, 1);
 		setenv("MQ_KEY", rm->has_key ? rm->key.p : "", 1);
 		setenv("MQ_TAG", rm->has_tag ? rm->tag.p : "", 1);
 		char id[MQ_NAME_MAX + 64];
@@ -5241,7 +6413,7 @@ static int consume_run(struct consume *c, const struct runmeta *rm, const struct
 			return err_sys(e, MQ_EX_IOERR, "cannot wait for '%s'", c->argv[0]);
 		if (r == 0 && !killed && mono_ms() >= deadline) {
 			kill(pid, SIGKILL);
-			killed = 1;
+			killed = *timed_out = 1;
 		}
 		if (r == 0)
 			poll(NULL, 0, 5);
@@ -5249,11 +6421,21 @@ static int consume_run(struct consume *c, const struct runmeta *rm, const struct
 	return st;
 }
 
+/* Why a run failed, from its wait status (MQ_WHY_* | detail << 8). */
+static uint32_t run_why(int st, int timed_out)
+{
+	if (timed_out)
+		return MQ_WHY_TIMEOUT;
+	if (WIFEXITED(st))
+		return MQ_WHY_EXIT | (uint32_t)WEXITSTATUS(st) << 8;
+	return MQ_WHY_SIGNAL | (uint32_t)(WIFSIGNALED(st) ? WTERMSIG(st) : 0) << 8;
+}
+
 /*
  * Consume from one partition holding the group's lock on it: take up to
- * batch messages, run the command, commit when it exits 0, and go on.
- * Returns messages committed; -1 on an error; -2 when the command failed
- * (its messages are not committed and will come again).
+ * batch messages (retries due first), run the command, and settle: done
+ * when it exits 0, else failed (retried after the backoff, or buried in
+ * QUEUE.dlq after the last retry).  Returns messages done, or -1.
  */
 static int64_t consume_part(struct consume *c, int part, int nonblock, int *busy,
                             struct mq_err *e)
@@ -5261,53 +6443,59 @@ static int64_t consume_part(struct consume *c, int part, int nonblock, int *busy
 	struct queue *q = c->q;
 	struct claim cl;
 	int64_t done = 0;
-	int k = grp_claim(q, c->group, part, nonblock, &cl, e);
+	int k = grp_claim(q, c->group, part, (nonblock ? CL_NONBLOCK : 0) |
+	                  (c->ordered ? CL_ORDERED : 0), &cl, e);
 	*busy = k == 0;
 	if (k <= 0)
 		return k;
-	struct reader *r = &cl.r;
-	r->tags = c->tags;
+	cl.r.tags = c->tags;
 	struct runmeta rm = {0};
 	struct out o = {-1, {0}, 0};
 	struct msgfmt f = {0, "%s\\n"};
 	int rc = 0;
 	while (rc == 0 && !stop_flag && (c->max == 0 || c->done < c->max)) {
 		struct rec_msg m;
+		unsigned attempt;
 		uint64_t n = 0, room = c->max ? c->max - c->done : UINT64_MAX;
 		k = 0;
 		o.b.len = 0;
-		while (n < c->batch && n < room && (k = rd_next(r, &m, e)) == 1) {
+		while (n < c->batch && n < room && (k = grp_take(&cl, &m, &attempt, e)) == 1) {
 			if (n == 0) {
-				rm = (struct runmeta){part, m.offset, 0, m.ts, rm.key, rm.tag, m.has_key, m.has_tag};
+				rm = (struct runmeta){part, attempt, m.offset, 0, m.ts, rm.key, rm.tag,
+				                      m.has_key, m.has_tag};
 				rm.key.len = rm.tag.len = 0;
 				buf_add(&rm.key, m.key, m.klen);
 				buf_addc0(&rm.key);
 				buf_add(&rm.tag, m.tag, m.tlen);
 				buf_addc0(&rm.tag);
 			}
-			fmt_msg(&o, &f, q->name, part, &m);
+			if (attempt > rm.attempt)
+				rm.attempt = attempt; /* MQ_ATTEMPT: the batch's highest */
+			fmt_msg(&o, &f, q->name, part, &m, NULL);
 			n++;
 		}
-		if (k < 0) {
+		if (k < 0)
 			rc = -1;
+		if (n == 0 || rc < 0)
 			break;
-		}
-		if (n == 0) {
-			if (r->want != cl.off) /* only skipped (tag, retention): move on */
-				rc = grp_claim_commit(&cl, e);
-			break;
-		}
 		rm.count = n;
-		int st = consume_run(c, &rm, &o.b, e);
+		int timed_out = 0, st = consume_run(c, &rm, &o.b, &timed_out, e);
 		if (st < 0) {
 			rc = -1;
-		} else if (!WIFEXITED(st) || WEXITSTATUS(st) != 0) {
-			err_set(e, MQ_EX_TEMPFAIL, "'%s' failed on %s/%d offset %" PRIu64 " (%s %d); not "
-			        "committed, it will be delivered again", c->argv[0], q->name, part, rm.offset,
-			        WIFEXITED(st) ? "exit status" : "killed by signal",
-			        WIFEXITED(st) ? WEXITSTATUS(st) : WTERMSIG(st));
-			rc = -2;
-		} else if (grp_claim_commit(&cl, e) < 0) {
+		} else if (timed_out || !WIFEXITED(st) || WEXITSTATUS(st) != 0) {
+			char w[64];
+			uint32_t why = run_why(st, timed_out);
+			why_text(why, w, sizeof w);
+			if ((int64_t)rm.attempt <= q->conf.retries) {
+				char d[32];
+				fmt_duration(d, sizeof d, backoff_ms(&q->conf, rm.attempt));
+				sp_notice(q->sp, "'%s' failed on %s/%d offset %" PRIu64 " (%s, attempt %u of %"
+				          PRId64 "); retry in %s", c->argv[0], q->name, part, rm.offset, w,
+				          rm.attempt, q->conf.retries + 1, d);
+			}
+			c->failed += n;
+			rc = grp_settle_failed(&cl, why, e);
+		} else if (grp_settle_done(&cl, e) < 0) {
 			rc = -1;
 		} else {
 			done += (int64_t)n;
@@ -5317,7 +6505,9 @@ static int64_t consume_part(struct consume *c, int part, int nonblock, int *busy
 	buf_free(&o.b);
 	buf_free(&rm.key);
 	buf_free(&rm.tag);
-	grp_release(&cl);
+	struct mq_err re;
+	if (grp_release(&cl, &re) < 0 && rc == 0)
+		rc = (*e = re, -1);
 	return rc < 0 ? rc : done;
 }
 
@@ -5342,10 +6532,13 @@ static int cmd_consume(struct args *a)
 	struct consume c = {0};
 	const char *w = opt_val(a, "wait"), *t = opt_val(a, "timeout");
 	int64_t wait_ms = -2; /* -2: stop when empty; -1: wait for ever */
+	struct kv set[2];
+	int nset = opt_retry_settings(a, set);
 	a->queue = a->pos[0];
 	c.group = opt_val(a, "group");
 	c.argv = a->pos + 1;
 	c.timeout_ms = -1;
+	c.ordered = opt_has(a, "ordered");
 	if (!c.group)
 		return usage_error(a->cmd, "-g GROUP is required");
 	if (opt_u64(a, "batch", 1, &c.batch) < 0 || opt_u64(a, "max", 0, &c.max) < 0)
@@ -5364,7 +6557,7 @@ static int cmd_consume(struct args *a)
 	if (opt_tags(a, &tsbuf, &c.tags) < 0)
 		return MQ_EX_USAGE;
 	if (q_check_name("group", c.group, &e) < 0 || spool_init(a, 0, &e) < 0 ||
-	    q_open(&a->sp, a->queue, 0, NULL, 0, &c.q, &e) < 0) {
+	    q_open(&a->sp, a->queue, 0, set, nset, &c.q, &e) < 0) {
 		tagset_free(&tsbuf);
 		return fail(a, &e);
 	}
@@ -5392,6 +6585,217 @@ static int cmd_consume(struct args *a)
 	if (got < 0)
 		return fail(a, &e);
 	return MQ_EX_OK;
+}
+
+/* ----- mq ack, mq nack ----- */
+
+static int cmp_receipt(const void *x, const void *y)
+{
+	const struct receipt *a = *(struct receipt *const *)x, *b = *(struct receipt *const *)y;
+	int c = strcmp(a->group, b->group);
+	return c ? c : (a->part > b->part) - (a->part < b->part);
+}
+
+/* mq ack QUEUE RECEIPT... / mq nack [--delay DURATION] QUEUE RECEIPT...:
+ * receipts from the arguments, else whitespace-separated on stdin. */
+static int cmd_ack(struct args *a)
+{
+	struct mq_err e = {0};
+	struct queue *q = NULL;
+	int nack = !strcmp(a->cmd->name, "nack"), rc = MQ_EX_OK;
+	int64_t delay = -1;
+	const char *d = nack ? opt_val(a, "delay") : NULL;
+	struct buf in = {0};
+	struct kv set[2];
+	int nset = opt_retry_settings(a, set);
+	a->queue = a->pos[0];
+	if (d && parse_duration_ms(d, &delay) < 0)
+		return usage_error(a->cmd, "bad duration '%s' for --delay", d);
+	if (a->npos == 1) { /* receipts on stdin */
+		char chunk[65536];
+		ssize_t n;
+		while ((n = read(0, chunk, sizeof chunk)) != 0) {
+			if (n < 0 && errno == EINTR)
+				continue;
+			if (n < 0) {
+				err_sys(&e, MQ_EX_IOERR, "cannot read receipts from stdin");
+				return fail(a, &e);
+			}
+			buf_add(&in, chunk, (size_t)n);
+		}
+		buf_addc0(&in);
+	}
+	size_t nr = 0, cap = 16;
+	struct receipt *rs = malloc(cap * sizeof *rs);
+	char *save = NULL, *w = in.p ? strtok_r(in.p, " \t\r\n", &save) : NULL;
+	if (!rs)
+		abort();
+	for (int i = 1; a->npos > 1 ? i < a->npos : w != NULL; i++) {
+		const char *text = a->npos > 1 ? a->pos[i] : w;
+		if (nr == cap && !(rs = realloc(rs, (cap *= 2) * sizeof *rs)))
+			abort();
+		if (receipt_parse(text, &rs[nr]) < 0) {
+			rc = usage_error(a->cmd, "bad receipt '%s' (GROUP:PARTITION:OFFSET:LEASE, as get "
+			                 "--lease -f '%%r' prints)", text);
+			goto out;
+		}
+		nr++;
+		if (a->npos == 1)
+			w = strtok_r(NULL, " \t\r\n", &save);
+	}
+	if (nr == 0) {
+		rc = usage_error(a->cmd, "no receipts given");
+		goto out;
+	}
+	if (spool_init(a, 0, &e) < 0 || q_open(&a->sp, a->queue, 0, set, nset, &q, &e) < 0) {
+		rc = fail(a, &e);
+		goto out;
+	}
+	/* one claim (one synced write) per group and partition */
+	struct receipt **by = malloc(nr * sizeof *by), *run = NULL;
+	if (!by)
+		abort();
+	for (size_t i = 0; i < nr; i++)
+		by[i] = &rs[i];
+	qsort(by, nr, sizeof *by, cmp_receipt);
+	for (size_t i = 0, j; i < nr && rc == MQ_EX_OK; i = j) {
+		for (j = i + 1; j < nr && !cmp_receipt(&by[i], &by[j]);)
+			j++;
+		if (by[i]->part >= q->nparts) {
+			err_set(&e, MQ_EX_DATAERR, "receipt '%s:%d:...' names partition %d; the queue has %d",
+			        by[i]->group, by[i]->part, by[i]->part, q->nparts);
+			rc = fail(a, &e);
+			break;
+		}
+		/* grp_answer takes an array: gather this run's receipts */
+		run = realloc(run, (j - i) * sizeof *run);
+		if (!run)
+			abort();
+		for (size_t k = i; k < j; k++)
+			run[k - i] = *by[k];
+		if (grp_answer(q, by[i]->group, by[i]->part, run, j - i, nack, delay, &e) < 0) {
+			rc = fail(a, &e);
+			break;
+		}
+		for (size_t k = i; k < j; k++)
+			by[k]->result = run[k - i].result;
+	}
+	free(run);
+	free(by);
+	int failed = rc != MQ_EX_OK;
+	for (size_t i = 0; i < nr && !failed; i++) {
+		struct receipt *r = &rs[i];
+		if (r->result == RC_STALE) {
+			fprintf(stderr, "%s: %s: %s: receipt %s:%d:%" PRIu64 ":%u is stale: its lease expired "
+			        "and the message will be or was delivered again\n", progname, a->cmd->name,
+			        a->queue, r->group, r->part, r->off, r->lease);
+			if (rc == MQ_EX_OK)
+				rc = MQ_EX_TEMPFAIL;
+		} else if (r->result == RC_UNKNOWN) {
+			fprintf(stderr, "%s: %s: %s: receipt %s:%d:%" PRIu64 ":%u names a message never "
+			        "delivered to group '%s'\n", progname, a->cmd->name, a->queue, r->group,
+			        r->part, r->off, r->lease, r->group);
+			rc = MQ_EX_DATAERR;
+		}
+	}
+out:
+	free(rs);
+	buf_free(&in);
+	q_close(q);
+	return rc;
+}
+
+/* ----- mq move ----- */
+
+/* Copy m's header block into b without the headers whose names start
+ * with prefix. */
+static void hdrs_without(const struct rec_msg *m, const char *prefix, struct buf *b)
+{
+	const unsigned char *p = m->hdrs, *end = m->hdrs + m->hlen, *hn, *hv;
+	uint64_t left = 0, kept = 0;
+	size_t nl, vl, plen = strlen(prefix);
+	unsigned char tmp[10];
+	struct buf pairs = {0};
+	b->len = 0;
+	if (m->hlen)
+		p += varint_get(p, end, &left);
+	while (rec_hdr_next(&p, end, &left, &hn, &nl, &hv, &vl)) {
+		if (nl >= plen && !memcmp(hn, prefix, plen))
+			continue;
+		buf_add(&pairs, tmp, varint_put(tmp, nl));
+		buf_add(&pairs, hn, nl);
+		buf_add(&pairs, tmp, varint_put(tmp, vl));
+		buf_add(&pairs, hv, vl);
+		kept++;
+	}
+	if (kept) {
+		buf_add(b, tmp, varint_put(tmp, kept));
+		buf_add(b, pairs.p, pairs.len);
+	}
+	buf_free(&pairs);
+}
+
+/*
+ * mq move [-g GROUP] [-n COUNT] SRC DST: consume SRC as GROUP and put its
+ * messages into DST (without the mq-dlq-* headers a burial added).  SRC's
+ * group commits only once DST has them durable: a crash in between
+ * moves them again (at-least-once), never loses them.
+ */
+static int cmd_move(struct args *a)
+{
+	struct mq_err e = {0};
+	struct queue *src = NULL, *dst = NULL;
+	const char *g = opt_val(a, "group") ? opt_val(a, "group") : "move";
+	uint64_t want, moved = 0;
+	int rc = 0;
+	a->queue = a->pos[0];
+	if (opt_u64(a, "count", 0, &want) < 0)
+		return MQ_EX_USAGE;
+	if (!strcmp(a->pos[0], a->pos[1]))
+		return usage_error(a->cmd, "source and destination are the same queue");
+	if (q_check_name("group", g, &e) < 0 || spool_init(a, 0, &e) < 0 ||
+	    q_open(&a->sp, a->pos[0], 0, NULL, 0, &src, &e) < 0 ||
+	    q_open(&a->sp, a->pos[1], 1, NULL, 0, &dst, &e) < 0) {
+		q_close(src);
+		return fail(a, &e);
+	}
+	struct prod pr;
+	struct buf hb = {0};
+	prod_init(&pr, dst, -1);
+	for (int i = 0; i < src->nparts && rc == 0 && (want == 0 || moved < want); i++) {
+		struct claim c;
+		struct rec_msg m;
+		unsigned attempt;
+		int k = 0;
+		if (grp_claim(src, g, i, 0, &c, &e) < 0) {
+			rc = -1;
+			break;
+		}
+		while ((want == 0 || moved < want) && (k = grp_take(&c, &m, &attempt, &e)) == 1) {
+			struct rec_msg d = m;
+			hdrs_without(&m, "mq-dlq-", &hb);
+			d.hdrs = (const unsigned char *)hb.p;
+			d.hlen = hb.len;
+			d.ts = now_ms();
+			if (prod_add(&pr, &d, &e) < 0) {
+				k = -1;
+				break;
+			}
+			moved++;
+		}
+		if (k < 0 || prod_flush(&pr, 1, &e) < 0 || grp_settle_done(&c, &e) < 0)
+			rc = -1;
+		struct mq_err re;
+		if (grp_release(&c, &re) < 0 && rc == 0)
+			rc = (e = re, -1);
+	}
+	prod_free(&pr);
+	buf_free(&hb);
+	q_close(src);
+	q_close(dst);
+	if (rc < 0)
+		return fail(a, &e);
+	return moved ? MQ_EX_OK : MQ_EX_EMPTY;
 }
 
 /* ----- mq peek, mq tail ----- */
@@ -5468,7 +6872,7 @@ static int peek_run(struct args *a, int tail)
 			if (rd[i].p == NULL)
 				continue;
 			while ((n == 0 || printed < n) && (k = rd_next(&rd[i], &m, &e)) == 1) {
-				fmt_msg(&o, &f, q->name, i, &m);
+				fmt_msg(&o, &f, q->name, i, &m, NULL);
 				printed++;
 			}
 			if (k < 0)
@@ -5519,8 +6923,8 @@ static int cmd_ls(struct args *a)
 /* One group as a JSON object (shared by stat --json and groups --json). */
 static void gstat_json(const struct gstat *gs, int nparts, int64_t now)
 {
-	printf("{\"group\":\"%s\",\"lag\":%" PRIu64 ",\"oldest_unconsumed_age_ms\":", gs->name,
-	       gs->lag);
+	printf("{\"group\":\"%s\",\"lag\":%" PRIu64 ",\"leased\":%" PRIu64 ",\"retrying\":%"
+	       PRIu64 ",\"oldest_unconsumed_age_ms\":", gs->name, gs->lag, gs->leased, gs->waiting);
 	if (gs->oldest_ts == INT64_MAX)
 		printf("null");
 	else
@@ -5639,7 +7043,8 @@ static int cmd_groups(struct args *a)
 	if (json)
 		printf("[");
 	else if (st.ngroups)
-		printf("%-20s %10s %10s  %s\n", "GROUP", "LAG", "OLDEST", "OFFSETS");
+		printf("%-20s %10s %8s %8s %10s  %s\n", "GROUP", "LAG", "LEASED", "RETRYING", "OLDEST",
+		       "OFFSETS");
 	for (size_t g = 0; g < st.ngroups; g++) {
 		const struct gstat *gs = &st.g[g];
 		char age[32] = "-";
@@ -5650,7 +7055,8 @@ static int cmd_groups(struct args *a)
 		}
 		if (gs->oldest_ts != INT64_MAX)
 			fmt_duration(age, sizeof age, now - gs->oldest_ts);
-		printf("%-20s %10" PRIu64 " %10s  ", gs->name, gs->lag, age);
+		printf("%-20s %10" PRIu64 " %8" PRIu64 " %8" PRIu64 " %10s  ", gs->name, gs->lag,
+		       gs->leased, gs->waiting, age);
 		for (int i = 0; i < st.nparts; i++)
 			printf("%s%d:%" PRIu64, i ? " " : "", i, gs->off[i]);
 		printf("\n");
@@ -5870,6 +7276,8 @@ static const struct opt put_opts[] = {
 	{0, "fsync", A_REQ, "MODE", "always, batch, interval:MS or never (default: the queue's)"},
 	{0, "print-offsets", A_NONE, NULL, "print PARTITION:OFFSET of each message once durable"},
 	{0, "no-create", A_NONE, NULL, "fail (66) instead of creating a missing queue"},
+	{0, "delay", A_REQ, "DURATION", "deliver no earlier than DURATION from now"},
+	{0, "at", A_REQ, "TIME", "deliver no earlier than TIME (RFC 3339 or epoch seconds)"},
 	{0, NULL, 0, NULL, NULL}};
 
 static const struct opt get_opts[] = {
@@ -5880,6 +7288,9 @@ static const struct opt get_opts[] = {
 	{'0', "null", A_NONE, NULL, "end each message with NUL instead of newline"},
 	{0, "commit-first", A_NONE, NULL, "commit before writing out (at-most-once)"},
 	{0, "tag", A_REQ, "EXPR", "only messages tagged so: TAG or 'TAG1||TAG2'"},
+	{0, "lease", A_REQ, "DURATION", "lease the messages for DURATION; ack them by receipt (%r)"},
+	{0, "retries", A_REQ, "N", "retries before a message goes to QUEUE.dlq (default 16)"},
+	{0, "backoff", A_REQ, "DELAYS", "delays before each retry (default 10s 30s 1m ... 2h)"},
 	{0, NULL, 0, NULL, NULL}};
 
 static const struct opt peek_opts[] = {
@@ -5910,6 +7321,22 @@ static const struct opt consume_opts[] = {
 	{0, "batch", A_REQ, "N", "up to N messages per run of the command (default 1)"},
 	{0, "timeout", A_REQ, "DURATION", "kill a run after DURATION (it counts as failed)"},
 	{0, "tag", A_REQ, "EXPR", "only messages tagged so: TAG or 'TAG1||TAG2'"},
+	{0, "ordered", A_NONE, NULL, "retry a failed message in place: nothing after it runs first"},
+	{0, "retries", A_REQ, "N", "retries before a message goes to QUEUE.dlq (default 16)"},
+	{0, "backoff", A_REQ, "DELAYS", "delays before each retry (default 10s 30s 1m ... 2h)"},
+	{0, NULL, 0, NULL, NULL}};
+
+static const struct opt ack_opts[] = {{0, NULL, 0, NULL, NULL}};
+
+static const struct opt nack_opts[] = {
+	{0, "delay", A_REQ, "DURATION", "come again after DURATION (default: the backoff)"},
+	{0, "retries", A_REQ, "N", "retries before a message goes to QUEUE.dlq (default 16)"},
+	{0, "backoff", A_REQ, "DELAYS", "delays before each retry (default 10s 30s 1m ... 2h)"},
+	{0, NULL, 0, NULL, NULL}};
+
+static const struct opt move_opts[] = {
+	{'g', "group", A_REQ, "GROUP", "consumer group reading SOURCE (default: move)"},
+	{'n', "count", A_REQ, "COUNT", "move at most COUNT messages (default: all)"},
 	{0, NULL, 0, NULL, NULL}};
 
 static const struct opt json_opts[] = {
@@ -5924,6 +7351,9 @@ static const struct opt create_opts[] = {
 	{0, "retain-bytes", A_REQ, "SIZE", "keep at most SIZE per partition"},
 	{0, "compression", A_REQ, "ALGO", "none or zlib (per batch)"},
 	{0, "max-message-bytes", A_REQ, "SIZE", "largest message accepted (default 4M)"},
+	{0, "retries", A_REQ, "N", "retries of a failed message before QUEUE.dlq (default 16)"},
+	{0, "backoff", A_REQ, "DELAYS", "delays before each retry (default 10s 30s 1m ... 2h)"},
+	{0, "dedupe-window", A_REQ, "DURATION", "put --id drops duplicates this recent (default 2m)"},
 	{0, "if-not-exists", A_NONE, NULL, "an existing queue is not an error"},
 	{0, NULL, 0, NULL, NULL}};
 
@@ -5941,15 +7371,32 @@ static const struct opt no_opts[] = {{0, NULL, 0, NULL, NULL}};
 
 static const struct cmd cmds[] = {
 	{"put", cmd_put, "[-0 | --whole] [-k KEY | -K DELIM] [-t TAG] [-H NAME=VALUE]... "
-	 "[-p N] [--fsync MODE] [--print-offsets] [--no-create] QUEUE [MSG...]",
+	 "[-p N] [--fsync MODE] [--print-offsets] [--no-create] [--delay DURATION | --at TIME] "
+	 "QUEUE [MSG...]",
 	 "Append messages: the arguments, else stdin, one per line.  Exits 0 only once\n"
 	 "they are durable (fsync batch/always).  Creates the queue on first use.",
 	 put_opts, 1, -1},
 	{"get", cmd_get, "[-g GROUP] [-n COUNT] [-w [TIMEOUT]] [-f FORMAT] [-0] [--commit-first] "
-	 "[--tag EXPR] QUEUE",
-	 "Print the group's next messages and commit them after they are written out\n"
-	 "(at-least-once).  Exits 1 when there is nothing (after the wait, if any).",
+	 "[--tag EXPR] [--lease DURATION] [--retries N] [--backoff DELAYS] QUEUE",
+	 "Print the group's next messages (retries that are due first) and commit them\n"
+	 "after they are written out (at-least-once).  With --lease, hand them out until\n"
+	 "acked instead.  Exits 1 when there is nothing (after the wait, if any).",
 	 get_opts, 1, 1},
+	{"ack", cmd_ack, "QUEUE [RECEIPT...]",
+	 "Acknowledge leased messages by receipt (from the arguments, else stdin): they\n"
+	 "are done.  Exits 75 if a lease had expired and the message was handed out\n"
+	 "again, 65 for a receipt of a message never delivered.",
+	 ack_opts, 1, -1},
+	{"nack", cmd_ack, "[--delay DURATION] QUEUE [RECEIPT...]",
+	 "Give leased messages back: each comes again after DURATION (default: the\n"
+	 "queue's backoff) with its attempt count raised, or goes to QUEUE.dlq after\n"
+	 "the last retry.",
+	 nack_opts, 1, -1},
+	{"move", cmd_move, "[-g GROUP] [-n COUNT] SOURCE DEST",
+	 "Move messages from SOURCE to DEST, e.g. dead letters back with\n"
+	 "'mq move jobs.dlq jobs'.  SOURCE is read as consumer group GROUP (default\n"
+	 "move), so a second run moves only what came since.  Exits 1 if nothing moved.",
+	 move_opts, 2, 2},
 	{"peek", cmd_peek, "[-n COUNT] [--from OFFSET | --since TIME | --last N] [-p P] "
 	 "[-f FORMAT] [-0] [--tag EXPR] QUEUE",
 	 "Print messages without consuming them.  Exits 1 when it printed nothing.",
@@ -5957,10 +7404,11 @@ static const struct cmd cmds[] = {
 	{"tail", cmd_tail, "[-F] [-n N] [-p P] [-f FORMAT] [-0] [--tag EXPR] QUEUE",
 	 "Print the last messages; with -F keep following like tail -f.", tail_opts, 1, 1},
 	{"consume", cmd_consume, "-g GROUP [-e | -w [TIMEOUT]] [--max N] [--batch N] "
-	 "[--timeout DURATION] [--tag EXPR] QUEUE -- CMD [ARG...]",
+	 "[--timeout DURATION] [--tag EXPR] [--ordered] [--retries N] [--backoff DELAYS] "
+	 "QUEUE -- CMD [ARG...]",
 	 "Run CMD for each message (or --batch of them) with the body on stdin and its\n"
-	 "metadata in MQ_* variables; commit when CMD exits 0.  A failed run stops\n"
-	 "consume (75) without committing, so its messages come again.",
+	 "metadata in MQ_* variables; commit when CMD exits 0.  A failed run's messages\n"
+	 "come again after the backoff, and go to QUEUE.dlq after the last retry.",
 	 consume_opts, 2, -1},
 	{"ls", cmd_ls, "[--json]", "List the queues of the spool.", json_opts, 0, 0},
 	{"stat", cmd_stat, "[--json] [QUEUE...]",
@@ -5976,7 +7424,8 @@ static const struct cmd cmds[] = {
 	 seek_opts, 1, 1},
 	{"create", cmd_create, "[--partitions N] [--fsync MODE] [--segment-bytes SIZE] "
 	 "[--retain-age DURATION] [--retain-bytes SIZE] [--compression ALGO] "
-	 "[--max-message-bytes SIZE] [--if-not-exists] QUEUE",
+	 "[--max-message-bytes SIZE] [--retries N] [--backoff DELAYS] [--dedupe-window DURATION] "
+	 "[--if-not-exists] QUEUE",
 	 "Create a queue; the settings given are stored with it.", create_opts, 1, 1},
 	{"rm", cmd_rm, "QUEUE...", "Remove queues with all their messages and groups.", no_opts, 1, -1},
 	{"purge", cmd_purge, "QUEUE...", "Remove every message of the queues, keeping them and "

@@ -149,22 +149,96 @@
 #define MQ_HEAD_SIZE 40
 
 /* ---------------------------------------------------------------------
- * Offset file groups/GROUP/P.off: a group's committed offset in partition
- * P, the next offset the group will read.  Two MQ_OFF_SLOT-byte slots
- * written alternately (sequence s goes to slot s % 2), so a torn write can
- * damage only the slot being written and the other still holds the last
- * commit.  A reader takes the valid slot with the higher sequence; no valid
- * slot means offset 0 (redelivery, never a skipped message).
+ * Offset file groups/GROUP/P.off: group GROUP's state in partition P.
+ * Every offset below `committed` is done; every offset from `next` on was
+ * never delivered; between the two, the entries name the offsets leased
+ * out or waiting for a retry, and an offset no entry names is done.
+ *
+ * The file holds state records, each starting at a multiple of
+ * MQ_OFF_ALIGN.  A reader takes the valid record with the highest
+ * sequence; no valid record means committed = next = 0 (redelivery, never
+ * a skipped message).  A writer puts the next record after the newest
+ * one, or back at position 0 once the file would pass MQ_OFF_WRAP and the
+ * record ends before the newest one starts: the newest record is never
+ * overwritten, so a torn write leaves it in force.
  *
  *   off size field
- *     0   4  magic       MQ_OFF_MAGIC ("MQO1")
- *     4   4  crc         zlib crc32 of bytes 8..31
- *     8   8  sequence    1, 2, 3 ...
- *    16   8  offset      committed offset
- *    24   8  time        ms since the epoch of the commit
+ *     0   4  magic       MQ_OFF_MAGIC ("MQO2")
+ *     4   4  crc         zlib crc32 of bytes 8..len-1
+ *     8   4  len         MQ_OFF_HDR + entries * MQ_OFF_ENTRY
+ *    12   4  entries
+ *    16   8  sequence    1, 2, 3 ...
+ *    24   8  committed   the low watermark: all below is done
+ *    32   8  next        the first offset never delivered
+ *    40   8  time        ms since the epoch of the write
+ *    48   4  lease id    the last lease id handed out (receipts name it)
+ *    52  12  reserved    zero
+ *    64      entries, by offset, not overlapping, inside [committed, next):
+ *     +0   8  first       first offset of the run
+ *     +8   4  count       messages in the run (> 0)
+ *    +12   2  attempt     leased: this delivery's attempt (1 = first);
+ *                         waiting: the attempt the retry will be
+ *    +14   2  kind        MQ_OFF_LEASED or MQ_OFF_WAITING
+ *    +16   8  until       ms since the epoch: lease expiry, or retry due
+ *    +24   4  lease id    of the lease (leased)
+ *    +28   4  why         the last failure: MQ_WHY_* | detail << 8 (exit
+ *                         status or signal number)
  * --------------------------------------------------------------------- */
-#define MQ_OFF_MAGIC 0x314f514du /* "MQO1" */
-#define MQ_OFF_SLOT 32
+#define MQ_OFF_MAGIC 0x324f514du /* "MQO2" */
+#define MQ_OFF_HDR 64
+#define MQ_OFF_ENTRY 32
+#define MQ_OFF_ALIGN 64
+#define MQ_OFF_WRAP (64 << 10)
+#define MQ_OFF_FILE_MAX (64 << 20) /* a larger file is refused as damaged */
+#define MQ_OFF_LEASED 1
+#define MQ_OFF_WAITING 2
+#define MQ_WHY_EXIT 1    /* the command exited non-zero */
+#define MQ_WHY_SIGNAL 2  /* the command was killed by a signal */
+#define MQ_WHY_TIMEOUT 3 /* the command ran past --timeout */
+#define MQ_WHY_NACK 4    /* mq nack */
+#define MQ_WHY_EXPIRED 5 /* the lease expired without an ack */
+
+/* ---------------------------------------------------------------------
+ * Delayed messages: QUEUE/delay/ (the timing wheel).
+ *
+ *   delay/lock                     flock: one mover or delayed put at a time
+ *   delay/next                     hint: the earliest due time waiting
+ *   delay/moving                   the move intent, two slots
+ *   delay/KKKKKKKKKKKK/SSSSSSSSSSSS.P
+ *                                  bucket: messages for partition P due at
+ *                                  second S (K = S / 1000), 12 digits each
+ *
+ * A bucket holds batches in the record format (base offset 0), appended
+ * under the lock; a message is due at the bucket's second, which is its
+ * requested time rounded up.  The hint (MQ_DELAY_HINT bytes):
+ *     0   4  magic   MQ_DELAY_MAGIC
+ *     4   4  crc     zlib crc32 of bytes 8..15
+ *     8   8  due     ms since the epoch (INT64_MAX: nothing waits)
+ * It is lowered (and synced) before a bucket is written, so it is never
+ * later than the earliest bucket; unreadable means "look".  An intent slot
+ * (MQ_DELAY_INTENT bytes, slot seq % 2; the valid one with the higher
+ * sequence counts), written and synced before each chunk is appended:
+ *     0   4  magic   MQ_DELAY_MAGIC
+ *     4   4  crc     zlib crc32 of bytes 8..63
+ *     8   8  seq     1, 2, 3 ...; its low 32 bits are the producer seq of
+ *                    the chunk's batches (producer id MQ_PRODUCER_DELAY)
+ *    16   8  second  the bucket
+ *    24   4  part    the bucket's partition
+ *    28   4  count   messages in the chunk
+ *    32   8  from    the chunk is bucket bytes [from, to)
+ *    40   8  to
+ *    48   8  at      the partition offset of the chunk's first message
+ * After a crash, the chunk landed iff offset at + count - 1 exists in a
+ * batch stamped with seq; the move resumes at `to` if so, else at `from`.
+ * --------------------------------------------------------------------- */
+#define MQ_DELAY_DIR "delay"
+#define MQ_DELAY_NEXT "next"
+#define MQ_DELAY_MOVING "moving"
+#define MQ_DELAY_MAGIC 0x3144514du /* "MQD1" */
+#define MQ_DELAY_HINT 16
+#define MQ_DELAY_INTENT 64
+#define MQ_DELAY_DIGITS 12
+#define MQ_PRODUCER_DELAY 1 /* producer id of batches the delay mover writes */
 
 /* ---------------------------------------------------------------------
  * Hashes.  MQ_KEY_HASH picks a partition: FNV-1a 32-bit over the key
@@ -185,6 +259,11 @@
 #define MQ_MAX_SEGMENT_BYTES (1ll << 30) /* batch positions are u32 */
 #define MQ_DEF_MAX_MESSAGE (4ll << 20)
 #define MQ_MAX_MESSAGE_LIMIT (32ll << 20)
+#define MQ_DEF_RETRIES 16             /* retries before a message is dead */
+#define MQ_DEF_BACKOFF "10s 30s 1m 2m 3m 4m 5m 6m 7m 8m 9m 10m 20m 30m 1h 2h"
+#define MQ_BACKOFF_MAX 32             /* delays in a backoff list */
+#define MQ_DEF_DEDUPE_MS (120 * 1000) /* put --id: duplicates within this */
+#define MQ_DLQ_SUFFIX ".dlq"          /* dead letters of Q go to Q.dlq */
 #define MQ_SYNC_EVERY_MS 200          /* fsync=batch: sync at least this often */
 #define MQ_SYNC_EVERY_BYTES (8 << 20) /* ... or after this many bytes */
 #define MQ_FLUSH_BYTES (2 << 20)      /* a producer buffers at most this much */

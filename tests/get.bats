@@ -148,8 +148,8 @@ long_name() { head -c "$1" /dev/zero | tr '\0' n; }
 	local norm
 	norm=$(sed -E 's/"timestamp":[0-9]+,/"timestamp":TS,/' <<<"$output")
 	assert_eq "$norm" "$(printf '%s\n%s' \
-		'{"queue":"q","partition":0,"offset":0,"timestamp":TS,"key":"K","tag":"T","headers":{"a":"b","c":"d"},"body":"hello"}' \
-		'{"queue":"q","partition":0,"offset":1,"timestamp":TS,"key":null,"tag":null,"headers":{},"body":"plain"}')"
+		'{"queue":"q","partition":0,"offset":0,"timestamp":TS,"key":"K","tag":"T","headers":{"a":"b","c":"d"},"attempt":1,"body":"hello"}' \
+		'{"queue":"q","partition":0,"offset":1,"timestamp":TS,"key":null,"tag":null,"headers":{},"attempt":1,"body":"plain"}')"
 }
 
 @test "get -f json: quotes, backslashes and control characters are escaped" {

@@ -10,12 +10,12 @@ load helper
 	mq get q -g one -n 2 >/dev/null
 	mq get q -g two -n 0 >/dev/null
 	run -0 mq groups q
-	assert_eq "${lines[0]}" "$(printf '%-20s %10s %10s  %s' GROUP LAG OLDEST OFFSETS)"
+	assert_eq "${lines[0]}" "$(printf '%-20s %10s %8s %8s %10s  %s' GROUP LAG LEASED RETRYING OLDEST OFFSETS)"
 	# get starts at a partition picked from its pid: either one went first.
-	[[ "${lines[1]}" =~ ^one\ +3\ +[0-9][0-9a-z]*\ +(0:2\ 1:0|0:0\ 1:2)$ ]]
-	[[ "${lines[2]}" =~ ^two\ +0\ +-\ +0:3\ 1:2$ ]]
+	[[ "${lines[1]}" =~ ^one\ +3\ +0\ +0\ +[0-9][0-9a-z]*\ +(0:2\ 1:0|0:0\ 1:2)$ ]]
+	[[ "${lines[2]}" =~ ^two\ +0\ +0\ +0\ +-\ +0:3\ 1:2$ ]]
 	run -0 mq groups --json q
-	[[ "$output" == '[{"group":"one","lag":3,"oldest_unconsumed_age_ms":'*',"offsets":['*'},{"group":"two","lag":0,"oldest_unconsumed_age_ms":null,"offsets":[3,2]}]' ]]
+	[[ "$output" == '[{"group":"one","lag":3,"leased":0,"retrying":0,"oldest_unconsumed_age_ms":'*',"offsets":['*'},{"group":"two","lag":0,"leased":0,"retrying":0,"oldest_unconsumed_age_ms":null,"offsets":[3,2]}]' ]]
 	[[ "$output" == *'"offsets":[2,0]}'* || "$output" == *'"offsets":[0,2]}'* ]]
 }
 

@@ -323,7 +323,7 @@ torn_tail_case() {
 	run -0 mq get q -g g -n 10
 	assert_eq "${lines[9]}" "40"
 	off=$MQ_SPOOL/q/groups/g/0.off
-	dd if=/dev/zero of="$off" bs=64 count=1 conv=notrunc status=none
+	dd if=/dev/zero of="$off" bs=1 count="$(stat -c %s "$off")" conv=notrunc status=none
 	run -65 mq verify
 	[[ "$output" == *"offset file '$off' of group 'g' is damaged"* ]]
 	run -0 mq get q -g g -n 3
@@ -331,12 +331,12 @@ torn_tail_case() {
 	run -0 mq verify
 }
 
-@test "recovery: a damaged newer slot falls back to the older commit (redelivery, never a skip)" {
+@test "recovery: a damaged newest record falls back to the older commit (redelivery, never a skip)" {
 	seq 1 100 | mq put q
-	mq get q -g g -n 30 >/dev/null # seq 1 -> slot 1, offset 30
-	mq get q -g g -n 10 >/dev/null # seq 2 -> slot 0, offset 40
+	mq get q -g g -n 30 >/dev/null # record 1: offset 30
+	mq get q -g g -n 10 >/dev/null # record 2, the last 64 bytes of the file: offset 40
 	off=$MQ_SPOOL/q/groups/g/0.off
-	flip_byte "$off" 20 # inside slot 0's offset field
+	flip_byte "$off" $(($(stat -c %s "$off") - 64 + 24)) # inside record 2's committed offset
 	run -0 mq get q -g g -n 2
 	assert_eq "$output" "$(seq 31 32)"
 	run -0 mq get q -g g -n 2

@@ -33,7 +33,7 @@ fill() {
 	assert_eq "$output" "$(printf 'a1\na2\na3')"
 	run -1 mq get q -g ga --tag A
 	run -0 mq groups q
-	[[ "${lines[1]}" =~ ^ga\ +0\ +-\ +0:6$ ]]
+	[[ "${lines[1]}" =~ ^ga\ +0\ +0\ +0\ +-\ +0:6$ ]]
 	# Other groups are unaffected; a later matching message is delivered.
 	run -0 mq get q -g all -n 0
 	assert_eq "${#lines[@]}" 6
