@@ -1549,6 +1549,21 @@ static int rec_hdr_next(const unsigned char **pp, const unsigned char *end, uint
 	return 1;
 }
 
+/* Is header name in m's headers with value val? */
+static int rec_hdr_is(const struct rec_msg *m, const char *name, const char *val)
+{
+	const unsigned char *p = m->hdrs, *end = m->hdrs + m->hlen, *hn, *hv;
+	uint64_t left = 0;
+	size_t nl, vl, n = strlen(name), v = strlen(val);
+	if (!m->hlen)
+		return 0;
+	p += varint_get(p, end, &left);
+	while (rec_hdr_next(&p, end, &left, &hn, &nl, &hv, &vl))
+		if (nl == n && vl == v && !memcmp(hn, name, n) && !memcmp(hv, val, v))
+			return 1;
+	return 0;
+}
+
 /* ===================================================================
  * 5. Segments: segment files, index and time index, tail scan
  *
@@ -4133,6 +4148,10 @@ struct prod {
 	struct buf order;      /* u16 partition of each buffered message */
 	int failed;            /* a flush failed: the producer takes nothing more */
 	int64_t due_ms;        /* > 0: delayed until then (into the timing wheel) */
+	const char *id;        /* put --id: drop the put if this id is stored */
+	int id_checked;        /* the first flush looked for it */
+	int dup;               /* it was there: everything is dropped */
+	uint64_t dup_off;      /* where it was */
 	/* Called for each message once acknowledged, in the order added: */
 	void (*acked)(void *ctx, int part, uint64_t offset);
 	void *ctx;
@@ -4185,6 +4204,25 @@ static int64_t prod_due(const struct prod *pr)
 	return due < 0 ? -1 : due > 0 ? due : 0;
 }
 
+/* Is a message with header MQ_ID_HEADER = pr->id in partition p, put
+ * within the dedupe window?  1 with its offset, 0, or -1. */
+static int prod_seen(struct prod *pr, struct part *p, uint64_t *off, struct mq_err *e)
+{
+	uint64_t start;
+	struct reader r;
+	struct rec_msg m;
+	int64_t since = now_ms() - pr->q->conf.dedupe_ms;
+	if (part_offset_for_time(p, since, &start, e) < 0 || rd_open(&r, p, start, e) < 0)
+		return -1;
+	r.min_ts = since;
+	int k, found = 0;
+	while (!found && (k = rd_next(&r, &m, e)) == 1)
+		if ((found = rec_hdr_is(&m, MQ_ID_HEADER, pr->id)))
+			*off = m.offset;
+	rd_close(&r);
+	return k < 0 ? -1 : found;
+}
+
 /*
  * Write (and sync, as the mode says) everything buffered; final forces
  * the sync that interval mode would otherwise postpone.  Returns 0 once
@@ -4219,6 +4257,21 @@ static int prod_flush(struct prod *pr, int final, struct mq_err *e)
 		if (part_lock(p, 0, e) < 0) {
 			pr->failed = 1;
 			return -1;
+		}
+		if (pr->id && !pr->id_checked && enc->nmsgs) {
+			/* under the writer lock: a concurrent put of the id waits here */
+			int k = prod_seen(pr, p, &pr->dup_off, e);
+			pr->id_checked = k >= 0;
+			pr->dup = k == 1;
+			if (k != 0) {
+				part_unlock(p);
+				rec_enc_reset(enc);
+				pr->order.len = 0;
+				pr->pending = 0;
+				if (k < 0)
+					pr->failed = 1;
+				return k < 0 ? -1 : 0;
+			}
 		}
 		int r = enc->nmsgs ? part_append(p, enc, &pr->first[i], e) : 0;
 		if (r == 0 && sync) {
@@ -4273,6 +4326,8 @@ static int prod_add(struct prod *pr, const struct rec_msg *m, struct mq_err *e)
 	if (size > (size_t)q->conf.max_message)
 		return err_set(e, MQ_EX_DATAERR, "message of %zu bytes is over the maximum of %" PRId64
 		               " (max-message-bytes)", size, q->conf.max_message);
+	if (pr->dup) /* a duplicate put: drop the rest of it too */
+		return 0;
 	int part = pr->fixed >= 0 ? pr->fixed
 	           : m->has_key ? (int)(fnv1a(m->key, m->klen) % (uint32_t)q->nparts)
 	           : pr->sticky;
@@ -5962,6 +6017,11 @@ static int put_headers(struct args *a, struct buf *hb)
 	int k = opt_index(a, "header"), nh = 0;
 	unsigned char tmp[10];
 	struct buf pairs = {0};
+	const char *id = opt_val(a, "id");
+	if (id) {
+		hdr_pair(&pairs, MQ_ID_HEADER, id, strlen(id));
+		nh++;
+	}
 	for (int i = 0; i < a->nall; i++) {
 		if (a->all[i].i != k)
 			continue;
@@ -6020,6 +6080,9 @@ static int cmd_put(struct args *a)
 		due = 0; /* already due: an ordinary put */
 	if (due > 0 && opt_has(a, "print-offsets"))
 		return usage_error(a->cmd, "--print-offsets: a delayed message has no offset yet");
+	const char *id = opt_val(a, "id");
+	if (id && (!*id || kd || dv || at))
+		return usage_error(a->cmd, "--id needs a non-empty ID and excludes -K, --delay and --at");
 	if (spool_init(a, !opt_has(a, "no-create"), &e) < 0) {
 		rc = fail(a, &e);
 		goto out;
@@ -6046,8 +6109,13 @@ static int cmd_put(struct args *a)
 		rc = MQ_EX_USAGE;
 		goto out;
 	}
+	if (id && part < 0) { /* one partition for the whole put: by key, else by id */
+		const char *k = opt_val(a, "key") ? opt_val(a, "key") : id;
+		part = (int)(fnv1a((const unsigned char *)k, strlen(k)) % (uint32_t)q->nparts);
+	}
 	prod_init(&pc.pr, q, part);
 	pc.pr.due_ms = due;
+	pc.pr.id = id;
 	if (opt_has(a, "print-offsets")) {
 		pc.pr.acked = put_acked;
 		pc.pr.ctx = &pc.out;
@@ -6086,6 +6154,10 @@ static int cmd_put(struct args *a)
 		rc = fail(a, &fe);
 	else if (stop_flag) /* interrupted: what was read is stored, say so by 128+N */
 		rc = 128 + stop_flag;
+	if (rc == 0 && pc.pr.dup)
+		fprintf(stderr, "%s: put: %s: id '%s' is already stored (partition %d offset %" PRIu64
+		        ", within the dedupe window): nothing stored\n", progname, q->name, id, part,
+		        pc.pr.dup_off);
 	struct mq_err te; /* moving due delayed messages is housekeeping here */
 	if (rc == 0)
 		dly_tick(q, &te);
@@ -7276,6 +7348,7 @@ static const struct opt put_opts[] = {
 	{0, "fsync", A_REQ, "MODE", "always, batch, interval:MS or never (default: the queue's)"},
 	{0, "print-offsets", A_NONE, NULL, "print PARTITION:OFFSET of each message once durable"},
 	{0, "no-create", A_NONE, NULL, "fail (66) instead of creating a missing queue"},
+	{0, "id", A_REQ, "ID", "store nothing if ID was put in the dedupe window (default 2m)"},
 	{0, "delay", A_REQ, "DURATION", "deliver no earlier than DURATION from now"},
 	{0, "at", A_REQ, "TIME", "deliver no earlier than TIME (RFC 3339 or epoch seconds)"},
 	{0, NULL, 0, NULL, NULL}};
@@ -7371,8 +7444,8 @@ static const struct opt no_opts[] = {{0, NULL, 0, NULL, NULL}};
 
 static const struct cmd cmds[] = {
 	{"put", cmd_put, "[-0 | --whole] [-k KEY | -K DELIM] [-t TAG] [-H NAME=VALUE]... "
-	 "[-p N] [--fsync MODE] [--print-offsets] [--no-create] [--delay DURATION | --at TIME] "
-	 "QUEUE [MSG...]",
+	 "[-p N] [--fsync MODE] [--print-offsets] [--no-create] [--id ID] "
+	 "[--delay DURATION | --at TIME] QUEUE [MSG...]",
 	 "Append messages: the arguments, else stdin, one per line.  Exits 0 only once\n"
 	 "they are durable (fsync batch/always).  Creates the queue on first use.",
 	 put_opts, 1, -1},

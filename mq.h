@@ -264,6 +264,7 @@
 #define MQ_BACKOFF_MAX 32             /* delays in a backoff list */
 #define MQ_DEF_DEDUPE_MS (120 * 1000) /* put --id: duplicates within this */
 #define MQ_DLQ_SUFFIX ".dlq"          /* dead letters of Q go to Q.dlq */
+#define MQ_ID_HEADER "mq-id"          /* put --id: the header holding the id */
 #define MQ_SYNC_EVERY_MS 200          /* fsync=batch: sync at least this often */
 #define MQ_SYNC_EVERY_BYTES (8 << 20) /* ... or after this many bytes */
 #define MQ_FLUSH_BYTES (2 << 20)      /* a producer buffers at most this much */
