@@ -3208,7 +3208,7 @@ static int grp_open(struct queue *q, const char *g, int part, int create, int *f
  * as a new record, never over the newest one, so a crash leaves either
  * the old state or the new.
  */
-enum { GE_LEASED = MQ_OFF_LEASED, GE_WAITING = MQ_OFF_WAITING };
+enum { GE_LEASED = MQ_OFF_LEASED, GE_WAITING = MQ_OFF_WAITING, GE_RUNNING = MQ_OFF_RUNNING };
 
 struct gent {
 	uint64_t lo;
@@ -3252,7 +3252,7 @@ static int gs_parse(const unsigned char *b, uint64_t n, struct gstate *gs)
 		e[i] = (struct gent){le64_get(p), le32_get(p + 8), le32_get(p + 24), le32_get(p + 28),
 		                     le16_get(p + 12), le16_get(p + 14), (int64_t)le64_get(p + 16)};
 		if (e[i].lo < prev || e[i].n == 0 || e[i].lo + e[i].n > next ||
-		    (e[i].kind != GE_LEASED && e[i].kind != GE_WAITING)) {
+		    e[i].kind < GE_LEASED || e[i].kind > GE_RUNNING) {
 			free(e);
 			return -1;
 		}
@@ -3457,7 +3457,7 @@ static void gs_count(const struct gstate *gs, int64_t now, uint64_t *leased, uin
 {
 	*leased = *waiting = 0;
 	for (size_t i = 0; i < gs->n; i++) {
-		if (gs->e[i].kind == GE_LEASED && gs->e[i].until > now)
+		if ((gs->e[i].kind == GE_LEASED && gs->e[i].until > now) || gs->e[i].kind == GE_RUNNING)
 			*leased += gs->e[i].n;
 		else
 			*waiting += gs->e[i].n;
@@ -4999,6 +4999,15 @@ static int grp_claim(struct queue *q, const char *g, int part, int flags, struct
 		goto fail;
 	c->start = c->gs.off;
 	for (size_t i = 0; i < c->gs.n; i++) {
+		struct gent *r = &c->gs.e[i];
+		if (r->kind == GE_RUNNING) { /* its consumer died (we hold the lock): again, now */
+			r->kind = GE_WAITING;
+			r->until = 0;
+			r->attempt++;
+			c->dirty = 1;
+		}
+	}
+	for (size_t i = 0; i < c->gs.n; i++) {
 		struct gent x = c->gs.e[i];
 		if (x.kind != GE_LEASED || x.until > c->now)
 			continue;
@@ -5046,6 +5055,29 @@ static void took_add(struct claim *c, uint64_t off, uint16_t attempt)
 			abort();
 	}
 	c->t[c->nt++] = (struct took){off, 1, attempt};
+}
+
+/* Hand what was taken to a run that settles later: it is marked
+ * running (so a save does not count it done), and the claim forgets it. */
+static void grp_took_detach(struct claim *c, struct took **t, size_t *n)
+{
+	for (size_t i = 0; i < c->nt; i++) {
+		struct gent g = {c->t[i].lo, c->t[i].n, 0, 0, c->t[i].attempt, GE_RUNNING, 0};
+		gs_set(&c->gs, &g);
+	}
+	c->dirty = 1;
+	*t = c->t;
+	*n = c->nt;
+	c->t = NULL;
+	c->nt = c->ct = 0;
+}
+
+/* Take a run's offsets back, to settle them (done or failed). */
+static void grp_took_attach(struct claim *c, struct took *t, size_t n)
+{
+	free(c->t);
+	c->t = t;
+	c->nt = c->ct = n;
 }
 
 /*
@@ -6409,6 +6441,7 @@ struct consume {
 	uint64_t failed;          /* messages whose run failed */
 	uint64_t max;             /* stop after this many (0: no limit) */
 	int ordered;              /* a failed message blocks its partition */
+	int parallel;             /* runs at once */
 };
 
 /* The metadata of a run's first message, copied out of the reader. */
@@ -6421,12 +6454,11 @@ struct runmeta {
 	int has_key, has_tag;
 };
 
-/* Run the command once with the messages in in on its stdin and the
- * first message's metadata in its environment.  Returns its wait status
- * (a run past the timeout is killed and reported as killed), -1 if it
- * could not be started.  SIGTERM/SIGINT let a running command finish. */
-static int consume_run(struct consume *c, const struct runmeta *rm, const struct buf *in,
-                       int *timed_out, struct mq_err *e)
+/* Start the command once with the messages in `in` on its stdin and the
+ * first message's metadata in its environment.  Returns its pid, or -1
+ * if it could not be started. */
+static pid_t consume_start(struct consume *c, const struct runmeta *rm, const struct buf *in,
+                           struct mq_err *e)
 {
 	int fds[2];
 	if (pipe(fds) < 0)
@@ -6475,22 +6507,7 @@ static int consume_run(struct consume *c, const struct runmeta *rm, const struct
 		done += (size_t)w;
 	}
 	close(fds[1]);
-	int st = 0, killed = 0;
-	int64_t deadline = c->timeout_ms >= 0 ? mono_ms() + c->timeout_ms : 0;
-	for (;;) {
-		pid_t r = waitpid(pid, &st, c->timeout_ms >= 0 ? WNOHANG : 0);
-		if (r == pid)
-			break;
-		if (r < 0 && errno != EINTR)
-			return err_sys(e, MQ_EX_IOERR, "cannot wait for '%s'", c->argv[0]);
-		if (r == 0 && !killed && mono_ms() >= deadline) {
-			kill(pid, SIGKILL);
-			killed = *timed_out = 1;
-		}
-		if (r == 0)
-			poll(NULL, 0, 5);
-	}
-	return st;
+	return pid;
 }
 
 /* Why a run failed, from its wait status (MQ_WHY_* | detail << 8). */
@@ -6503,84 +6520,174 @@ static uint32_t run_why(int st, int timed_out)
 	return MQ_WHY_SIGNAL | (uint32_t)(WIFSIGNALED(st) ? WTERMSIG(st) : 0) << 8;
 }
 
+/* A run of the command: its messages (running until settled), their
+ * keys (NUL-terminated each, for --parallel), and its deadline. */
+struct run {
+	pid_t pid;
+	struct took *t;
+	size_t nt;
+	uint64_t n;
+	struct runmeta rm;
+	struct buf keys;
+	int64_t deadline;
+	int killed;
+};
+
+/* Does any key of batch b (NUL-separated) run in runs[0..n)? */
+static int run_conflict(const struct run *runs, int n, const struct buf *b)
+{
+	for (size_t at = 0; at < b->len; at += strlen(b->p + at) + 1)
+		for (int i = 0; i < n; i++)
+			for (size_t k = 0; k < runs[i].keys.len; k += strlen(runs[i].keys.p + k) + 1)
+				if (!strcmp(b->p + at, runs[i].keys.p + k))
+					return 1;
+	return 0;
+}
+
+/* Settle a finished run: done on exit 0, else failed (retried after the
+ * backoff, or buried after the last retry). */
+static int consume_settle(struct consume *c, struct claim *cl, struct run *r, int st,
+                          struct mq_err *e)
+{
+	struct queue *q = c->q;
+	grp_took_attach(cl, r->t, r->nt);
+	r->t = NULL;
+	if (!r->killed && WIFEXITED(st) && WEXITSTATUS(st) == 0) {
+		c->done += r->n;
+		return grp_settle_done(cl, e);
+	}
+	uint32_t why = run_why(st, r->killed);
+	char w[64], d[32];
+	why_text(why, w, sizeof w);
+	fmt_duration(d, sizeof d, backoff_ms(&q->conf, r->rm.attempt));
+	if ((int64_t)r->rm.attempt <= q->conf.retries)
+		sp_notice(q->sp, "'%s' failed on %s/%d offset %" PRIu64 " (%s, attempt %u of %" PRId64
+		          "); retry in %s", c->argv[0], q->name, r->rm.part, r->rm.offset, w,
+		          r->rm.attempt, q->conf.retries + 1, d);
+	c->failed += r->n;
+	return grp_settle_failed(cl, why, e);
+}
+
 /*
  * Consume from one partition holding the group's lock on it: take up to
- * batch messages (retries due first), run the command, and settle: done
- * when it exits 0, else failed (retried after the backoff, or buried in
- * QUEUE.dlq after the last retry).  Returns messages done, or -1.
+ * batch messages at a time (retries due first) and run the command on
+ * them, up to `parallel` runs at once but never two sharing a key, and
+ * settle each run as it ends.  Messages of runs still going are marked
+ * running in the group's state, so the committed offset never passes
+ * them.  SIGTERM/SIGINT stop the taking; running commands finish (up to
+ * their timeout) and are settled.  Returns messages done, or -1.
  */
 static int64_t consume_part(struct consume *c, int part, int nonblock, int *busy,
                             struct mq_err *e)
 {
 	struct queue *q = c->q;
 	struct claim cl;
-	int64_t done = 0;
+	uint64_t done0 = c->done;
 	int k = grp_claim(q, c->group, part, (nonblock ? CL_NONBLOCK : 0) |
 	                  (c->ordered ? CL_ORDERED : 0), &cl, e);
 	*busy = k == 0;
 	if (k <= 0)
 		return k;
 	cl.r.tags = c->tags;
-	struct runmeta rm = {0};
+	struct run *runs = calloc((size_t)c->parallel, sizeof *runs), next = {0};
 	struct out o = {-1, {0}, 0};
 	struct msgfmt f = {0, "%s\\n"};
-	int rc = 0;
-	while (rc == 0 && !stop_flag && (c->max == 0 || c->done < c->max)) {
-		struct rec_msg m;
-		unsigned attempt;
-		uint64_t n = 0, room = c->max ? c->max - c->done : UINT64_MAX;
-		k = 0;
-		o.b.len = 0;
-		while (n < c->batch && n < room && (k = grp_take(&cl, &m, &attempt, e)) == 1) {
-			if (n == 0) {
-				rm = (struct runmeta){part, attempt, m.offset, 0, m.ts, rm.key, rm.tag,
-				                      m.has_key, m.has_tag};
-				rm.key.len = rm.tag.len = 0;
-				buf_add(&rm.key, m.key, m.klen);
-				buf_addc0(&rm.key);
-				buf_add(&rm.tag, m.tag, m.tlen);
-				buf_addc0(&rm.tag);
+	uint64_t inflight = 0;
+	int nrun = 0, rc = 0, empty = 0, have = 0;
+	if (!runs)
+		abort();
+	for (;;) {
+		/* start what may start */
+		while (rc == 0 && nrun < c->parallel && !stop_flag && !empty) {
+			uint64_t room = c->max ? c->max - c->done - inflight : UINT64_MAX;
+			if (!have && room > 0) {
+				struct rec_msg m;
+				unsigned attempt;
+				uint64_t n = 0;
+				o.b.len = 0;
+				next.keys.len = 0;
+				while (n < c->batch && n < room && (k = grp_take(&cl, &m, &attempt, e)) == 1) {
+					if (n == 0) {
+						next.rm = (struct runmeta){part, attempt, m.offset, 0, m.ts, next.rm.key,
+						                           next.rm.tag, m.has_key, m.has_tag};
+						next.rm.key.len = next.rm.tag.len = 0;
+						buf_add(&next.rm.key, m.key, m.klen);
+						buf_addc0(&next.rm.key);
+						buf_add(&next.rm.tag, m.tag, m.tlen);
+						buf_addc0(&next.rm.tag);
+					}
+					if (attempt > next.rm.attempt)
+						next.rm.attempt = attempt; /* MQ_ATTEMPT: the batch's highest */
+					if (m.has_key) {
+						buf_add(&next.keys, m.key, m.klen);
+						buf_addc0(&next.keys);
+					}
+					fmt_msg(&o, &f, q->name, part, &m, NULL);
+					n++;
+				}
+				if (k < 0)
+					rc = -1;
+				next.n = next.rm.count = n;
+				have = n > 0;
+				empty = n == 0;
 			}
-			if (attempt > rm.attempt)
-				rm.attempt = attempt; /* MQ_ATTEMPT: the batch's highest */
-			fmt_msg(&o, &f, q->name, part, &m, NULL);
-			n++;
+			if (!have || rc < 0 || (nrun && run_conflict(runs, nrun, &next.keys)))
+				break;
+			next.pid = consume_start(c, &next.rm, &o.b, e);
+			if (next.pid < 0) {
+				rc = -1;
+				break;
+			}
+			next.deadline = c->timeout_ms >= 0 ? mono_ms() + c->timeout_ms : INT64_MAX;
+			grp_took_detach(&cl, &next.t, &next.nt);
+			runs[nrun++] = next;
+			inflight += next.n;
+			next = (struct run){0};
+			have = 0;
 		}
-		if (k < 0)
-			rc = -1;
-		if (n == 0 || rc < 0)
+		if (nrun == 0)
 			break;
-		rm.count = n;
-		int timed_out = 0, st = consume_run(c, &rm, &o.b, &timed_out, e);
-		if (st < 0) {
-			rc = -1;
-		} else if (timed_out || !WIFEXITED(st) || WEXITSTATUS(st) != 0) {
-			char w[64];
-			uint32_t why = run_why(st, timed_out);
-			why_text(why, w, sizeof w);
-			if ((int64_t)rm.attempt <= q->conf.retries) {
-				char d[32];
-				fmt_duration(d, sizeof d, backoff_ms(&q->conf, rm.attempt));
-				sp_notice(q->sp, "'%s' failed on %s/%d offset %" PRIu64 " (%s, attempt %u of %"
-				          PRId64 "); retry in %s", c->argv[0], q->name, part, rm.offset, w,
-				          rm.attempt, q->conf.retries + 1, d);
-			}
-			c->failed += n;
-			rc = grp_settle_failed(&cl, why, e);
-		} else if (grp_settle_done(&cl, e) < 0) {
-			rc = -1;
-		} else {
-			done += (int64_t)n;
-			c->done += n;
+		/* wait for one to end, killing those past their timeout */
+		int st;
+		pid_t pid = waitpid(-1, &st, c->timeout_ms >= 0 ? WNOHANG : 0);
+		if (pid < 0 && errno == EINTR)
+			continue;
+		if (pid < 0) {
+			rc = err_sys(e, MQ_EX_IOERR, "cannot wait for '%s'", c->argv[0]);
+			break;
+		}
+		if (pid == 0) {
+			for (int i = 0; i < nrun; i++)
+				if (!runs[i].killed && mono_ms() >= runs[i].deadline) {
+					kill(runs[i].pid, SIGKILL);
+					runs[i].killed = 1;
+				}
+			poll(NULL, 0, 5);
+			continue;
+		}
+		for (int i = 0; i < nrun; i++) {
+			if (runs[i].pid != pid)
+				continue;
+			struct run r = runs[i];
+			runs[i] = runs[--nrun];
+			inflight -= r.n;
+			if (consume_settle(c, &cl, &r, st, e) < 0 && rc == 0)
+				rc = -1;
+			buf_free(&r.keys);
+			buf_free(&r.rm.key);
+			buf_free(&r.rm.tag);
+			break;
 		}
 	}
 	buf_free(&o.b);
-	buf_free(&rm.key);
-	buf_free(&rm.tag);
+	buf_free(&next.keys);
+	buf_free(&next.rm.key);
+	buf_free(&next.rm.tag);
+	free(runs);
 	struct mq_err re;
 	if (grp_release(&cl, &re) < 0 && rc == 0)
 		rc = (*e = re, -1);
-	return rc < 0 ? rc : done;
+	return rc < 0 ? rc : (int64_t)(c->done - done0);
 }
 
 /* consume's side of consumer_pass(). */
@@ -6611,6 +6718,14 @@ static int cmd_consume(struct args *a)
 	c.argv = a->pos + 1;
 	c.timeout_ms = -1;
 	c.ordered = opt_has(a, "ordered");
+	uint64_t par;
+	if (opt_u64(a, "parallel", 1, &par) < 0)
+		return MQ_EX_USAGE;
+	if (par == 0 || par > 1024)
+		return usage_error(a->cmd, "--parallel must be 1 to 1024");
+	if (par > 1 && c.ordered)
+		return usage_error(a->cmd, "--ordered runs one command at a time; it excludes --parallel");
+	c.parallel = (int)par;
 	if (!c.group)
 		return usage_error(a->cmd, "-g GROUP is required");
 	if (opt_u64(a, "batch", 1, &c.batch) < 0 || opt_u64(a, "max", 0, &c.max) < 0)
@@ -7394,6 +7509,7 @@ static const struct opt consume_opts[] = {
 	{0, "batch", A_REQ, "N", "up to N messages per run of the command (default 1)"},
 	{0, "timeout", A_REQ, "DURATION", "kill a run after DURATION (it counts as failed)"},
 	{0, "tag", A_REQ, "EXPR", "only messages tagged so: TAG or 'TAG1||TAG2'"},
+	{0, "parallel", A_REQ, "N", "up to N runs at once, never two with the same key"},
 	{0, "ordered", A_NONE, NULL, "retry a failed message in place: nothing after it runs first"},
 	{0, "retries", A_REQ, "N", "retries before a message goes to QUEUE.dlq (default 16)"},
 	{0, "backoff", A_REQ, "DELAYS", "delays before each retry (default 10s 30s 1m ... 2h)"},
@@ -7477,7 +7593,8 @@ static const struct cmd cmds[] = {
 	{"tail", cmd_tail, "[-F] [-n N] [-p P] [-f FORMAT] [-0] [--tag EXPR] QUEUE",
 	 "Print the last messages; with -F keep following like tail -f.", tail_opts, 1, 1},
 	{"consume", cmd_consume, "-g GROUP [-e | -w [TIMEOUT]] [--max N] [--batch N] "
-	 "[--timeout DURATION] [--tag EXPR] [--ordered] [--retries N] [--backoff DELAYS] "
+	 "[--timeout DURATION] [--tag EXPR] [--parallel N | --ordered] [--retries N] "
+	 "[--backoff DELAYS] "
 	 "QUEUE -- CMD [ARG...]",
 	 "Run CMD for each message (or --batch of them) with the body on stdin and its\n"
 	 "metadata in MQ_* variables; commit when CMD exits 0.  A failed run's messages\n"

@@ -178,7 +178,7 @@
  *     +8   4  count       messages in the run (> 0)
  *    +12   2  attempt     leased: this delivery's attempt (1 = first);
  *                         waiting: the attempt the retry will be
- *    +14   2  kind        MQ_OFF_LEASED or MQ_OFF_WAITING
+ *    +14   2  kind        MQ_OFF_LEASED, MQ_OFF_WAITING or MQ_OFF_RUNNING
  *    +16   8  until       ms since the epoch: lease expiry, or retry due
  *    +24   4  lease id    of the lease (leased)
  *    +28   4  why         the last failure: MQ_WHY_* | detail << 8 (exit
@@ -192,6 +192,9 @@
 #define MQ_OFF_FILE_MAX (64 << 20) /* a larger file is refused as damaged */
 #define MQ_OFF_LEASED 1
 #define MQ_OFF_WAITING 2
+#define MQ_OFF_RUNNING 3 /* taken by the consumer holding the group's lock on
+                          * the partition (consume --parallel); whoever gets
+                          * the lock next finds it dead: due again, attempt + 1 */
 #define MQ_WHY_EXIT 1    /* the command exited non-zero */
 #define MQ_WHY_SIGNAL 2  /* the command was killed by a signal */
 #define MQ_WHY_TIMEOUT 3 /* the command ran past --timeout */
