@@ -3159,10 +3159,11 @@ static int part_offset_for_time(struct part *p, int64_t ts, uint64_t *off, struc
 /* ===================================================================
  * 7. Consumer groups: offset files and consumption-driven retention
  *
- * A group's progress in a partition is data: groups/G/P.off, two
- * checksummed slots written alternately (mq.h).  The file is also the
- * group's lock for that partition: one consumer of a group reads a
- * partition at a time, so each message goes to exactly one of them.
+ * A group's progress in a partition is data: groups/G/P.off, a run of
+ * checksummed state records, each written after the newest (mq.h).  The
+ * file is also the group's lock for that partition: one consumer of a
+ * group works on a partition at a time (lease holders only while they
+ * hand out or answer), so each message goes to exactly one of them.
  * Uses layers 1-6.
  * =================================================================== */
 
@@ -4793,7 +4794,7 @@ struct took {
 	uint16_t attempt;
 };
 
-enum { CL_NONBLOCK = 1, CL_NOREAD = 2, CL_ORDERED = 4 };
+enum { CL_NONBLOCK = 1, CL_NOREAD = 2, CL_ORDERED = 4, CL_NOCREATE = 8 };
 
 struct claim {
 	struct queue *q;
@@ -4989,6 +4990,9 @@ static int grp_claim(struct queue *q, const char *g, int part, int flags, struct
 	c->flags = flags;
 	c->now = now_ms();
 	grp_path(q, g, part, c->path, sizeof c->path);
+	c->fd = -1;
+	if ((flags & CL_NOCREATE) && file_size(c->path) < 0)
+		return err_set(e, MQ_EX_NOINPUT, "group '%s' never read partition %d", g, part);
 	if (grp_open(q, g, part, 1, &c->fd, e) < 0)
 		return -1;
 	if (dur_lock(c->fd, LOCK_EX | (flags & CL_NONBLOCK ? LOCK_NB : 0), c->path, e) < 0) {
@@ -5255,8 +5259,13 @@ static int grp_answer(struct queue *q, const char *g, int part, struct receipt *
                       int nack, int64_t delay_ms, struct mq_err *e)
 {
 	struct claim c;
-	if (grp_claim(q, g, part, CL_NOREAD, &c, e) < 0)
-		return -1;
+	if (grp_claim(q, g, part, CL_NOREAD | CL_NOCREATE, &c, e) < 0) {
+		if (e->code != MQ_EX_NOINPUT)
+			return -1;
+		for (size_t i = 0; i < n; i++) /* no such group: nothing was delivered to it */
+			rs[i].result = RC_UNKNOWN;
+		return 0;
+	}
 	int rc = 0;
 	for (size_t i = 0; i < n && rc == 0; i++) {
 		struct receipt *r = &rs[i];
@@ -6640,6 +6649,8 @@ static int64_t consume_part(struct consume *c, int part, int nonblock, int *busy
 			}
 			next.deadline = c->timeout_ms >= 0 ? mono_ms() + c->timeout_ms : INT64_MAX;
 			grp_took_detach(&cl, &next.t, &next.nt);
+			if (grp_save(&cl, 0, e) < 0) /* so a crash now raises their attempt */
+				rc = -1;
 			runs[nrun++] = next;
 			inflight += next.n;
 			next = (struct run){0};
@@ -6830,10 +6841,12 @@ static int cmd_ack(struct args *a)
 		if (a->npos == 1)
 			w = strtok_r(NULL, " \t\r\n", &save);
 	}
-	if (nr == 0) {
+	if (nr == 0 && a->npos > 1) {
 		rc = usage_error(a->cmd, "no receipts given");
 		goto out;
 	}
+	if (nr == 0) /* an empty stdin: nothing to answer (get | ack when drained) */
+		goto out;
 	if (spool_init(a, 0, &e) < 0 || q_open(&a->sp, a->queue, 0, set, nset, &q, &e) < 0) {
 		rc = fail(a, &e);
 		goto out;
@@ -7472,7 +7485,7 @@ static const struct opt get_opts[] = {
 	{'g', "group", A_REQ, "GROUP", "consumer group (default: default)"},
 	{'n', "count", A_REQ, "COUNT", "messages to get (default 1; 0 = all there are)"},
 	{'w', "wait", A_OPTDUR, "TIMEOUT", "wait for a message (for ever, or TIMEOUT)"},
-	{'f', "format", A_REQ, "FORMAT", "output format: %s %k %o %p %t %T %h %q, or json"},
+	{'f', "format", A_REQ, "FORMAT", "output: %s %k %o %p %t %T %h %q %a %r, or json"},
 	{'0', "null", A_NONE, NULL, "end each message with NUL instead of newline"},
 	{0, "commit-first", A_NONE, NULL, "commit before writing out (at-most-once)"},
 	{0, "tag", A_REQ, "EXPR", "only messages tagged so: TAG or 'TAG1||TAG2'"},
@@ -7576,13 +7589,13 @@ static const struct cmd cmds[] = {
 	 "are done.  Exits 75 if a lease had expired and the message was handed out\n"
 	 "again, 65 for a receipt of a message never delivered.",
 	 ack_opts, 1, -1},
-	{"nack", cmd_ack, "[--delay DURATION] QUEUE [RECEIPT...]",
+	{"nack", cmd_ack, "[--delay DURATION] [--retries N] [--backoff DELAYS] QUEUE [RECEIPT...]",
 	 "Give leased messages back: each comes again after DURATION (default: the\n"
 	 "queue's backoff) with its attempt count raised, or goes to QUEUE.dlq after\n"
 	 "the last retry.",
 	 nack_opts, 1, -1},
 	{"move", cmd_move, "[-g GROUP] [-n COUNT] SOURCE DEST",
-	 "Move messages from SOURCE to DEST, e.g. dead letters back with\n"
+	 "Move messages from SOURCE to DEST: dead letters back with\n"
 	 "'mq move jobs.dlq jobs'.  SOURCE is read as consumer group GROUP (default\n"
 	 "move), so a second run moves only what came since.  Exits 1 if nothing moved.",
 	 move_opts, 2, 2},

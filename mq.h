@@ -29,7 +29,9 @@
  *   QUEUE/P/BASE.log           segment: batches, append-only
  *   QUEUE/P/BASE.idx           offset index of that segment (derived)
  *   QUEUE/P/BASE.tix           sparse time index of that segment (derived)
- *   QUEUE/groups/GROUP/P.off   committed offset of GROUP in partition P
+ *   QUEUE/groups/GROUP/P.off   GROUP's state in partition P: committed
+ *                              offset, leases, retries, running batches
+ *   QUEUE/delay/               delayed messages waiting (the timing wheel)
  *
  * BASE is the segment's first offset, as MQ_SEG_DIGITS zero-padded decimal
  * digits, so names sort in offset order.  Files whose names start with '.'
@@ -64,7 +66,7 @@
  *    28   4  raw len      payload length before compression
  *    32   8  first ts     timestamp of the first message, ms since the epoch
  *    40   8  max ts       largest message timestamp in the batch, ms
- *    48   8  producer id  0 = none (reserved for idempotent producers)
+ *    48   8  producer id  0 = none; MQ_PRODUCER_DELAY: moved by the delay wheel
  *    56   4  producer seq 0 = none
  *    60   4  reserved     0
  *    64      payload      count message records (compressed if MQ_BF_ZLIB)

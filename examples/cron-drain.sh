@@ -18,7 +18,7 @@
 # mq get commits a message once it has written it out, so by the time
 # handle() runs the message is consumed.  A job that fails is therefore
 # put on QUEUE.dlq (an ordinary queue: inspect it with `mq peek jobs.dlq`,
-# replay it with `mq get jobs.dlq -n 0 | mq put jobs`), and the run stops
+# replay it with `mq move jobs.dlq jobs`), and the run stops
 # there with exit 1 so that cron mails the error; the next run goes on
 # with the rest.
 #

@@ -3,6 +3,19 @@
 bats_require_minimum_version 1.5.0
 load helper
 
+# Run `mq get ARGS...` until it hands out something (at most ~20 s).
+poll_get() {
+	local n=0 rc
+	while :; do
+		rc=0
+		"$MQ" get "$@" || rc=$?
+		[ "$rc" = 1 ] || return "$rc"
+		n=$((n + 1))
+		[ "$n" -lt 400 ] || return 1
+		sleep 0.05
+	done
+}
+
 @test "consume: runs the command per message with body and metadata, then commits" {
 	seq 1 3 | mq put q
 	mq put q -k user1 -t T hello
@@ -10,7 +23,7 @@ load helper
 		sh -c 'printf "%s|%s|%s|%s|%s|%s|%s|" "$MQ_QUEUE" "$MQ_PARTITION" "$MQ_OFFSET" "$MQ_KEY" "$MQ_TAG" "$MQ_ATTEMPT" "$MQ_ID"; cat'
 	assert_eq "$output" "$(printf 'q|0|0|||1|q/0/0|1\nq|0|1|||1|q/0/1|2\nq|0|2|||1|q/0/2|3\nq|0|3|user1|T|1|q/0/3|hello')"
 	assert_eq "$stderr" ""
-	[[ "$(mq groups q)" == *"w                             0          -  0:4"* ]]
+	[[ "$(mq groups q)" == *"w                             0        0        0          -  0:4"* ]]
 	# Nothing left: exits 0 at once (cron-friendly), running nothing.
 	run -0 mq consume q -g w -e -- sh -c 'echo ran'
 	assert_eq "$output" ""
@@ -24,26 +37,36 @@ load helper
 	run -64 --separate-stderr mq consume q -g w --batch 0 -- true
 }
 
-@test "consume: a failing command stops it (75), uncommitted; the message comes again" {
+@test "consume: a failing command does not stop it; the message comes back after the backoff with attempt 2" {
 	printf '%s\n' x y z | mq put q
-	run -75 --separate-stderr mq consume q -g w -- sh -c 'read l; echo "got $l"; [ "$l" != y ]'
-	assert_eq "$output" "$(printf 'got x\ngot y')"
-	[[ "$stderr" == "mq: consume: q: 'sh' failed on q/0 offset 1 (exit status 1); not committed, it will be delivered again" ]]
-	run -0 mq consume q -g w -- cat
-	assert_eq "$output" "$(printf 'y\nz')"
+	cmd=(sh -c 'read l; echo "got $l $MQ_ATTEMPT"; [ "$l" != y ]')
+	run -0 --separate-stderr mq consume q -g w --backoff 1s -- "${cmd[@]}"
+	assert_eq "$output" "$(printf 'got x 1\ngot y 1\ngot z 1')"
+	assert_eq "$stderr" "mq: 'sh' failed on q/0 offset 1 (exit status 1, attempt 1 of 17); retry in 1s"
+	# x and z are committed around y, which waits out the backoff.
+	[[ "$(mq groups q)" =~ $'\n'w\ +1\ +0\ +1\ +[0-9][0-9a-z]*\ +0:1$ ]]
+	run -0 mq consume q -g w --backoff 1s -- "${cmd[@]}"
+	assert_eq "$output" ""
+	t=$(now_ms)
+	wait_for "[ \$(now_ms) -ge $((t + 1000)) ]"
+	run -0 mq consume q -g w --backoff 1s -- sh -c 'echo "$(cat) $MQ_ATTEMPT"'
+	assert_eq "$output" "y 2"
+	[[ "$(mq groups q)" =~ $'\n'w\ +0\ +0\ +0\ +-\ +0:3$ ]]
 	# A command that cannot be run fails the same way.
 	mq put q w
-	run -75 --separate-stderr mq consume q -g w -- /nonexistent/cmd
-	run -0 mq get q -g w
-	assert_eq "$output" "w"
+	run -0 --separate-stderr mq consume q -g w --backoff 300ms -- /nonexistent/cmd
+	[[ "$stderr" == *"cannot run '/nonexistent/cmd'"*"(exit status 127, attempt 1 of 17); retry in 300ms" ]]
+	run -1 mq get q -g w
+	run -0 poll_get q -g w -f '%a %s'
+	assert_eq "$output" "2 w"
 }
 
-@test "consume --timeout: a run over the limit is killed and not committed" {
+@test "consume --timeout: a run over the limit is killed; the message comes back after the backoff" {
 	mq put q slow
-	run -75 --separate-stderr mq consume q -g w --timeout 300ms -- sleep 30
-	[[ "$stderr" == *"killed by signal 9"* ]]
-	run -0 mq get q -g w
-	assert_eq "$output" "slow"
+	run -0 --separate-stderr mq consume q -g w --timeout 300ms --backoff 500ms -- sleep 30
+	[[ "$stderr" == *"'sleep' failed on q/0 offset 0 (timed out, attempt 1 of 17); retry in 500ms" ]]
+	run -0 poll_get q -g w -f '%a %s'
+	assert_eq "$output" "2 slow"
 }
 
 @test "consume --max and --tag" {
