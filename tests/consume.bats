@@ -126,3 +126,46 @@ poll_get() {
 	run -66 --separate-stderr mq consume nosuch -g w -- true
 	run -0 mq get q -g w
 }
+
+@test "consume --parallel: runs at once, never two of one key at once, each message once" {
+	local k
+	for k in a b c; do seq 1 6 | mq put q -k "$k"; done
+	seq 1 6 | mq put q
+	mkdir "$BATS_TEST_TMPDIR/run"
+	cat >"$BATS_TEST_TMPDIR/job.sh" <<'JOB'
+#!/bin/sh
+d=$(dirname "$0")/run
+if [ -n "$MQ_KEY" ]; then mkdir "$d/key-$MQ_KEY" 2>/dev/null || { echo "two of $MQ_KEY" >>"$d/../conflicts"; exit 0; }; fi
+mkdir "$d/$MQ_OFFSET" # live runs, counted by the test's watcher
+sleep 0.2
+printf '%s %s\n' "$MQ_KEY" "$(cat)" >>"$d/../done"
+rmdir "$d/$MQ_OFFSET"
+[ -z "$MQ_KEY" ] || rmdir "$d/key-$MQ_KEY"
+JOB
+	chmod +x "$BATS_TEST_TMPDIR/job.sh"
+	( max=0; while [ ! -e "$BATS_TEST_TMPDIR/stop" ]; do
+		n=$(find "$BATS_TEST_TMPDIR/run" -mindepth 1 -maxdepth 1 -name '[0-9]*' | wc -l)
+		[ "$n" -gt "$max" ] && max=$n && echo "$max" >"$BATS_TEST_TMPDIR/max"
+		sleep 0.02
+	done ) &
+	run -0 mq consume q -g w --parallel 3 -- "$BATS_TEST_TMPDIR/job.sh"
+	touch "$BATS_TEST_TMPDIR/stop"
+	wait
+	[ ! -e "$BATS_TEST_TMPDIR/conflicts" ]
+	[ "$(wc -l <"$BATS_TEST_TMPDIR/done")" -eq 24 ]
+	[ "$(sort "$BATS_TEST_TMPDIR/done" | uniq -d | wc -l)" -eq 0 ]
+	# per-key order is kept
+	for k in a b c; do
+		assert_eq "$(grep "^$k " "$BATS_TEST_TMPDIR/done" | cut -d' ' -f2 | tr '\n' ' ')" "1 2 3 4 5 6 "
+	done
+	[ "$(cat "$BATS_TEST_TMPDIR/max")" -ge 2 ]
+	[ "$(cat "$BATS_TEST_TMPDIR/max")" -le 3 ]
+	run -0 mq groups q
+	[[ "${lines[1]}" =~ ^w\ +0\ +0\ +0\ +-\ +0:24$ ]]
+}
+
+@test "consume --parallel: usage errors" {
+	mq put q x
+	run -64 --separate-stderr mq consume q -g w --parallel 0 -- true
+	run -64 --separate-stderr mq consume q -g w --parallel 2 --ordered -- true
+}

@@ -431,3 +431,54 @@ print(h % int(sys.argv[2]))' "$1" "$2"
 	wait "$p"
 	assert_eq "$(cat "$BATS_TEST_TMPDIR/offsets")" "$(printf '0:0\n0:1')"
 }
+
+# ----- put --id: idempotent producers -----
+
+@test "put --id: a retried put of the same id stores nothing and says so (exit 0)" {
+	mq create q --partitions 4
+	run -0 --separate-stderr mq put q --id order-42 --print-offsets hello
+	local first=$output
+	run -0 --separate-stderr mq put q --id order-42 --print-offsets hello
+	assert_eq "$output" ""
+	[[ "$stderr" == *"id 'order-42' is already stored (partition ${first%%:*} offset ${first#*:}"*"nothing stored"* ]]
+	run -0 mq peek q -f '%s %h\n'
+	assert_eq "$output" "hello mq-id=order-42"
+	# Without a key the partition is the id's hash: a retry lands in the same one.
+	assert_eq "${first%%:*}" "$(key_partition order-42 4)"
+	# Another id is stored.
+	mq put q --id order-43 hello
+	[ "$(mq peek q | wc -l)" -eq 2 ]
+}
+
+@test "put --id: a whole multi-line put is one unit in one partition" {
+	mq create q --partitions 3
+	seq 1 5 | mq put q --id batch-1
+	seq 1 5 | mq put q --id batch-1
+	run -0 mq peek q -f '%p %s\n'
+	[ "${#lines[@]}" -eq 5 ]
+	[ "$(cut -d' ' -f1 <<<"$output" | sort -u | wc -l)" -eq 1 ]
+}
+
+@test "put --id: only within dedupe-window" {
+	mq create q --dedupe-window 1s
+	mq put q --id x one
+	mq put q --id x two
+	sleep 1.2
+	mq put q --id x three
+	run -0 mq peek q
+	assert_eq "$output" "$(printf 'one\nthree')"
+}
+
+@test "put --id: concurrent puts of one id store it once" {
+	mq create q --partitions 2
+	for n in 1 2 3 4 5 6 7 8; do mq put q --id same "v$n" 2>/dev/null & done
+	wait
+	[ "$(mq peek q | wc -l)" -eq 1 ]
+}
+
+@test "put --id: usage errors" {
+	run -64 --separate-stderr mq put q --id '' x
+	run -64 --separate-stderr mq put q --id a -K : k:x
+	run -64 --separate-stderr mq put q --id a --delay 1s x
+	[ ! -e "$MQ_SPOOL/q/0/head" ] || [ "$(mq peek q | wc -l)" -eq 0 ]
+}
