@@ -3,19 +3,6 @@
 bats_require_minimum_version 1.5.0
 load helper
 
-# Run `mq get ARGS...` until it hands out something (at most ~20 s).
-poll_get() {
-	local n=0 rc
-	while :; do
-		rc=0
-		"$MQ" get "$@" || rc=$?
-		[ "$rc" = 1 ] || return "$rc"
-		n=$((n + 1))
-		[ "$n" -lt 400 ] || return 1
-		sleep 0.05
-	done
-}
-
 @test "consume: runs the command per message with body and metadata, then commits" {
 	seq 1 3 | mq put q
 	mq put q -k user1 -t T hello

@@ -105,3 +105,18 @@ flip_byte() {
 
 # Total bytes of the files matching a glob (0 when none match).
 bytes_of() { cat "$@" 2>/dev/null | wc -c; }
+
+# Run `mq get ARGS...` until it hands out something (at most ~20 s) and
+# print what it printed; any status but 0 and 1 is an error.
+poll_get() {
+	local out rc n=0
+	while :; do
+		rc=0
+		out=$("$MQ" get "$@") || rc=$?
+		[ "$rc" = 0 ] && { printf '%s\n' "$out"; return 0; }
+		[ "$rc" = 1 ] || { echo "get exited $rc" >&2; return 1; }
+		n=$((n + 1))
+		[ "$n" -lt 400 ] || { echo "poll_get: nothing after 20s" >&2; return 1; }
+		sleep 0.05
+	done
+}

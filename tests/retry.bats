@@ -10,20 +10,6 @@ load helper
 CRASH_N=300
 [ -z "${MQ_ASAN:-}" ] || CRASH_N=100
 
-# Run `mq get ARGS...` until it hands out something (at most ~20 s) and
-# print what it printed; any status but 0 and 1 is an error.
-poll_get() {
-	local out rc n=0
-	while :; do
-		rc=0
-		out=$("$MQ" get "$@") || rc=$?
-		[ "$rc" = 0 ] && { printf '%s\n' "$out"; return 0; }
-		[ "$rc" = 1 ] || { echo "get exited $rc" >&2; return 1; }
-		n=$((n + 1))
-		[ "$n" -lt 400 ] || { echo "poll_get: nothing after 20s" >&2; return 1; }
-		sleep 0.05
-	done
-}
 
 wait_until() { wait_for "[ \$(now_ms) -ge $1 ]" 30; }
 
