@@ -3,12 +3,21 @@
 # median of $RUNS runs, with baselines measured in the same run so the
 # ratios mean something on a shared, noisy machine.  Not a test: it
 # never fails on a number.
+#
+# Usage: bash tests/bench.sh ./mq [./tests/leasebench]
 set -eu
 MQ=$(cd "$(dirname "$1")" && pwd)/$(basename "$1")
+LB=
+if [ $# -gt 1 ]; then LB=$(cd "$(dirname "$2")" && pwd)/$(basename "$2"); fi
 RUNS=${RUNS:-3}
 N100=${N100:-2000000}    # 100-byte lines for the pipe runs
 N1K=${N1K:-200000}       # 1 KiB lines
 NALWAYS=${NALWAYS:-3000} # messages for fsync=always
+NCONS=${NCONS:-100000}   # messages for consume --batch 100
+NCONS1=${NCONS1:-2000}   # messages for consume --batch 1
+NLEASE=${NLEASE:-100000} # messages for lease get+ack
+LEASEP=${LEASEP:-8}      # concurrent lease consumers
+NWAKE=${NWAKE:-200}      # put -> waiting get -w round trips
 work=$(mktemp -d "${TMPDIR:-/tmp}/mq-bench.XXXXXX")
 trap 'rm -rf "$work"' EXIT INT TERM
 export MQ_SPOOL="$work/spool"
@@ -125,5 +134,143 @@ printf '%-44s %12s\n' "peak RSS" "KiB"
 printf '%-44s %12s\n' "put 100 B x $N100 from a pipe" "$(peak_rss "'$MQ' put rss1 <'$work/l100'")"
 printf '%-44s %12s\n' "put 1 KiB x $N1K from a pipe" "$(peak_rss "'$MQ' put rss2 <'$work/l1k'")"
 printf '%-44s %12s\n' "peek 100 B x $N100" "$(peak_rss "'$MQ' peek full")"
+
+# Consumer groups: consume with a no-op command, and lease get+ack by 8
+# processes through the CLI and through the engine (tests/leasebench),
+# the runs of each pair side by side.  The data is 100 B lines.
+awk -v n="$NCONS" 'BEGIN { s = sprintf("%091d", 0); for (i = 0; i < n; i++) printf "%08d%s\n", i, s }' >"$work/c100"
+head -n "$NCONS1" "$work/c100" >"$work/c1"
+awk -v n="$NLEASE" 'BEGIN { s = sprintf("%091d", 0); for (i = 0; i < n; i++) printf "%08d%s\n", i, s }' >"$work/lease"
+
+# drained QUEUE GROUP N: the group committed all N offsets and holds no
+# lease or retry (mq groups: GROUP LAG LEASED RETRYING OLDEST OFFSETS).
+drained() {
+	local got
+	got=$("$MQ" groups "$1" | awk -v g="$2" '$1 == g { print $2, $3, $4, $NF }')
+	if [ "$got" != "0 0 0 0:$3" ]; then
+		echo "bench: $1: group $2 should have acked all $3 messages; mq groups says: $got" >&2
+		exit 1
+	fi
+}
+
+# One of the CLI's lease consumers: get a lease on up to 100 messages,
+# ack them by receipt, until get finds nothing (exit 1).
+lease_worker() {
+	set +e
+	local st
+	while :; do
+		"$MQ" get "$1" -g w -n 100 --lease 60s -f '%r\n' | "$MQ" ack "$1" 2>"$2"
+		st=("${PIPESTATUS[@]}")
+		[ "${st[0]}" = 1 ] && return 0 # nothing left; ack got no receipts
+		if [ "${st[0]}" != 0 ] || [ "${st[1]}" != 0 ]; then
+			echo "bench: lease worker: get exited ${st[0]}, ack ${st[1]}: $(cat "$2")" >&2
+			return 1
+		fi
+	done
+}
+
+# lease_cli QUEUE: LEASEP shell workers on a queue of NLEASE messages;
+# prints elapsed microseconds.
+lease_cli() {
+	local s e p pids=() j=0
+	s=${EPOCHREALTIME/[.,]/}
+	while [ $j -lt "$LEASEP" ]; do
+		j=$((j + 1))
+		lease_worker "$1" "$work/ackerr$j" &
+		pids+=($!)
+	done
+	for p in "${pids[@]}"; do wait "$p"; done
+	e=${EPOCHREALTIME/[.,]/}
+	echo $((e - s))
+}
+
+: >"$work/tc100"
+: >"$work/tc1"
+: >"$work/tlc"
+: >"$work/tle"
+i=0
+while [ $i -lt "$RUNS" ]; do
+	i=$((i + 1))
+	"$MQ" create --partitions 1 "c100_$i"
+	"$MQ" put "c100_$i" <"$work/c100"
+	time_quiet "$MQ" consume "c100_$i" -g G -e --batch 100 -- true >>"$work/tc100"
+	drained "c100_$i" G "$NCONS"
+	"$MQ" create --partitions 1 "c1_$i"
+	"$MQ" put "c1_$i" <"$work/c1"
+	time_quiet "$MQ" consume "c1_$i" -g G -e --batch 1 -- true >>"$work/tc1"
+	drained "c1_$i" G "$NCONS1"
+	"$MQ" create --partitions 1 "lease_$i"
+	"$MQ" put "lease_$i" <"$work/lease"
+	lease_cli "lease_$i" >>"$work/tlc"
+	drained "lease_$i" w "$NLEASE"
+	"$MQ" rm "c100_$i" "c1_$i" "lease_$i"
+	if [ -n "$LB" ]; then
+		TMPDIR=$work "$LB" -q -p "$LEASEP" -n "$NLEASE" -b 100 >>"$work/tle"
+	fi
+done
+tc100=$(median <"$work/tc100")
+tc1=$(median <"$work/tc1")
+tlc=$(median <"$work/tlc")
+echo
+printf '%-44s %12s %10s\n' "consumer groups, 100 B, 1 partition" "msgs/s" "MB/s"
+line "consume --batch 100 -- true, $NCONS msgs" "$(rate "$NCONS" "$tc100")" "$(mbps $((NCONS * 100)) "$tc100")"
+line "consume --batch 1 -- true, $NCONS1 msgs" "$(rate "$NCONS1" "$tc1")" "$(mbps $((NCONS1 * 100)) "$tc1")"
+line "lease get -n 100 | ack, $LEASEP shell workers" "$(rate "$NLEASE" "$tlc")" "$(mbps $((NLEASE * 100)) "$tlc")"
+if [ -n "$LB" ]; then
+	tle=$(median <"$work/tle")
+	line "lease+ack engine, $LEASEP procs (leasebench)" "$(rate "$NLEASE" "$tle")" "$(mbps $((NLEASE * 100)) "$tle")"
+fi
+
+# Wake latency: a get -w waiting (started 50 ms before) against the put
+# of one message; from put returning (durable) to get's line arriving,
+# timed in python3.  Negative when the waiter printed before put had
+# returned.  Also from put starting, which includes put's own cost.
+echo
+if command -v python3 >/dev/null; then
+	cat >"$work/wake.py" <<'PY'
+import subprocess, sys, threading, time
+mq, q, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+ret, start = [], []
+for i in range(n):
+    g = subprocess.Popen([mq, "get", q, "-g", "G", "-w", "5s", "-f", "%s\n"],
+                         stdout=subprocess.PIPE)
+    got = {}
+    def reader():
+        got["line"] = g.stdout.readline()
+        got["t"] = time.monotonic_ns()
+    th = threading.Thread(target=reader)
+    th.start()
+    time.sleep(0.05)  # get is waiting by now
+    body = str(time.time_ns())
+    t0 = time.monotonic_ns()
+    subprocess.run([mq, "put", q, body], check=True)
+    t1 = time.monotonic_ns()
+    th.join()
+    g.wait()
+    if g.returncode != 0 or got["line"].decode().rstrip("\n") != body:
+        sys.exit("bench: wake: get exited %d with %r; want %r" % (g.returncode, got["line"], body))
+    ret.append((got["t"] - t1) / 1e6)
+    start.append((got["t"] - t0) / 1e6)
+def med(v): return sorted(v)[(len(v) - 1) // 2]
+def p99(v): return sorted(v)[-(-len(v) * 99 // 100) - 1]
+print("%.2f %.2f %.2f %.2f" % (med(ret), p99(ret), med(start), p99(start)))
+PY
+	"$MQ" create wake
+	"$MQ" put wake warm
+	"$MQ" get wake -g G >/dev/null
+	read -r wmed wp99 wsmed wsp99 < <(python3 "$work/wake.py" "$MQ" wake "$NWAKE")
+	printf '%-44s %12s %10s\n' "wake: put -> waiting get -w, $NWAKE runs" "median ms" "p99 ms"
+	printf '%-44s %12s %10s\n' "put returned -> get's line arrived" "$wmed" "$wp99"
+	printf '%-44s %12s %10s\n' "put started -> get's line arrived" "$wsmed" "$wsp99"
+else
+	echo "wake latency: skipped (no python3)"
+fi
 echo
 awk -v a="$put100" -v b="$base100" 'BEGIN { printf "put 100 B (batch) takes %.2fx the time of cat | cat > file\n", a / b }'
+awk -v a="$tc1" -v b="$tc100" -v n1="$NCONS1" -v n100="$NCONS" 'BEGIN {
+	printf "consume --batch 100 handles %.0fx the msgs/s of --batch 1\n", (n100 / b) / (n1 / a) }'
+if [ -n "$LB" ]; then
+	awk -v c="$tlc" -v e="$tle" -v n="$NLEASE" 'BEGIN {
+		printf "lease get+ack: the CLI at %.2fx the engine'"'"'s rate; of the 100000 msgs/s target: CLI %.0f%%, engine %.0f%%\n",
+			e / c, n / (c / 1e6) / 1000, n / (e / 1e6) / 1000 }'
+fi
