@@ -100,7 +100,8 @@ gfield() {
 	done
 	run -64 --separate-stderr mq ack q <<<"$r junk"
 	run -64 --separate-stderr mq nack q "$r" G:0:0
-	run -64 --separate-stderr mq ack q </dev/null
+	run -0 --separate-stderr mq ack q </dev/null # nothing to answer (get | ack once drained)
+	assert_eq "$stderr" ""
 	run -64 --separate-stderr mq ack
 	run -0 mq groups --json q
 	assert_eq "$(json_eval '[d[0][k] for k in ("leased", "offsets")]' <<<"$output")" "[1, [0]]"
