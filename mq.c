@@ -6100,8 +6100,6 @@ static int cmd_put(struct args *a)
 	const char *fs = opt_val(a, "fsync"), *kd = opt_val(a, "key-delim");
 	if (fs)
 		set[nset++] = (struct kv){"fsync", fs};
-	if ((rc = put_headers(a, &hb)) != 0)
-		return rc;
 	if (kd && (!*kd || opt_has(a, "key")))
 		return usage_error(a->cmd, "-K needs a non-empty delimiter and excludes -k");
 	if (opt_has(a, "whole") && (opt_has(a, "null") || kd || a->npos > 1))
@@ -6124,6 +6122,8 @@ static int cmd_put(struct args *a)
 	const char *id = opt_val(a, "id");
 	if (id && (!*id || kd || dv || at))
 		return usage_error(a->cmd, "--id needs a non-empty ID and excludes -K, --delay and --at");
+	if ((rc = put_headers(a, &hb)) != 0)
+		return rc;
 	if (spool_init(a, !opt_has(a, "no-create"), &e) < 0) {
 		rc = fail(a, &e);
 		goto out;
