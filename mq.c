@@ -6114,9 +6114,11 @@ static int cmd_put(struct args *a)
 	if (at && ((parse_u64(at, &epoch) < 0 && dur_like(at)) || parse_time_ms(at, &due) < 0))
 		return usage_error(a->cmd, "bad time '%s' for --at (RFC 3339 or epoch seconds)", at);
 	if (dv)
-		due = dl ? now_ms() + dl : 0;
+		due = dl ? (dl > INT64_MAX / 2 ? INT64_MAX : now_ms() + dl) : 0;
 	if (due > 0 && due <= now_ms())
 		due = 0; /* already due: an ordinary put */
+	if (due / 1000 >= 999999999999) /* bucket names have 12 digits of seconds */
+		return usage_error(a->cmd, "--delay/--at: too far in the future");
 	if (due > 0 && opt_has(a, "print-offsets"))
 		return usage_error(a->cmd, "--print-offsets: a delayed message has no offset yet");
 	const char *id = opt_val(a, "id");
