@@ -1564,6 +1564,38 @@ static int rec_hdr_is(const struct rec_msg *m, const char *name, const char *val
 	return 0;
 }
 
+/* Append one encoded header pair (name, value) to b. */
+static void rec_hdr_pair(struct buf *b, const char *name, const void *val, size_t vlen)
+{
+	unsigned char tmp[10];
+	buf_add(b, tmp, varint_put(tmp, strlen(name)));
+	buf_adds(b, name);
+	buf_add(b, tmp, varint_put(tmp, vlen));
+	buf_add(b, val, vlen);
+}
+
+/* Append m's header pairs to b, leaving out names starting with skip;
+ * returns how many were appended. */
+static uint64_t rec_hdr_copy(const struct rec_msg *m, const char *skip, struct buf *b)
+{
+	const unsigned char *p = m->hdrs, *end = m->hdrs + m->hlen, *hn, *hv;
+	uint64_t left = 0, kept = 0;
+	size_t nl, vl, sl = strlen(skip);
+	unsigned char tmp[10];
+	if (m->hlen)
+		p += varint_get(p, end, &left);
+	while (rec_hdr_next(&p, end, &left, &hn, &nl, &hv, &vl)) {
+		if (sl && nl >= sl && !memcmp(hn, skip, sl))
+			continue;
+		buf_add(b, tmp, varint_put(tmp, nl));
+		buf_add(b, hn, nl);
+		buf_add(b, tmp, varint_put(tmp, vl));
+		buf_add(b, hv, vl);
+		kept++;
+	}
+	return kept;
+}
+
 /* ===================================================================
  * 5. Segments: segment files, index and time index, tail scan
  *
@@ -4837,15 +4869,6 @@ static int64_t backoff_ms(const struct qconf *c, unsigned attempt)
 	return c->backoff[i < c->nbackoff ? i : c->nbackoff - 1];
 }
 
-static void hdr_pair(struct buf *b, const char *name, const char *val, size_t vlen)
-{
-	unsigned char tmp[10];
-	buf_add(b, tmp, varint_put(tmp, strlen(name)));
-	buf_adds(b, name);
-	buf_add(b, tmp, varint_put(tmp, vlen));
-	buf_add(b, val, vlen);
-}
-
 /*
  * Move offsets [lo, lo + n) of the claimed partition to QUEUE.dlq, each
  * with its key, tag, headers and body, plus headers saying from where,
@@ -4877,31 +4900,19 @@ static int grp_bury(struct claim *c, uint64_t lo, uint64_t n, unsigned attempt, 
 	}
 	while (rc == 0 && (k = rd_next(&r, &m, e)) == 1 && m.offset < lo + n) {
 		/* the message's own headers, then ours */
-		const unsigned char *p = m.hdrs, *end = m.hdrs + m.hlen, *hn, *hv;
-		uint64_t left = 0, have = 0;
-		size_t nl, vl;
 		struct buf pairs = {0};
-		if (m.hlen)
-			p += varint_get(p, end, &left);
-		while (rec_hdr_next(&p, end, &left, &hn, &nl, &hv, &vl)) {
-			unsigned char tmp[10];
-			buf_add(&pairs, tmp, varint_put(tmp, nl));
-			buf_add(&pairs, hn, nl);
-			buf_add(&pairs, tmp, varint_put(tmp, vl));
-			buf_add(&pairs, hv, vl);
-			have++;
-		}
-		hdr_pair(&pairs, "mq-dlq-queue", q->name, strlen(q->name));
-		hdr_pair(&pairs, "mq-dlq-group", c->group, strlen(c->group));
+		uint64_t have = rec_hdr_copy(&m, "", &pairs);
+		rec_hdr_pair(&pairs, "mq-dlq-queue", q->name, strlen(q->name));
+		rec_hdr_pair(&pairs, "mq-dlq-group", c->group, strlen(c->group));
 		strfmt(num, sizeof num, "%d", c->part);
-		hdr_pair(&pairs, "mq-dlq-partition", num, strlen(num));
+		rec_hdr_pair(&pairs, "mq-dlq-partition", num, strlen(num));
 		strfmt(num, sizeof num, "%" PRIu64, m.offset);
-		hdr_pair(&pairs, "mq-dlq-offset", num, strlen(num));
+		rec_hdr_pair(&pairs, "mq-dlq-offset", num, strlen(num));
 		strfmt(num, sizeof num, "%u", attempt);
-		hdr_pair(&pairs, "mq-dlq-attempts", num, strlen(num));
-		hdr_pair(&pairs, "mq-dlq-reason", whys, strlen(whys));
+		rec_hdr_pair(&pairs, "mq-dlq-attempts", num, strlen(num));
+		rec_hdr_pair(&pairs, "mq-dlq-reason", whys, strlen(whys));
 		strfmt(num, sizeof num, "%" PRId64, m.ts);
-		hdr_pair(&pairs, "mq-dlq-timestamp", num, strlen(num));
+		rec_hdr_pair(&pairs, "mq-dlq-timestamp", num, strlen(num));
 		unsigned char tmp[10];
 		hb.len = 0;
 		buf_add(&hb, tmp, varint_put(tmp, have + 7));
@@ -6060,7 +6071,7 @@ static int put_headers(struct args *a, struct buf *hb)
 	struct buf pairs = {0};
 	const char *id = opt_val(a, "id");
 	if (id) {
-		hdr_pair(&pairs, MQ_ID_HEADER, id, strlen(id));
+		rec_hdr_pair(&pairs, MQ_ID_HEADER, id, strlen(id));
 		nh++;
 	}
 	for (int i = 0; i < a->nall; i++) {
@@ -6909,27 +6920,13 @@ out:
 
 /* ----- mq move ----- */
 
-/* Copy m's header block into b without the headers whose names start
- * with prefix. */
+/* m's header block without the headers whose names start with prefix. */
 static void hdrs_without(const struct rec_msg *m, const char *prefix, struct buf *b)
 {
-	const unsigned char *p = m->hdrs, *end = m->hdrs + m->hlen, *hn, *hv;
-	uint64_t left = 0, kept = 0;
-	size_t nl, vl, plen = strlen(prefix);
 	unsigned char tmp[10];
 	struct buf pairs = {0};
+	uint64_t kept = rec_hdr_copy(m, prefix, &pairs);
 	b->len = 0;
-	if (m->hlen)
-		p += varint_get(p, end, &left);
-	while (rec_hdr_next(&p, end, &left, &hn, &nl, &hv, &vl)) {
-		if (nl >= plen && !memcmp(hn, prefix, plen))
-			continue;
-		buf_add(&pairs, tmp, varint_put(tmp, nl));
-		buf_add(&pairs, hn, nl);
-		buf_add(&pairs, tmp, varint_put(tmp, vl));
-		buf_add(&pairs, hv, vl);
-		kept++;
-	}
 	if (kept) {
 		buf_add(b, tmp, varint_put(tmp, kept));
 		buf_add(b, pairs.p, pairs.len);
