@@ -10,7 +10,7 @@
  * no lock.  The formats are documented byte by byte in mq.h.
  *
  * Layers, bottom up; a layer calls only lower-numbered ones, and nothing
- * above layer 12 prints or exits:
+ * below layer 14 prints or exits:
  *
  *   1. Utilities: errors, buffers, numbers, durations, names, clock
  *   2. Durable files: the syscall table, full writes, fsync, locks
@@ -23,11 +23,10 @@
  *   9. Producer: batching, partition choice and the sync policy
  *  10. Verification and repair
  *  11. Delivery: claims, leases, acks, retries and dead letters
- *  12. CLI: option parser, output formats, commands and the command table
- *  13. main
- *
- * (Layers 10-11, the server with replication and the nameserver, come
- * with later work; the numbers are kept so the outline stays stable.)
+ *  12. Wire protocol: requests, escapes, message frames, the client
+ *  13. Server: the event loop, connections, group commit, the verbs
+ *  14. CLI: option parser, output formats, commands and the command table
+ *  15. main
  *
  * Build switches: MQ_TEST compiles without main() for tests/unit.c, which
  * includes this file; MQ_FAULTS adds fault injection to the syscall table,
@@ -56,9 +55,17 @@
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/wait.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stddef.h>
+#include <strings.h>
 #include <time.h>
 #include <unistd.h>
 #ifdef __linux__
+#include <sys/epoll.h>
 #include <sys/inotify.h>
 #endif
 
@@ -2797,6 +2804,54 @@ static int tagset_has_hash(const struct tagset *ts, uint32_t h)
 	return 0;
 }
 
+static void tagset_free(struct tagset *ts)
+{
+	free(ts->tag);
+	free(ts->len);
+	free(ts->hash);
+	memset(ts, 0, sizeof *ts);
+}
+
+/* Parse a tag expression 'A||B' into ts, whose tags point into v; NULL
+ * or '*' means every message and sets *out NULL, else *out = ts.  Returns
+ * 0, or -1 (MQ_EX_USAGE) for an empty alternative. */
+static int tagset_parse(const char *v, struct tagset *ts, const struct tagset **out,
+                        struct mq_err *e)
+{
+	*out = NULL;
+	memset(ts, 0, sizeof *ts);
+	if (!v || !strcmp(v, "*"))
+		return 0;
+	size_t cap = 1;
+	for (const char *p = v; (p = strstr(p, "||")); p += 2)
+		cap++;
+	ts->tag = calloc(cap, sizeof *ts->tag);
+	ts->len = calloc(cap, sizeof *ts->len);
+	ts->hash = calloc(cap, sizeof *ts->hash);
+	if (!ts->tag || !ts->len || !ts->hash)
+		abort();
+	for (const char *p = v;;) {
+		const char *end = strstr(p, "||");
+		size_t n = end ? (size_t)(end - p) : strlen(p);
+		while (n && *p == ' ')
+			p++, n--;
+		while (n && p[n - 1] == ' ')
+			n--;
+		if (n == 0) {
+			tagset_free(ts);
+			return err_set(e, MQ_EX_USAGE, "bad --tag '%s': use TAG or 'TAG1||TAG2'", v);
+		}
+		ts->tag[ts->n] = p;
+		ts->len[ts->n] = n;
+		ts->hash[ts->n++] = tag_hash(p, n);
+		if (!end)
+			break;
+		p = end + 2;
+	}
+	*out = ts;
+	return 0;
+}
+
 static int tagset_match(const struct tagset *ts, const struct rec_msg *m)
 {
 	for (size_t i = 0; m->has_tag && i < ts->n; i++)
@@ -3187,6 +3242,48 @@ static int part_offset_for_time(struct part *p, int64_t ts, uint64_t *off, struc
 	free(segs);
 	return r;
 }
+
+/* ----- waiting for new messages ----- */
+
+/* Watches every partition's head file, so a waiting reader wakes as soon
+ * as a writer publishes (inotify on Linux; a short poll elsewhere). */
+struct waiter {
+	int fd;
+};
+
+static void wait_init(struct waiter *w, struct queue *q)
+{
+	w->fd = -1;
+#ifdef __linux__
+	w->fd = inotify_init1(IN_CLOEXEC | IN_NONBLOCK);
+	for (int i = 0; w->fd >= 0 && i < q->nparts; i++) {
+		char path[PATH_MAX + 8];
+		strfmt(path, sizeof path, "%s/head", q->parts[i].dir);
+		inotify_add_watch(w->fd, path, IN_MODIFY | IN_ATTRIB | IN_DELETE_SELF);
+	}
+#else
+	(void)q;
+#endif
+}
+
+/* Sleep until something may have been published or timeout_ms passes
+ * (-1: no limit).  Wakes at least every second to re-check regardless. */
+static void wait_change(struct waiter *w, int64_t timeout_ms)
+{
+	int t = timeout_ms < 0 || timeout_ms > 1000 ? 1000 : (int)timeout_ms;
+	if (w->fd < 0) {
+		poll(NULL, 0, t < 20 ? t : 20);
+		return;
+	}
+	struct pollfd pfd = {w->fd, POLLIN, 0};
+	if (poll(&pfd, 1, t) > 0) {
+		char ev[4096];
+		while (read(w->fd, ev, sizeof ev) > 0)
+			;
+	}
+}
+
+static void wait_free(struct waiter *w) { dur_close(&w->fd); }
 
 /* ===================================================================
  * 7. Consumer groups: offset files and consumption-driven retention
@@ -3717,6 +3814,25 @@ static int grp_seek(struct queue *q, const char *g, int part, uint64_t off, uint
 	return r;
 }
 
+/* Remove every message of queue name, keeping it, its settings and its
+ * groups (whose offsets then point past the end). */
+static int q_purge(struct spool *sp, const char *name, struct mq_err *e)
+{
+	struct queue *q;
+	if (q_open(sp, name, 0, NULL, 0, &q, e) < 0)
+		return -1;
+	int r = 0;
+	for (int k = 0; k < q->nparts && r == 0; k++) {
+		struct part *p = &q->parts[k];
+		r = part_lock(p, 0, e);
+		if (r == 0)
+			r = part_retain(p, UINT64_MAX, 1, e);
+		part_unlock(p);
+	}
+	q_close(q);
+	return r;
+}
+
 /* Offset of the first message at or after time ts in a partition, or the
  * partition's end if there is none. */
 static int part_offset_at_time(struct part *p, int64_t ts, uint64_t *off, struct mq_err *e)
@@ -3773,6 +3889,59 @@ static int grp_remove(struct queue *q, const char *g, struct mq_err *e)
 	for (int i = 0; r == 0 && i < q->nparts; i++)
 		grp_retain(q, i, &ignored);
 	return r;
+}
+
+/* What a seek target names: earliest, latest, an offset or a time. */
+enum { TO_EARLIEST, TO_LATEST, TO_OFFSET, TO_TIME };
+
+static int seek_kind(const char *to, uint64_t *off, int64_t *ts)
+{
+	if (!strcmp(to, "earliest"))
+		return TO_EARLIEST;
+	if (!strcmp(to, "latest"))
+		return TO_LATEST;
+	if (parse_u64(to, off) == 0)
+		return TO_OFFSET;
+	if (parse_time_ms(to, ts) == 0)
+		return TO_TIME;
+	return -1;
+}
+
+static int seek_check(const char *to, struct mq_err *e)
+{
+	uint64_t off;
+	int64_t ts;
+	if (seek_kind(to, &off, &ts) < 0)
+		return err_set(e, MQ_EX_USAGE, "bad --to '%s' (earliest, latest, an offset, or a time)",
+		               to);
+	return 0;
+}
+
+/*
+ * Move group g to `to` (earliest, latest, an offset or a time) in
+ * partition part, or in each partition when part < 0.  now[k] gets the
+ * k-th moved partition's new offset (clamped to what is stored).
+ * Returns how many partitions moved; fewer than asked means e says why.
+ */
+static int grp_seek_to(struct queue *q, const char *g, int part, const char *to, uint64_t *now,
+                       struct mq_err *e)
+{
+	uint64_t off = 0;
+	int64_t ts = 0;
+	int kind = seek_kind(to, &off, &ts), n = 0;
+	if (kind < 0)
+		return seek_check(to, e);
+	for (int i = 0; i < q->nparts; i++) {
+		uint64_t target = kind == TO_OFFSET ? off : kind == TO_LATEST ? UINT64_MAX : 0;
+		if (part >= 0 && i != part)
+			continue;
+		if (kind == TO_TIME && part_offset_at_time(&q->parts[i], ts, &target, e) < 0)
+			break;
+		if (grp_seek(q, g, i, target, &now[n], e) < 0)
+			break;
+		n++;
+	}
+	return n;
 }
 
 /* ===================================================================
@@ -4181,6 +4350,8 @@ struct prod {
 	struct buf order;      /* u16 partition of each buffered message */
 	int failed;            /* a flush failed: the producer takes nothing more */
 	int64_t due_ms;        /* > 0: delayed until then (into the timing wheel) */
+	int group;             /* the caller flushes (mq serve's group commit): no
+	                        * flush per message under fsync=always */
 	const char *id;        /* put --id: drop the put if this id is stored */
 	int id_checked;        /* the first flush looked for it */
 	int dup;               /* it was there: everything is dropped */
@@ -4372,7 +4543,7 @@ static int prod_add(struct prod *pr, const struct rec_msg *m, struct mq_err *e)
 	pr->pending += size + 16;
 	/* Flushing every MQ_FLUSH_BYTES (< MQ_SYNC_EVERY_BYTES) keeps memory
 	 * small whatever the input size; fsync=batch then syncs that often. */
-	if (q->conf.fsync == MQ_FSYNC_ALWAYS || pr->pending >= MQ_FLUSH_BYTES) {
+	if ((q->conf.fsync == MQ_FSYNC_ALWAYS && !pr->group) || pr->pending >= MQ_FLUSH_BYTES) {
 		if (prod_flush(pr, 0, e) < 0)
 			return -1;
 		return 1;
@@ -5219,6 +5390,66 @@ static int grp_release(struct claim *c, struct mq_err *e)
 	return rc;
 }
 
+/*
+ * How grp_deliver() hands messages out.  emit() sees each message as it
+ * is taken (valid only during the call) with its attempt and the lease it
+ * will carry (0: none).  With `after` the messages are committed only
+ * once out() has handed them on (at-least-once); otherwise they are
+ * leased, or committed, first and out() runs after that (at-most-once
+ * without a lease).  drop() discards what emit() kept when the first
+ * settle failed, so nothing unrecorded is handed out.
+ */
+struct deliver {
+	const char *group;
+	uint64_t want;             /* messages at most; 0: all there are */
+	int64_t lease_ms;          /* >= 0: lease them for this long */
+	int after;                 /* commit after out() (no lease) */
+	int nonblock;              /* a busy partition is skipped, not waited for */
+	const struct tagset *tags;
+	void (*emit)(void *ctx, int part, const struct rec_msg *m, unsigned attempt, uint32_t lease);
+	int (*out)(void *ctx, struct mq_err *e);
+	void (*drop)(void *ctx);
+	void *ctx;
+};
+
+/* Deliver up to d->want messages of partition part to the group under a
+ * claim.  Returns the number delivered (*busy set when the partition was
+ * locked and d->nonblock said not to wait), or -1. */
+static int64_t grp_deliver(struct queue *q, int part, const struct deliver *d, int *busy,
+                           struct mq_err *e)
+{
+	struct claim c;
+	int64_t got = 0;
+	int k = grp_claim(q, d->group, part, d->nonblock ? CL_NONBLOCK : 0, &c, e);
+	*busy = k == 0;
+	if (k <= 0)
+		return k;
+	c.r.tags = d->tags;
+	uint32_t lease = d->lease_ms >= 0 ? c.gs.lease + 1 : 0; /* what the settle will assign */
+	unsigned attempt;
+	struct rec_msg m;
+	while ((d->want == 0 || (uint64_t)got < d->want) && (k = grp_take(&c, &m, &attempt, e)) == 1) {
+		d->emit(d->ctx, part, &m, attempt, lease);
+		got++;
+	}
+	int rc = k < 0 ? -1 : 0;
+	struct mq_err ce;
+	if (got > 0 && rc == 0) {
+		if (!d->after && (lease ? grp_settle_lease(&c, now_ms() + d->lease_ms, &lease, &ce)
+		                        : grp_settle_done(&c, &ce)) < 0) {
+			d->drop(d->ctx); /* not recorded: deliver nothing */
+			rc = (*e = ce, -1);
+		} else if (d->out(d->ctx, e) < 0) {
+			rc = -1;
+		} else if (d->after && grp_settle_done(&c, &ce) < 0) {
+			rc = (*e = ce, -1);
+		}
+	}
+	if (grp_release(&c, &ce) < 0 && rc == 0)
+		rc = (*e = ce, -1);
+	return rc < 0 ? -1 : got;
+}
+
 /* A receipt names one leased message: GROUP:PARTITION:OFFSET:LEASE. */
 struct receipt {
 	char group[MQ_NAME_MAX + 1];
@@ -5299,8 +5530,1996 @@ static int grp_answer(struct queue *q, const char *g, int part, struct receipt *
 	return rc;
 }
 
+static int cmp_receipt(const void *x, const void *y)
+{
+	const struct receipt *a = *(struct receipt *const *)x, *b = *(struct receipt *const *)y;
+	int c = strcmp(a->group, b->group);
+	return c ? c : (a->part > b->part) - (a->part < b->part);
+}
+
+/* Answer receipts of any groups and partitions of q: one claim (one
+ * synced write) per group and partition.  A receipt naming a partition
+ * the queue lacks stops it with 65. */
+static int grp_answer_all(struct queue *q, struct receipt *rs, size_t nr, int nack,
+                          int64_t delay_ms, struct mq_err *e)
+{
+	struct receipt **by = malloc((nr ? nr : 1) * sizeof *by), *run = NULL;
+	int rc = 0;
+	if (!by)
+		abort();
+	for (size_t i = 0; i < nr; i++)
+		by[i] = &rs[i];
+	qsort(by, nr, sizeof *by, cmp_receipt);
+	for (size_t i = 0, j; i < nr && rc == 0; i = j) {
+		for (j = i + 1; j < nr && !cmp_receipt(&by[i], &by[j]);)
+			j++;
+		if (by[i]->part >= q->nparts) {
+			rc = err_set(e, MQ_EX_DATAERR, "receipt '%s:%d:...' names partition %d; the queue "
+			             "has %d", by[i]->group, by[i]->part, by[i]->part, q->nparts);
+			break;
+		}
+		/* grp_answer takes an array: gather this run's receipts */
+		if (!(run = realloc(run, (j - i) * sizeof *run)))
+			abort();
+		for (size_t k = i; k < j; k++)
+			run[k - i] = *by[k];
+		rc = grp_answer(q, by[i]->group, by[i]->part, run, j - i, nack, delay_ms, e);
+		for (size_t k = i; k < j && rc == 0; k++)
+			by[k]->result = run[k - i].result;
+	}
+	free(run);
+	free(by);
+	return rc;
+}
+
 /* ===================================================================
- * 12. CLI: option parser, output formats, commands, the command table
+ * 12. Wire protocol: requests, escapes, message frames, the client
+ *
+ * What `mq serve` speaks (man/mq-protocol.7).  A request is one line of
+ * tokens separated by spaces: a verb, positional arguments, then
+ * NAME=VALUE options.  In a token, bytes outside '!'..'~' and the
+ * characters '%' and '=' are written %XX, so any key, tag or header fits.
+ * A PUT line is followed by its message frames, "LEN[ key=K][ tag=T]\n",
+ * LEN bytes and "\n".  An answer is zero or more data lines (a MSG line
+ * is followed by its body like a frame) and then "OK ..." or
+ * "ERR CODE MESSAGE", CODE being the exit status of the local command.
+ * Pure functions, and the blocking connection the CLI uses as a client.
+ * Uses layers 1-4.
+ * =================================================================== */
+
+/* One token of a request: an option (name set) or a positional value. */
+struct ptok {
+	char *name;  /* NULL for a positional token */
+	char *val;   /* decoded, NUL-terminated */
+	size_t len;  /* bytes in val (a decoded value may hold NULs) */
+};
+
+struct preq {
+	struct ptok *t; /* t[0] is the verb */
+	int n, cap;
+};
+
+static void preq_free(struct preq *r)
+{
+	free(r->t);
+	memset(r, 0, sizeof *r);
+}
+
+static int unhex(int c)
+{
+	return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10
+	       : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+}
+
+/* Decode %XX escapes in s[0..n) in place and NUL-terminate; returns the
+ * decoded length, or -1 for a malformed escape. */
+static ssize_t proto_unesc(char *s, size_t n)
+{
+	size_t o = 0;
+	for (size_t i = 0; i < n; i++) {
+		int h, l;
+		if (s[i] != '%') {
+			s[o++] = s[i];
+			continue;
+		}
+		if (n - i < 3 || (h = unhex(s[i + 1])) < 0 || (l = unhex(s[i + 2])) < 0)
+			return -1;
+		s[o++] = (char)(h * 16 + l);
+		i += 2;
+	}
+	s[o] = 0;
+	return (ssize_t)o;
+}
+
+/* Append p[0..n) to b as a token value. */
+static void proto_esc(struct buf *b, const void *p, size_t n)
+{
+	static const char hex[] = "0123456789ABCDEF";
+	const unsigned char *s = p;
+	size_t run = 0;
+	for (size_t i = 0; i < n; i++) {
+		unsigned char c = s[i];
+		if (c > ' ' && c < 0x7f && c != '%' && c != '=')
+			continue;
+		buf_add(b, s + run, i - run);
+		char x[3] = {'%', hex[c >> 4], hex[c & 15]};
+		buf_add(b, x, 3);
+		run = i + 1;
+	}
+	buf_add(b, s + run, n - run);
+}
+
+/* Append " name=VALUE" (VALUE escaped) to b. */
+static void proto_opt(struct buf *b, const char *name, const void *val, size_t n)
+{
+	buf_printf(b, " %s=", name);
+	proto_esc(b, val, n);
+}
+
+/* Split a request line (NUL-terminated, newline removed) into r, in
+ * place.  Returns 0, or -1 (64) for a malformed escape. */
+static int proto_parse(char *line, struct preq *r, struct mq_err *e)
+{
+	r->n = 0;
+	for (char *p = line, *next; *p; p = next) {
+		char *end = strchr(p, ' ');
+		next = end ? end + 1 : p + strlen(p);
+		if (end)
+			*end = 0;
+		if (p == end)
+			continue;
+		if (r->n == r->cap) {
+			r->cap = r->cap ? r->cap * 2 : 16;
+			if (!(r->t = realloc(r->t, (size_t)r->cap * sizeof *r->t)))
+				abort();
+		}
+		struct ptok *t = &r->t[r->n++];
+		char *eq = r->n > 1 ? strchr(p, '=') : NULL; /* the verb is never an option */
+		t->name = NULL;
+		t->val = p;
+		if (eq) {
+			*eq = 0;
+			t->name = p;
+			t->val = eq + 1;
+			if (proto_unesc(p, (size_t)(eq - p)) < 0)
+				return err_set(e, MQ_EX_USAGE, "bad %%XX escape in '%s'", p);
+		}
+		ssize_t k = proto_unesc(t->val, strlen(t->val));
+		if (k < 0)
+			return err_set(e, MQ_EX_USAGE, "bad %%XX escape in '%s'", t->val);
+		t->len = (size_t)k;
+	}
+	return r->n ? 0 : err_set(e, MQ_EX_USAGE, "empty request");
+}
+
+/* The last value of option name, or NULL. */
+static const char *preq_opt(const struct preq *r, const char *name)
+{
+	for (int i = r->n - 1; i > 0; i--)
+		if (r->t[i].name && !strcmp(r->t[i].name, name))
+			return r->t[i].val;
+	return NULL;
+}
+
+/* Positional argument i (0 is the first after the verb), or NULL. */
+static const char *preq_pos(const struct preq *r, int i)
+{
+	for (int k = 1; k < r->n; k++)
+		if (!r->t[k].name && i-- == 0)
+			return r->t[k].val;
+	return NULL;
+}
+
+static int preq_npos(const struct preq *r)
+{
+	int n = 0;
+	for (int k = 1; k < r->n; k++)
+		n += !r->t[k].name;
+	return n;
+}
+
+/* A delivered message as an answer line and body:
+ * MSG PARTITION OFFSET TIMESTAMP ATTEMPT LEASE LEN [key=K] [tag=T] [h.NAME=V]... */
+static void proto_msg(struct buf *b, int part, const struct rec_msg *m, unsigned attempt,
+                      uint32_t lease)
+{
+	const unsigned char *p = m->hdrs, *end = m->hdrs + m->hlen, *hn, *hv;
+	uint64_t left = 0;
+	size_t nl, vl;
+	buf_printf(b, "MSG %d %" PRIu64 " %" PRId64 " %u %" PRIu32 " %zu", part, m->offset, m->ts,
+	           attempt, lease, m->blen);
+	if (m->has_key)
+		proto_opt(b, "key", m->key, m->klen);
+	if (m->has_tag)
+		proto_opt(b, "tag", m->tag, m->tlen);
+	if (m->hlen)
+		p += varint_get(p, end, &left);
+	while (rec_hdr_next(&p, end, &left, &hn, &nl, &hv, &vl)) {
+		buf_adds(b, " h.");
+		proto_esc(b, hn, nl);
+		buf_add(b, "=", 1);
+		proto_esc(b, hv, vl);
+	}
+	buf_add(b, "\n", 1);
+	buf_add(b, m->body, m->blen);
+	buf_add(b, "\n", 1);
+}
+
+/* Split "HOST:PORT", "[V6]:PORT", "HOST" or ":PORT" (the port defaults to
+ * MQ_DEFAULT_PORT, the host to the loopback address). */
+static int net_split(const char *addr, char *host, size_t hn, char *port, size_t pn,
+                     struct mq_err *e)
+{
+	const char *colon = strrchr(addr, ':'), *h = addr;
+	size_t hl = colon ? (size_t)(colon - addr) : strlen(addr);
+	if (*addr == '[') {
+		const char *rb = strchr(addr, ']');
+		if (!rb || (rb[1] && rb[1] != ':'))
+			return err_set(e, MQ_EX_USAGE, "bad address '%s' (use HOST:PORT or [V6]:PORT)", addr);
+		h = addr + 1;
+		hl = (size_t)(rb - h);
+		colon = rb[1] ? rb + 1 : NULL;
+	} else if (colon && strchr(addr, ':') != colon) { /* a bare IPv6 address */
+		colon = NULL;
+		hl = strlen(addr);
+	}
+	if (hl >= hn || (colon && strlen(colon + 1) >= pn) || (colon && !colon[1]))
+		return err_set(e, MQ_EX_USAGE, "bad address '%s' (use HOST:PORT or [V6]:PORT)", addr);
+	strfmt(host, hn, "%.*s", (int)hl, hl ? h : "127.0.0.1");
+	strfmt(port, pn, "%s", colon ? colon + 1 : MQ_DEFAULT_PORT);
+	return 0;
+}
+
+/* A blocking client connection to mq serve. */
+struct rconn {
+	int fd;
+	struct buf in;   /* received; unread bytes start at pos */
+	size_t pos;
+	struct buf line; /* the last line read, NUL-terminated */
+	char addr[256];
+};
+
+static int rc_open(struct rconn *c, const char *addr, struct mq_err *e)
+{
+	char host[256], port[32];
+	struct addrinfo hints = {0}, *res = NULL;
+	memset(c, 0, sizeof *c);
+	c->fd = -1;
+	strfmt(c->addr, sizeof c->addr, "%s", addr);
+	if (net_split(addr, host, sizeof host, port, sizeof port, e) < 0)
+		return -1;
+	hints.ai_socktype = SOCK_STREAM;
+	int k = getaddrinfo(host, port, &hints, &res);
+	if (k)
+		return err_set(e, MQ_EX_UNAVAILABLE, "cannot resolve server '%s': %s", addr,
+		               gai_strerror(k));
+	int sys = 0;
+	for (struct addrinfo *ai = res; ai && c->fd < 0; ai = ai->ai_next) {
+		c->fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
+		if (c->fd >= 0 && connect(c->fd, ai->ai_addr, ai->ai_addrlen) < 0) {
+			sys = errno;
+			close(c->fd);
+			c->fd = -1;
+		}
+	}
+	freeaddrinfo(res);
+	if (c->fd < 0)
+		return err_set(e, MQ_EX_UNAVAILABLE, "cannot connect to server '%s': %s", addr,
+		               strerror(sys ? sys : errno));
+	int one = 1;
+	setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+	return 0;
+}
+
+static void rc_close(struct rconn *c)
+{
+	dur_close(&c->fd);
+	buf_free(&c->in);
+	buf_free(&c->line);
+}
+
+static int rc_send(struct rconn *c, const void *p, size_t n, struct mq_err *e)
+{
+	const char *s = p;
+	while (n > 0) {
+		ssize_t k = send(c->fd, s, n, MSG_NOSIGNAL);
+		if (k < 0 && errno == EINTR)
+			continue;
+		if (k < 0)
+			return err_sys(e, MQ_EX_UNAVAILABLE, "cannot send to server '%s'", c->addr);
+		s += k;
+		n -= (size_t)k;
+	}
+	return 0;
+}
+
+/* Read more bytes; the server closing the connection is 69. */
+static int rc_fill(struct rconn *c, struct mq_err *e)
+{
+	if (c->pos > 0 && c->pos == c->in.len)
+		c->pos = c->in.len = 0;
+	buf_reserve(&c->in, 65536);
+	for (;;) {
+		ssize_t k = recv(c->fd, c->in.p + c->in.len, c->in.cap - c->in.len, 0);
+		if (k < 0 && errno == EINTR)
+			continue;
+		if (k < 0)
+			return err_sys(e, MQ_EX_UNAVAILABLE, "cannot read from server '%s'", c->addr);
+		if (k == 0)
+			return err_set(e, MQ_EX_UNAVAILABLE, "server '%s' closed the connection", c->addr);
+		c->in.len += (size_t)k;
+		return 0;
+	}
+}
+
+/* Are bytes (a line) waiting, without blocking? */
+static int rc_ready(struct rconn *c)
+{
+	struct pollfd pfd = {c->fd, POLLIN, 0};
+	return c->pos < c->in.len || poll(&pfd, 1, 0) > 0;
+}
+
+/* The next line of the answer, NUL-terminated without its newline; valid
+ * until the next rc_line(). */
+static int rc_line(struct rconn *c, char **line, struct mq_err *e)
+{
+	char *nl;
+	while (!(nl = memchr(c->in.p + c->pos, '\n', c->in.len - c->pos))) {
+		if (c->in.len - c->pos > MQ_LINE_MAX)
+			return err_set(e, MQ_EX_UNAVAILABLE, "server '%s' sent a line over %d bytes",
+			               c->addr, MQ_LINE_MAX);
+		if (c->pos > 0) { /* keep the partial line at the start */
+			memmove(c->in.p, c->in.p + c->pos, c->in.len - c->pos);
+			c->in.len -= c->pos;
+			c->pos = 0;
+		}
+		if (rc_fill(c, e) < 0)
+			return -1;
+	}
+	size_t n = (size_t)(nl - (c->in.p + c->pos));
+	c->line.len = 0;
+	buf_add(&c->line, c->in.p + c->pos, n && nl[-1] == '\r' ? n - 1 : n);
+	buf_addc0(&c->line);
+	c->pos += n + 1;
+	*line = c->line.p;
+	return 0;
+}
+
+/* The n bytes of a body and its newline; *p is valid until the next read. */
+static int rc_body(struct rconn *c, size_t n, const char **p, struct mq_err *e)
+{
+	if (c->in.len - c->pos < n + 1 && c->pos > 0) {
+		memmove(c->in.p, c->in.p + c->pos, c->in.len - c->pos);
+		c->in.len -= c->pos;
+		c->pos = 0;
+	}
+	buf_reserve(&c->in, n + 1);
+	while (c->in.len - c->pos < n + 1)
+		if (rc_fill(c, e) < 0)
+			return -1;
+	if (c->in.p[c->pos + n] != '\n')
+		return err_set(e, MQ_EX_UNAVAILABLE, "server '%s' sent a malformed body", c->addr);
+	*p = c->in.p + c->pos;
+	c->pos += n + 1;
+	return 0;
+}
+
+/* Read lines until the answer's final line: returns 0 with *rest (what
+ * follows "OK", maybe "") for OK, 1 with *line for a data line, or -1
+ * with e set from "ERR CODE MESSAGE" or a broken connection. */
+static int rc_next(struct rconn *c, char **line, struct mq_err *e)
+{
+	if (rc_line(c, line, e) < 0)
+		return -1;
+	char *l = *line;
+	if (!strncmp(l, "OK", 2) && (!l[2] || l[2] == ' ')) {
+		*line = l[2] ? l + 3 : l + 2;
+		return 0;
+	}
+	if (!strncmp(l, "ERR ", 4)) {
+		char *end;
+		long code = strtol(l + 4, &end, 10);
+		if (code <= 0 || code > 125)
+			code = MQ_EX_UNAVAILABLE;
+		return err_set(e, (int)code, "%s", *end == ' ' ? end + 1 : end);
+	}
+	return 1;
+}
+
+/* A MSG line parsed back into m (pointing into c's buffers, valid until
+ * the next read); headers are re-encoded into hb. */
+static int rc_msg(struct rconn *c, char *line, struct rec_msg *m, int *part, unsigned *attempt,
+                  uint32_t *lease, struct buf *hb, struct mq_err *e)
+{
+	struct preq r = {0};
+	uint64_t v[6];
+	int rc = -1;
+	memset(m, 0, sizeof *m);
+	if (proto_parse(line, &r, e) < 0 || strcmp(r.t[0].val, "MSG") || preq_npos(&r) != 6)
+		goto bad;
+	for (int i = 0; i < 6; i++)
+		if (parse_u64(preq_pos(&r, i), &v[i]) < 0)
+			goto bad;
+	*part = (int)v[0];
+	m->offset = v[1];
+	m->ts = (int64_t)v[2];
+	*attempt = (unsigned)v[3];
+	*lease = (uint32_t)v[4];
+	hb->len = 0;
+	struct buf pairs = {0};
+	uint64_t nh = 0;
+	for (int i = 1; i < r.n; i++) {
+		struct ptok *t = &r.t[i];
+		if (!t->name)
+			continue;
+		if (!strcmp(t->name, "key")) {
+			m->key = (const unsigned char *)t->val, m->klen = t->len, m->has_key = 1;
+		} else if (!strcmp(t->name, "tag")) {
+			m->tag = (const unsigned char *)t->val, m->tlen = t->len, m->has_tag = 1;
+		} else if (!strncmp(t->name, "h.", 2)) {
+			rec_hdr_pair(&pairs, t->name + 2, t->val, t->len);
+			nh++;
+		}
+	}
+	if (nh) {
+		unsigned char tmp[10];
+		buf_add(hb, tmp, varint_put(tmp, nh));
+		buf_add(hb, pairs.p, pairs.len);
+	}
+	buf_free(&pairs);
+	/* key and tag point into c->line, which the body read leaves alone */
+	const char *body = NULL;
+	if (rc_body(c, (size_t)v[5], &body, e) < 0)
+		goto out;
+	m->body = (const unsigned char *)body;
+	m->blen = (size_t)v[5];
+	m->hdrs = (const unsigned char *)hb->p;
+	m->hlen = hb->len;
+	rc = 0;
+	goto out;
+bad:
+	err_set(e, MQ_EX_UNAVAILABLE, "server '%s' sent a malformed message line", c->addr);
+out:
+	preq_free(&r);
+	return rc;
+}
+
+/* ===================================================================
+ * 13. Server: the event loop, connections, group commit, the verbs
+ *
+ * One thread, one epoll loop.  Each round reads what the ready clients
+ * sent (at most in_chunk bytes each), runs their requests, then commits:
+ * every queue's shared producer is flushed once, so one fdatasync per
+ * partition covers all the clients' puts of the round (group commit), and
+ * only then are those puts answered.  Answers leave in request order
+ * (tickets), so clients may pipeline.  A client with too much unsent is
+ * not read until it catches up (backpressure), a half-sent request that
+ * stalls is dropped, an idle client is closed.  Uses layers 1-12; logs
+ * through srv->log and never prints or exits.
+ * =================================================================== */
+
+#ifdef __linux__
+enum { EV_LISTEN = 1, EV_CONN, EV_WATCH };
+
+struct srv_opts {
+	char listen[8][256];
+	int nlisten;
+	int64_t idle_ms;    /* close a client silent this long (no request pending) */
+	int64_t request_ms; /* drop a client whose request stalls this long */
+	size_t out_max;     /* unsent answer bytes past which a client is not read */
+	size_t in_chunk;    /* bytes read from one client per round */
+	int max_conns;
+};
+
+struct srv;
+struct conn;
+
+enum { TK_READY, TK_PUT, TK_WAIT };
+
+/* One request's answer.  A connection's tickets form a list in request
+ * order; the head is sent once it is ready. */
+struct ticket {
+	struct ticket *next;
+	struct conn *c;        /* NULL once the client is gone */
+	int kind;
+	struct buf resp;       /* the answer; a put's offsets so far */
+	/* TK_PUT */
+	uint64_t count;        /* frames announced */
+	uint64_t nread;        /* frames received */
+	uint64_t inflight;     /* messages in a producer, not yet acknowledged */
+	uint64_t acked;
+	int offsets;           /* answer with PARTITION:OFFSET lines */
+	int frames_done;
+	char dup[64];          /* put id=: "PARTITION:OFFSET" of the stored one */
+	struct mq_err err;     /* the first failure; err.code 0 if none */
+	/* TK_WAIT: a get waiting for messages */
+	char *line;            /* its request line, run again on a wake */
+	struct sq *wq;
+	int64_t deadline;      /* monotonic ms; -1 for ever */
+	struct ticket *wprev, *wnext;
+};
+
+/* A producer's messages belong to these tickets, n each, in order. */
+struct pend {
+	struct ticket *t;
+	uint64_t n;
+};
+
+/* A queue the server keeps open, with the producer its plain puts share. */
+struct sq {
+	int kind;              /* EV_WATCH: w.fd tells of other writers */
+	struct srv *s;
+	struct queue *q;
+	struct prod pr;        /* group commit: a round's messages of every client */
+	struct pend *fifo;     /* whose messages pr holds, oldest at fhead */
+	size_t fhead, flen, fcap;
+	struct waiter w;
+	int changed;           /* new messages since the waiters last looked */
+	struct sq *next;
+};
+
+struct conn {
+	int kind;              /* EV_CONN */
+	int fd;
+	struct buf in;         /* unparsed input starts at ipos */
+	size_t ipos;
+	struct buf out;        /* unsent output starts at opos */
+	size_t opos;
+	struct ticket *head, *tail;
+	size_t nt;
+	int waiting;           /* a TK_WAIT ticket holds the requests behind it */
+	/* the PUT whose frames are arriving */
+	struct ticket *put;
+	struct sq *psq;
+	struct prod *ppr;      /* &psq->pr, or a producer of its own (own != 0) */
+	int own;
+	struct queue *pq;      /* a queue handle with the put's own settings, or NULL */
+	struct buf pkey, ptag, phdr;
+	struct rec_msg tmpl;
+	uint64_t skip;         /* bytes of a refused frame still to discard */
+	int64_t last_ms;       /* monotonic: last byte received */
+	int64_t progress_ms;   /* monotonic: last whole line or frame */
+	int events;            /* registered epoll events */
+	int eof, dead;
+	struct preq fr;        /* frame headers, parsed (kept to save allocations) */
+	char peer[80];
+	struct conn *prev, *next;
+};
+
+struct lsn {
+	int kind; /* EV_LISTEN */
+	int fd;
+};
+
+struct srv {
+	struct spool *sp;
+	struct srv_opts o;
+	int ep;
+	struct lsn l[8];
+	int nl;
+	struct conn *conns;
+	int nconns;
+	struct sq *queues;
+	struct ticket *waiting;
+	unsigned rr;           /* rotates the partition a get starts at */
+	int64_t started_ms, tick_ms;
+	uint64_t msgs_in, msgs_out, bytes_in, bytes_out, commits, accepted, refused;
+	void (*log)(void *ctx, const char *line);
+	void *log_ctx;
+};
+
+static void srv_log(struct srv *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void srv_log(struct srv *s, const char *fmt, ...)
+{
+	char line[1024];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(line, sizeof line, fmt, ap);
+	va_end(ap);
+	if (s->log)
+		s->log(s->log_ctx, line);
+}
+
+static void srv_events(struct srv *s, struct conn *c)
+{
+	size_t unsent = c->out.len - c->opos;
+	int want = (c->out.len > c->opos ? EPOLLOUT : 0) |
+	           (!c->eof && !c->dead && !c->waiting && unsent < s->o.out_max && c->nt < 4096
+	            ? EPOLLIN : 0);
+	if (want == c->events)
+		return;
+	struct epoll_event ev = {(uint32_t)want, {.ptr = c}};
+	epoll_ctl(s->ep, EPOLL_CTL_MOD, c->fd, &ev);
+	c->events = want;
+}
+
+/* ----- tickets ----- */
+
+static struct ticket *tk_new(struct conn *c, int kind)
+{
+	struct ticket *t = calloc(1, sizeof *t);
+	if (!t)
+		abort();
+	t->c = c;
+	t->kind = kind;
+	if (c->tail)
+		c->tail->next = t;
+	else
+		c->head = t;
+	c->tail = t;
+	c->nt++;
+	return t;
+}
+
+static void tk_free(struct ticket *t)
+{
+	buf_free(&t->resp);
+	free(t->line);
+	free(t);
+}
+
+static void tk_err(struct ticket *t, const struct mq_err *e)
+{
+	buf_printf(&t->resp, "ERR %d %s\n", e->code ? e->code : MQ_EX_IOERR, e->msg);
+	t->kind = TK_READY;
+}
+
+/* A put is answered once its frames are in and none is in a producer. */
+static void tk_put_settle(struct ticket *t)
+{
+	if (t->kind != TK_PUT || !t->frames_done || t->inflight)
+		return;
+	if (!t->c) { /* its client is gone: nobody to tell */
+		tk_free(t);
+		return;
+	}
+	if (t->err.code)
+		tk_err(t, &t->err);
+	else if (t->dup[0])
+		buf_printf(&t->resp, "OK 0 duplicate=%s\n", t->dup);
+	else
+		buf_printf(&t->resp, "OK %" PRIu64 "\n", t->acked);
+	t->kind = TK_READY;
+}
+
+/* ----- queues ----- */
+
+static void sq_acked(void *ctx, int part, uint64_t off)
+{
+	struct sq *q = ctx;
+	assert(q->flen > 0);
+	struct pend *p = &q->fifo[q->fhead];
+	struct ticket *t = p->t;
+	t->inflight--;
+	t->acked++;
+	if (t->offsets && t->c)
+		buf_printf(&t->resp, "%d:%" PRIu64 "\n", part, off);
+	if (--p->n == 0) {
+		q->fhead++;
+		q->flen--;
+		tk_put_settle(t);
+	}
+}
+
+static void sq_prod_init(struct sq *q)
+{
+	prod_init(&q->pr, q->q, -1);
+	q->pr.group = 1;
+	q->pr.acked = sq_acked;
+	q->pr.ctx = q;
+}
+
+/* The open queue called name, opened (and created with create) now if
+ * need be. */
+static struct sq *srv_queue(struct srv *s, const char *name, int create, struct mq_err *e)
+{
+	for (struct sq *q = s->queues; q; q = q->next)
+		if (!strcmp(q->q->name, name))
+			return q;
+	struct sq *q = calloc(1, sizeof *q);
+	if (!q)
+		abort();
+	if (q_check_name("queue", name, e) < 0 || q_open(s->sp, name, create, NULL, 0, &q->q, e) < 0) {
+		free(q);
+		return NULL;
+	}
+	q->kind = EV_WATCH;
+	q->s = s;
+	sq_prod_init(q);
+	wait_init(&q->w, q->q);
+	if (q->w.fd >= 0) {
+		struct epoll_event ev = {EPOLLIN, {.ptr = q}};
+		epoll_ctl(s->ep, EPOLL_CTL_ADD, q->w.fd, &ev);
+	}
+	q->next = s->queues;
+	s->queues = q;
+	return q;
+}
+
+/* The producer failed: its tickets fail with e, and it starts afresh. */
+static void sq_failed(struct sq *q, const struct mq_err *e)
+{
+	for (; q->flen; q->fhead++, q->flen--) {
+		struct ticket *t = q->fifo[q->fhead].t;
+		t->inflight -= q->fifo[q->fhead].n;
+		if (!t->err.code)
+			t->err = *e;
+		tk_put_settle(t);
+	}
+	prod_free(&q->pr);
+	sq_prod_init(q);
+}
+
+/* Remember that the producer's next n messages are t's. */
+static void sq_pend(struct sq *q, struct ticket *t)
+{
+	if (q->flen && q->fifo[q->fhead + q->flen - 1].t == t) {
+		q->fifo[q->fhead + q->flen - 1].n++;
+	} else {
+		if (q->fhead + q->flen == q->fcap) {
+			if (q->fhead) {
+				memmove(q->fifo, q->fifo + q->fhead, q->flen * sizeof *q->fifo);
+				q->fhead = 0;
+			} else {
+				q->fcap = q->fcap ? q->fcap * 2 : 64;
+				if (!(q->fifo = realloc(q->fifo, q->fcap * sizeof *q->fifo)))
+					abort();
+			}
+		}
+		q->fifo[q->fhead + q->flen++] = (struct pend){t, 1};
+	}
+	t->inflight++;
+}
+
+static void sq_close(struct srv *s, struct sq *q)
+{
+	struct mq_err e;
+	if (q->pr.pending && prod_flush(&q->pr, 1, &e) < 0)
+		sq_failed(q, &e);
+	for (struct conn *c = s->conns; c; c = c->next) {
+		if (c->psq != q)
+			continue;
+		/* a put into it is arriving: it fails */
+		if (c->put && !c->put->err.code)
+			err_set(&c->put->err, MQ_EX_NOINPUT, "queue '%s' was removed", q->q->name);
+		if (c->put && c->own && !c->pq) { /* its producer writes through q */
+			free((char *)c->ppr->id);
+			prod_free(c->ppr);
+			free(c->ppr);
+			c->put->inflight = 0;
+			c->own = 0;
+		}
+		if (!c->own)
+			c->ppr = NULL;
+		c->psq = NULL;
+	}
+	for (struct ticket *t = s->waiting; t; t = t->wnext)
+		if (t->wq == q)
+			t->wq = NULL;
+	prod_free(&q->pr);
+	free(q->fifo);
+	if (q->w.fd >= 0)
+		epoll_ctl(s->ep, EPOLL_CTL_DEL, q->w.fd, NULL);
+	wait_free(&q->w);
+	q_close(q->q);
+	for (struct sq **pp = &s->queues; *pp; pp = &(*pp)->next)
+		if (*pp == q) {
+			*pp = q->next;
+			break;
+		}
+	free(q);
+}
+
+/* Does a client put into q or wait on it? */
+static int sq_busy(struct srv *s, struct sq *q)
+{
+	for (struct conn *c = s->conns; c; c = c->next)
+		if (c->psq == q)
+			return 1;
+	for (struct ticket *t = s->waiting; t; t = t->wnext)
+		if (t->wq == q)
+			return 1;
+	return q->flen > 0;
+}
+
+/* Group commit: flush every shared producer once; answer the puts. */
+static void srv_commit(struct srv *s)
+{
+	for (struct sq *q = s->queues; q; q = q->next) {
+		struct mq_err e;
+		int64_t due = prod_due(&q->pr);
+		if (due != 0 && !q->pr.pending)
+			continue;
+		if (q->pr.pending)
+			q->changed = 1;
+		s->commits++;
+		if (prod_flush(&q->pr, 0, &e) < 0) {
+			srv_log(s, "level=error event=commit queue=%s error=\"%s\"", q->q->name, e.msg);
+			sq_failed(q, &e);
+		}
+	}
+}
+
+/* ----- connections ----- */
+
+static void srv_close(struct srv *s, struct conn *c, const char *why)
+{
+	srv_log(s, "level=info event=close peer=%s reason=%s", c->peer, why);
+	if (c->put && c->own) { /* never acknowledged: not flushed */
+		free((char *)c->ppr->id);
+		prod_free(c->ppr);
+		free(c->ppr);
+		c->put->inflight = 0;
+	}
+	preq_free(&c->fr);
+	if (c->pq)
+		q_close(c->pq);
+	for (struct ticket *t = c->head, *n; t; t = n) {
+		n = t->next;
+		if (t->kind == TK_WAIT) {
+			if (t->wprev)
+				t->wprev->wnext = t->wnext;
+			else
+				s->waiting = t->wnext;
+			if (t->wnext)
+				t->wnext->wprev = t->wprev;
+		}
+		if (t->kind == TK_PUT && t->inflight) { /* in a shared producer: freed when settled */
+			t->c = NULL;
+			t->frames_done = 1;
+			continue;
+		}
+		tk_free(t);
+	}
+	epoll_ctl(s->ep, EPOLL_CTL_DEL, c->fd, NULL);
+	close(c->fd);
+	buf_free(&c->in);
+	buf_free(&c->out);
+	buf_free(&c->pkey);
+	buf_free(&c->ptag);
+	buf_free(&c->phdr);
+	if (c->prev)
+		c->prev->next = c->next;
+	else
+		s->conns = c->next;
+	if (c->next)
+		c->next->prev = c->prev;
+	s->nconns--;
+	free(c);
+}
+
+/* Move ready answers to the output and send what the socket takes. */
+static void srv_send(struct srv *s, struct conn *c)
+{
+	while (c->head && c->head->kind == TK_READY) {
+		struct ticket *t = c->head;
+		buf_add(&c->out, t->resp.p, t->resp.len);
+		c->head = t->next;
+		if (!c->head)
+			c->tail = NULL;
+		c->nt--;
+		tk_free(t);
+	}
+	while (c->opos < c->out.len) {
+		ssize_t k = send(c->fd, c->out.p + c->opos, c->out.len - c->opos, MSG_NOSIGNAL);
+		if (k < 0 && errno == EINTR)
+			continue;
+		if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+			break;
+		if (k < 0) {
+			c->dead = 1;
+			break;
+		}
+		c->opos += (size_t)k;
+		s->bytes_out += (uint64_t)k;
+	}
+	if (c->opos == c->out.len) {
+		c->opos = c->out.len = 0;
+		if (c->out.cap > (1u << 20)) { /* give back what a big answer took */
+			buf_free(&c->out);
+		}
+	}
+}
+
+/* ----- the verbs ----- */
+
+struct verb {
+	const char *name;
+	int (*fn)(struct srv *s, struct conn *c, struct preq *r, struct ticket *t, struct mq_err *e);
+	int min_pos, max_pos; /* positional arguments; -1: no limit */
+};
+
+static int v_hello(struct srv *s, struct conn *c, struct preq *r, struct ticket *t,
+                   struct mq_err *e)
+{
+	(void)s, (void)c, (void)r, (void)e;
+	buf_printf(&t->resp, "OK mq %d %s\n", MQ_PROTO_VERSION, MQ_VERSION);
+	return 0;
+}
+
+static int v_ping(struct srv *s, struct conn *c, struct preq *r, struct ticket *t,
+                  struct mq_err *e)
+{
+	(void)s, (void)c, (void)r, (void)e;
+	buf_adds(&t->resp, "OK\n");
+	return 0;
+}
+
+static int v_quit(struct srv *s, struct conn *c, struct preq *r, struct ticket *t,
+                  struct mq_err *e)
+{
+	(void)s, (void)r, (void)e;
+	buf_adds(&t->resp, "OK\n");
+	c->eof = 1; /* read nothing more; closed once answered */
+	return 0;
+}
+
+/* An unsigned option, or def when absent. */
+static int ropt_u64(const struct preq *r, const char *name, uint64_t def, uint64_t *v,
+                    struct mq_err *e)
+{
+	const char *s = preq_opt(r, name);
+	*v = def;
+	if (s && parse_u64(s, v) < 0)
+		return err_set(e, MQ_EX_USAGE, "bad %s '%s' (a non-negative integer)", name, s);
+	return 0;
+}
+
+/* Settings a request may give for its queue handle (retries, backoff,
+ * fsync); returns how many went into set. */
+static int ropt_settings(const struct preq *r, struct kv *set)
+{
+	static const char *const names[] = {"retries", "backoff", "fsync"};
+	int n = 0;
+	for (size_t i = 0; i < sizeof names / sizeof *names; i++)
+		if (preq_opt(r, names[i]))
+			set[n++] = (struct kv){names[i], preq_opt(r, names[i])};
+	return n;
+}
+
+/*
+ * PUT QUEUE COUNT [key=K] [tag=T] [h.NAME=V]... [partition=P] [fsync=MODE]
+ * [id=ID] [at=MS] [offsets=1] [create=0], then COUNT frames.  Plain puts
+ * share the queue's producer (group commit); one with a partition, fsync
+ * mode, id or due time gets a producer of its own, synced when its last
+ * frame is in.  An error here still reads (and drops) the frames.
+ */
+static int v_put(struct srv *s, struct conn *c, struct preq *r, struct ticket *t,
+                 struct mq_err *e)
+{
+	uint64_t part = 0, at = 0, create = 1;
+	const char *name = preq_pos(r, 0), *id = preq_opt(r, "id");
+	t->kind = TK_PUT;
+	if (parse_u64(preq_pos(r, 1), &t->count) < 0) {
+		c->eof = c->dead = 1; /* the frames cannot be told from requests */
+		return err_set(e, MQ_EX_USAGE, "bad message count '%s'", preq_pos(r, 1));
+	}
+	c->put = t;
+	c->own = 0;
+	c->ppr = NULL;
+	c->psq = NULL;
+	c->progress_ms = mono_ms();
+	t->offsets = preq_opt(r, "offsets") && !strcmp(preq_opt(r, "offsets"), "1");
+	struct kv set[3];
+	int nset = ropt_settings(r, set);
+	if (ropt_u64(r, "partition", 0, &part, &t->err) < 0 || ropt_u64(r, "at", 0, &at, &t->err) < 0 ||
+	    ropt_u64(r, "create", 1, &create, &t->err) < 0)
+		return 0;
+	struct mq_err qe; /* e may be scribbled on by a call that succeeds */
+	if (!(c->psq = srv_queue(s, name, (int)create, &qe))) {
+		t->err = qe;
+		return 0;
+	}
+	struct queue *q = c->psq->q;
+	if (preq_opt(r, "partition") && part >= (uint64_t)q->nparts) {
+		err_set(&t->err, MQ_EX_USAGE, "partition %" PRIu64 " does not exist (the queue has %d)",
+		        part, q->nparts);
+		return 0;
+	}
+	/* key, tag and headers: copies, as the request line goes away */
+	c->pkey.len = c->ptag.len = c->phdr.len = 0;
+	memset(&c->tmpl, 0, sizeof c->tmpl);
+	struct buf pairs = {0};
+	uint64_t nh = 0;
+	if (id) {
+		rec_hdr_pair(&pairs, MQ_ID_HEADER, id, strlen(id));
+		nh++;
+	}
+	for (int i = 1; i < r->n; i++) {
+		struct ptok *k = &r->t[i];
+		if (k->name && !strncmp(k->name, "h.", 2) && k->name[2]) {
+			rec_hdr_pair(&pairs, k->name + 2, k->val, k->len);
+			nh++;
+		} else if (k->name && !strcmp(k->name, "key")) {
+			buf_add(&c->pkey, k->val, k->len);
+			c->tmpl.has_key = 1;
+		} else if (k->name && !strcmp(k->name, "tag")) {
+			buf_add(&c->ptag, k->val, k->len);
+			c->tmpl.has_tag = 1;
+		}
+	}
+	if (nh) {
+		unsigned char tmp[10];
+		buf_add(&c->phdr, tmp, varint_put(tmp, nh));
+		buf_add(&c->phdr, pairs.p, pairs.len);
+	}
+	buf_free(&pairs);
+	if (at || id || nset || preq_opt(r, "partition")) { /* a producer of its own */
+		int fixed = preq_opt(r, "partition") ? (int)part : -1;
+		if (nset && q_open(s->sp, name, 0, set, nset, &c->pq, &qe) < 0) {
+			t->err = qe;
+			return 0;
+		}
+		struct queue *pq = c->pq ? c->pq : q;
+		if (id && fixed < 0) { /* one partition for the whole put: by key, else by id */
+			const char *k = c->tmpl.has_key ? c->pkey.p : id;
+			size_t kl = c->tmpl.has_key ? c->pkey.len : strlen(id);
+			fixed = (int)(fnv1a((const unsigned char *)k, kl) % (uint32_t)pq->nparts);
+		}
+		if (!(c->ppr = calloc(1, sizeof *c->ppr)))
+			abort();
+		prod_init(c->ppr, pq, fixed);
+		c->ppr->due_ms = at > (uint64_t)now_ms() ? (int64_t)at : 0;
+		c->ppr->id = NULL;
+		c->own = 1;
+		if (id && !(c->ppr->id = strdup(id)))
+			abort();
+	} else {
+		c->ppr = &c->psq->pr;
+	}
+	return 0;
+}
+
+/* One frame of the arriving put. */
+static void srv_frame(struct srv *s, struct conn *c, const char *body, size_t blen,
+                      struct ptok *key, struct ptok *tag)
+{
+	struct ticket *t = c->put;
+	struct mq_err e;
+	t->nread++;
+	if (t->err.code || !c->ppr)
+		return;
+	struct rec_msg m = c->tmpl;
+	m.key = (const unsigned char *)(key ? key->val : c->pkey.p ? c->pkey.p : "");
+	m.klen = key ? key->len : c->pkey.len;
+	m.has_key |= key != NULL;
+	m.tag = (const unsigned char *)(tag ? tag->val : c->ptag.p ? c->ptag.p : "");
+	m.tlen = tag ? tag->len : c->ptag.len;
+	m.has_tag |= tag != NULL;
+	m.hdrs = (const unsigned char *)c->phdr.p;
+	m.hlen = c->phdr.len;
+	m.body = (const unsigned char *)body;
+	m.blen = blen;
+	m.ts = now_ms();
+	if (!c->own)
+		sq_pend(c->psq, t);
+	else
+		t->inflight++;
+	int k = prod_add(c->ppr, &m, &e);
+	if (k < 0 && e.code == MQ_EX_DATAERR) { /* refused before buffering */
+		if (!c->own) {
+			struct sq *q = c->psq;
+			if (--q->fifo[q->fhead + q->flen - 1].n == 0)
+				q->flen--;
+		}
+		t->inflight--;
+		err_set(&t->err, MQ_EX_DATAERR, "message %" PRIu64 ": %s", t->nread, e.msg);
+	} else if (k < 0 && !c->own) {
+		srv_log(s, "level=error event=commit queue=%s error=\"%s\"", c->psq->q->name, e.msg);
+		sq_failed(c->psq, &e);
+	} else if (k < 0) {
+		t->err = e;
+	} else {
+		s->msgs_in++;
+	}
+}
+
+/* The put's last frame is in: a producer of its own is flushed now. */
+static void srv_put_end(struct srv *s, struct conn *c)
+{
+	struct ticket *t = c->put;
+	(void)s;
+	c->put = NULL;
+	t->frames_done = 1;
+	if (c->own) {
+		struct mq_err e;
+		struct prod *pr = c->ppr;
+		if (!t->err.code && prod_flush(pr, 1, &e) < 0)
+			t->err = e;
+		else if (!t->err.code && pr->dup)
+			strfmt(t->dup, sizeof t->dup, "%d:%" PRIu64, pr->fixed, pr->dup_off);
+		else if (!t->err.code)
+			t->acked = t->inflight;
+		if (!t->err.code && !pr->dup && pr->due_ms <= 0 && c->psq)
+			c->psq->changed = 1;
+		t->inflight = 0;
+		free((char *)pr->id);
+		prod_free(pr);
+		free(pr);
+		c->own = 0;
+		if (c->pq)
+			q_close(c->pq);
+		c->pq = NULL;
+	}
+	c->ppr = NULL;
+	tk_put_settle(t);
+}
+
+/* get's side of grp_deliver(): MSG frames into the ticket's answer. */
+struct sget {
+	struct ticket *t;
+	size_t mark;    /* answer length before this partition */
+	uint64_t n;     /* messages in the answer */
+};
+
+static void sget_emit(void *ctx, int part, const struct rec_msg *m, unsigned attempt,
+                      uint32_t lease)
+{
+	struct sget *g = ctx;
+	proto_msg(&g->t->resp, part, m, attempt, lease);
+	g->n++;
+}
+
+static int sget_out(void *ctx, struct mq_err *e)
+{
+	(void)ctx, (void)e;
+	return 0;
+}
+
+static void sget_drop(void *ctx)
+{
+	struct sget *g = ctx;
+	g->t->resp.len = g->mark;
+}
+
+/*
+ * GET QUEUE [group=G] [count=N] [wait=MS] [lease=MS] [commit-first=1]
+ * [tag=EXPR] [retries=N] [backoff=DELAYS]: the group's next messages.
+ * They are leased (lease=), or committed before they are sent: over the
+ * wire at-least-once means a lease and an ACK.  count=0 is as many as
+ * fit in MQ_ANSWER_MAX bytes.  Returns 1 when it should wait.
+ */
+static int srv_get(struct srv *s, struct ticket *t, struct preq *r, struct mq_err *e)
+{
+	uint64_t want, wait = 0, lease = 0;
+	const char *g = preq_opt(r, "group") ? preq_opt(r, "group") : "default";
+	struct kv set[3];
+	int nset = ropt_settings(r, set), rc = 0;
+	struct queue *own = NULL, *q;
+	struct tagset tsbuf;
+	const struct tagset *tags = NULL;
+	if (ropt_u64(r, "count", 1, &want, e) < 0 || ropt_u64(r, "wait", 0, &wait, e) < 0 ||
+	    ropt_u64(r, "lease", 0, &lease, e) < 0 || q_check_name("group", g, e) < 0)
+		return -1;
+	if (preq_opt(r, "lease") && lease == 0)
+		return err_set(e, MQ_EX_USAGE, "lease must be at least 1 ms");
+	struct sq *sq = srv_queue(s, preq_pos(r, 0), 0, e);
+	if (!sq || (nset && q_open(s->sp, preq_pos(r, 0), 0, set, nset, &own, e) < 0))
+		return -1;
+	if (tagset_parse(preq_opt(r, "tag"), &tsbuf, &tags, e) < 0) {
+		q_close(own);
+		return -1;
+	}
+	q = own ? own : sq->q;
+	struct sget sg = {t, t->resp.len, 0};
+	struct deliver d = {g, 0, preq_opt(r, "lease") ? (int64_t)lease : -1, 0, 1, tags,
+	                    sget_emit, sget_out, sget_drop, &sg};
+	struct mq_err te;
+	dly_tick(q, &te); /* delayed messages now due join their partitions */
+	unsigned start = s->rr++;
+	for (int j = 0; j < q->nparts && rc == 0; j++) {
+		int busy;
+		if (want && sg.n >= want)
+			break;
+		if (t->resp.len >= MQ_ANSWER_MAX)
+			break;
+		d.want = want ? want - sg.n : MQ_ANSWER_MSGS - sg.n;
+		sg.mark = t->resp.len;
+		if (grp_deliver(q, (int)((start + (unsigned)j) % (unsigned)q->nparts), &d, &busy, e) < 0)
+			rc = -1;
+		if (sg.n >= MQ_ANSWER_MSGS)
+			break;
+	}
+	if (tags)
+		tagset_free(&tsbuf);
+	q_close(own);
+	s->msgs_out += sg.n;
+	if (rc < 0 && sg.n == 0)
+		return -1;
+	if (sg.n == 0 && preq_opt(r, "wait")) {
+		if (t->kind != TK_WAIT) {
+			t->deadline = wait ? mono_ms() + (int64_t)wait : -1;
+			t->wq = sq;
+		}
+		if (t->deadline < 0 || mono_ms() < t->deadline)
+			return 1;
+	}
+	buf_printf(&t->resp, "OK %" PRIu64 "\n", sg.n);
+	return 0;
+}
+
+static int v_get(struct srv *s, struct conn *c, struct preq *r, struct ticket *t,
+                 struct mq_err *e)
+{
+	char *copy = NULL;
+	/* the line is parsed in place: keep a copy in case the get waits */
+	if (preq_opt(r, "wait")) {
+		struct buf b = {0};
+		for (int i = 0; i < r->n; i++) {
+			if (i)
+				buf_add(&b, " ", 1);
+			if (r->t[i].name) {
+				proto_esc(&b, r->t[i].name, strlen(r->t[i].name));
+				buf_add(&b, "=", 1);
+			}
+			proto_esc(&b, r->t[i].val, r->t[i].len);
+		}
+		buf_addc0(&b);
+		copy = b.p;
+	}
+	int k = srv_get(s, t, r, e);
+	if (k == 1) {
+		t->kind = TK_WAIT;
+		t->line = copy;
+		t->wnext = s->waiting;
+		if (s->waiting)
+			s->waiting->wprev = t;
+		s->waiting = t;
+		c->waiting = 1;
+		return 0;
+	}
+	free(copy);
+	return k;
+}
+
+/* Run the waiting gets again: those whose queue changed, and all of them
+ * on a tick (due retries, expired leases, delayed messages, deadlines). */
+static void srv_wake(struct srv *s, int tick)
+{
+	for (struct ticket *t = s->waiting, *n; t; t = n) {
+		n = t->wnext;
+		int64_t now = mono_ms();
+		if (!tick && !(t->wq && t->wq->changed) && (t->deadline < 0 || now < t->deadline))
+			continue;
+		struct preq r = {0};
+		struct mq_err e = {0};
+		char *line = strdup(t->line);
+		if (!line)
+			abort();
+		int k = proto_parse(line, &r, &e) < 0 ? -1 : srv_get(s, t, &r, &e);
+		free(line);
+		preq_free(&r);
+		if (k == 1)
+			continue;
+		if (k < 0)
+			tk_err(t, &e);
+		t->kind = TK_READY;
+		if (t->wprev)
+			t->wprev->wnext = t->wnext;
+		else
+			s->waiting = t->wnext;
+		if (t->wnext)
+			t->wnext->wprev = t->wprev;
+		t->c->waiting = 0;
+	}
+	for (struct sq *q = s->queues; q; q = q->next)
+		q->changed = 0;
+}
+
+/* ACK QUEUE RECEIPT... / NACK QUEUE [delay=MS] RECEIPT...: answers
+ * "OK N R1,R2,..." with each receipt's result (1 ok, 2 already done,
+ * 3 stale, 4 never delivered). */
+static int v_ack(struct srv *s, struct conn *c, struct preq *r, struct ticket *t,
+                 struct mq_err *e)
+{
+	int nack = !strcasecmp(r->t[0].val, "NACK"), n = preq_npos(r) - 1;
+	uint64_t delay = 0;
+	struct kv set[3];
+	int nset = ropt_settings(r, set);
+	struct queue *q;
+	(void)c;
+	if (ropt_u64(r, "delay", 0, &delay, e) < 0)
+		return -1;
+	struct receipt *rs = calloc((size_t)n, sizeof *rs);
+	if (!rs)
+		abort();
+	for (int i = 0; i < n; i++)
+		if (receipt_parse(preq_pos(r, i + 1), &rs[i]) < 0) {
+			free(rs);
+			return err_set(e, MQ_EX_USAGE, "bad receipt '%s' (GROUP:PARTITION:OFFSET:LEASE)",
+			               preq_pos(r, i + 1));
+		}
+	struct sq *sq = srv_queue(s, preq_pos(r, 0), 0, e);
+	if (!sq || (nset && q_open(s->sp, preq_pos(r, 0), 0, set, nset, &q, e) < 0)) {
+		free(rs);
+		return -1;
+	}
+	if (!nset)
+		q = sq->q;
+	int k = grp_answer_all(q, rs, (size_t)n, nack,
+	                       preq_opt(r, "delay") ? (int64_t)delay : -1, e);
+	if (nset)
+		q_close(q);
+	if (k == 0) {
+		buf_printf(&t->resp, "OK %d ", n);
+		for (int i = 0; i < n; i++)
+			buf_printf(&t->resp, "%s%d", i ? "," : "", rs[i].result);
+		buf_add(&t->resp, "\n", 1);
+	}
+	free(rs);
+	return k;
+}
+
+/*
+ * PEEK QUEUE partition=P [from=OFF] [since=MS] [last=N] [count=N]
+ * [tag=EXPR]: messages of one partition without consuming them; answers
+ * "OK N next=OFFSET partitions=P", next being where to go on from.
+ */
+static int v_peek(struct srv *s, struct conn *c, struct preq *r, struct ticket *t,
+                  struct mq_err *e)
+{
+	uint64_t part, from, last, count, since = 0;
+	struct tagset tsbuf;
+	const struct tagset *tags = NULL;
+	(void)c;
+	if (ropt_u64(r, "partition", 0, &part, e) < 0 || ropt_u64(r, "from", 0, &from, e) < 0 ||
+	    ropt_u64(r, "last", 0, &last, e) < 0 || ropt_u64(r, "count", 0, &count, e) < 0 ||
+	    ropt_u64(r, "since", 0, &since, e) < 0)
+		return -1;
+	struct sq *sq = srv_queue(s, preq_pos(r, 0), 0, e);
+	if (!sq)
+		return -1;
+	struct queue *q = sq->q;
+	if (part >= (uint64_t)q->nparts)
+		return err_set(e, MQ_EX_USAGE, "partition %" PRIu64 " does not exist (the queue has %d)",
+		               part, q->nparts);
+	if (tagset_parse(preq_opt(r, "tag"), &tsbuf, &tags, e) < 0)
+		return -1;
+	struct reader rd;
+	struct part *p = &q->parts[part];
+	uint64_t n = 0, next = from;
+	int k = 0;
+	if (preq_opt(r, "since") && !preq_opt(r, "from") &&
+	    part_offset_for_time(p, (int64_t)since, &from, e) < 0)
+		k = -1;
+	if (k == 0 && rd_open(&rd, p, from, e) < 0)
+		k = -1;
+	if (k == 0) {
+		if (preq_opt(r, "last"))
+			k = rd_seek(&rd, rd.h.next > last ? rd.h.next - last : 0, e);
+		rd.min_ts = preq_opt(r, "since") ? (int64_t)since : INT64_MIN;
+		rd.tags = tags;
+		struct rec_msg m;
+		while (k == 0 && (count == 0 || n < count) && t->resp.len < MQ_ANSWER_MAX &&
+		       n < MQ_ANSWER_MSGS && (k = rd_next(&rd, &m, e)) == 1) {
+			proto_msg(&t->resp, (int)part, &m, 0, 0);
+			next = m.offset + 1;
+			n++;
+			k = 0;
+		}
+		if (k == 0 && n == 0)
+			next = rd.h.next > from ? rd.h.next : from;
+		rd_close(&rd);
+	}
+	if (tags)
+		tagset_free(&tsbuf);
+	if (k < 0) {
+		t->resp.len = 0;
+		return -1;
+	}
+	buf_printf(&t->resp, "OK %" PRIu64 " next=%" PRIu64 " partitions=%d\n", n, next, q->nparts);
+	return 0;
+}
+
+static int v_ls(struct srv *s, struct conn *c, struct preq *r, struct ticket *t,
+                struct mq_err *e)
+{
+	char **names;
+	size_t n;
+	(void)c, (void)r;
+	if (q_list(s->sp, &names, &n, e) < 0)
+		return -1;
+	for (size_t i = 0; i < n; i++)
+		buf_printf(&t->resp, "QUEUE %s\n", names[i]);
+	buf_printf(&t->resp, "OK %zu\n", n);
+	names_free(names, n);
+	return 0;
+}
+
+/* One group of a STAT or GROUPS answer. */
+static void proto_group(struct buf *b, const struct gstat *g, int nparts)
+{
+	buf_printf(b, "GROUP %s %" PRIu64 " %" PRIu64 " %" PRIu64 " ", g->name, g->lag, g->leased,
+	           g->waiting);
+	if (g->oldest_ts == INT64_MAX)
+		buf_add(b, "-", 1);
+	else
+		buf_printf(b, "%" PRId64, g->oldest_ts);
+	for (int i = 0; i < nparts; i++)
+		buf_printf(b, "%c%" PRIu64, i ? ',' : ' ', g->off[i]);
+	buf_add(b, "\n", 1);
+}
+
+/* STAT QUEUE (or GROUPS QUEUE, the same): "STAT NAME PARTITIONS MESSAGES
+ * BYTES SEGMENTS OLDEST NEXT,..." then a GROUP line per group.
+ * GROUP NAME LAG LEASED RETRYING OLDEST OFFSET,...; OLDEST is a timestamp
+ * in ms, or '-'. */
+static int v_stat(struct srv *s, struct conn *c, struct preq *r, struct ticket *t,
+                  struct mq_err *e)
+{
+	struct qstat st;
+	(void)c;
+	struct sq *sq = srv_queue(s, preq_pos(r, 0), 0, e);
+	if (!sq)
+		return -1;
+	if (q_stat(sq->q, &st, e) < 0) {
+		q_stat_free(&st);
+		return -1;
+	}
+	buf_printf(&t->resp, "STAT %s %d %" PRIu64 " %" PRIu64 " %" PRIu64 " ", sq->q->name,
+	           st.nparts, st.messages, st.bytes, st.segments);
+	if (st.oldest_ts == INT64_MAX)
+		buf_add(&t->resp, "-", 1);
+	else
+		buf_printf(&t->resp, "%" PRId64, st.oldest_ts);
+	for (int i = 0; i < st.nparts; i++)
+		buf_printf(&t->resp, "%c%" PRIu64, i ? ',' : ' ', st.next[i]);
+	buf_add(&t->resp, "\n", 1);
+	for (size_t g = 0; g < st.ngroups; g++)
+		proto_group(&t->resp, &st.g[g], st.nparts);
+	buf_printf(&t->resp, "OK %zu\n", st.ngroups);
+	q_stat_free(&st);
+	return 0;
+}
+
+/* SEEK QUEUE group=G to=WHERE [partition=P]: "OFFSET P OFF" per partition. */
+static int v_seek(struct srv *s, struct conn *c, struct preq *r, struct ticket *t,
+                  struct mq_err *e)
+{
+	const char *g = preq_opt(r, "group"), *to = preq_opt(r, "to");
+	uint64_t part = 0;
+	(void)c;
+	if (!g || !to)
+		return err_set(e, MQ_EX_USAGE, "group= and to= are required");
+	if (ropt_u64(r, "partition", 0, &part, e) < 0 || seek_check(to, e) < 0 ||
+	    q_check_name("group", g, e) < 0)
+		return -1;
+	struct sq *sq = srv_queue(s, preq_pos(r, 0), 0, e);
+	if (!sq)
+		return -1;
+	int p = preq_opt(r, "partition") ? (int)part : -1;
+	if (preq_opt(r, "partition") && part >= (uint64_t)sq->q->nparts)
+		return err_set(e, MQ_EX_USAGE, "partition %" PRIu64 " does not exist (the queue has %d)",
+		               part, sq->q->nparts);
+	uint64_t *now = calloc((size_t)sq->q->nparts, sizeof *now);
+	if (!now)
+		abort();
+	int n = grp_seek_to(sq->q, g, p, to, now, e);
+	for (int i = 0; i < n; i++)
+		buf_printf(&t->resp, "OFFSET %d %" PRIu64 "\n", p >= 0 ? p : i, now[i]);
+	free(now);
+	if (n < (p >= 0 ? 1 : sq->q->nparts)) {
+		t->resp.len = 0;
+		return -1;
+	}
+	buf_printf(&t->resp, "OK %d\n", n);
+	return 0;
+}
+
+/* CREATE QUEUE [SETTING=VALUE]... [if-not-exists=1] */
+static int v_create(struct srv *s, struct conn *c, struct preq *r, struct ticket *t,
+                    struct mq_err *e)
+{
+	struct kv set[NSETTINGS];
+	int nset = 0, ine = 0;
+	const char *name = preq_pos(r, 0);
+	(void)c;
+	for (int i = 1; i < r->n; i++) {
+		struct ptok *k = &r->t[i];
+		size_t j = 0;
+		if (!k->name)
+			continue;
+		if (!strcmp(k->name, "if-not-exists")) {
+			ine = !strcmp(k->val, "1");
+			continue;
+		}
+		while (j < NSETTINGS && strcmp(settings[j].name, k->name))
+			j++;
+		if (j == NSETTINGS)
+			return err_set(e, MQ_EX_USAGE, "unknown setting '%s'", k->name);
+		if (nset < (int)NSETTINGS)
+			set[nset++] = (struct kv){k->name, k->val};
+	}
+	if (q_check_name("queue", name, e) < 0)
+		return -1;
+	int k = q_exists(s->sp, name) ? 0 : q_create(s->sp, name, set, nset, e);
+	if (k < 0)
+		return -1;
+	if (k == 0 && !ine)
+		return err_set(e, MQ_EX_DATAERR, "queue already exists (use --if-not-exists to accept "
+		               "that)");
+	buf_adds(&t->resp, "OK\n");
+	return 0;
+}
+
+/* RM QUEUE... / PURGE QUEUE...: the server lets go of its handle first. */
+static int v_rm(struct srv *s, struct conn *c, struct preq *r, struct ticket *t,
+                struct mq_err *e)
+{
+	int purge = !strcasecmp(r->t[0].val, "PURGE");
+	(void)c;
+	for (int i = 0; i < preq_npos(r); i++) {
+		const char *name = preq_pos(r, i);
+		if (q_check_name("queue", name, e) < 0)
+			return -1;
+		for (struct sq *q = s->queues; q; q = q->next)
+			if (!strcmp(q->q->name, name)) {
+				sq_close(s, q);
+				break;
+			}
+		if ((purge ? q_purge(s->sp, name, e) : q_remove(s->sp, name, e)) < 0) {
+			char msg[sizeof e->msg];
+			strfmt(msg, sizeof msg, "%s: %s", name, e->msg);
+			strfmt(e->msg, sizeof e->msg, "%s", msg);
+			return -1;
+		}
+	}
+	buf_adds(&t->resp, "OK\n");
+	return 0;
+}
+
+/* DELGROUP QUEUE GROUP: forget a group (mq groups rm). */
+static int v_delgroup(struct srv *s, struct conn *c, struct preq *r, struct ticket *t,
+                      struct mq_err *e)
+{
+	(void)c;
+	struct sq *sq = srv_queue(s, preq_pos(r, 0), 0, e);
+	if (!sq || grp_remove(sq->q, preq_pos(r, 1), e) < 0)
+		return -1;
+	buf_adds(&t->resp, "OK\n");
+	return 0;
+}
+
+/* STATS: "STAT NAME VALUE" lines about the server. */
+static int v_stats(struct srv *s, struct conn *c, struct preq *r, struct ticket *t,
+                   struct mq_err *e)
+{
+	(void)c, (void)r, (void)e;
+	int nq = 0;
+	for (struct sq *q = s->queues; q; q = q->next)
+		nq++;
+	buf_printf(&t->resp, "STAT uptime_ms %" PRId64 "\nSTAT connections %d\n"
+	           "STAT connections_accepted %" PRIu64 "\nSTAT connections_refused %" PRIu64 "\n"
+	           "STAT messages_in %" PRIu64 "\nSTAT messages_out %" PRIu64 "\n"
+	           "STAT bytes_in %" PRIu64 "\nSTAT bytes_out %" PRIu64 "\nSTAT commits %" PRIu64
+	           "\nSTAT open_queues %d\nOK\n", mono_ms() - s->started_ms, s->nconns, s->accepted,
+	           s->refused, s->msgs_in, s->msgs_out, s->bytes_in, s->bytes_out, s->commits, nq);
+	return 0;
+}
+
+static const struct verb verbs[] = {
+	{"HELLO", v_hello, 0, 1},   {"PING", v_ping, 0, 0},     {"QUIT", v_quit, 0, 0},
+	{"PUT", v_put, 2, 2},       {"GET", v_get, 1, 1},       {"ACK", v_ack, 2, -1},
+	{"NACK", v_ack, 2, -1},     {"PEEK", v_peek, 1, 1},     {"LS", v_ls, 0, 0},
+	{"STAT", v_stat, 1, 1},     {"GROUPS", v_stat, 1, 1},   {"SEEK", v_seek, 1, 1},
+	{"CREATE", v_create, 1, 1}, {"RM", v_rm, 1, -1},        {"PURGE", v_rm, 1, -1},
+	{"DELGROUP", v_delgroup, 2, 2}, {"STATS", v_stats, 0, 0},
+};
+
+/* Run one request line (NUL-terminated). */
+static void srv_request(struct srv *s, struct conn *c, char *line)
+{
+	struct ticket *t = tk_new(c, TK_READY);
+	struct preq r = {0};
+	struct mq_err e = {0};
+	const struct verb *v = NULL;
+	int rc = proto_parse(line, &r, &e);
+	for (size_t i = 0; rc == 0 && i < sizeof verbs / sizeof *verbs && !v; i++)
+		if (!strcasecmp(r.t[0].val, verbs[i].name))
+			v = &verbs[i];
+	if (rc == 0 && !v)
+		rc = err_set(&e, MQ_EX_USAGE, "unknown command '%.40s'", r.t[0].val);
+	int np = rc == 0 ? preq_npos(&r) : 0;
+	if (rc == 0 && (np < v->min_pos || (v->max_pos >= 0 && np > v->max_pos)) &&
+	    strcmp(v->name, "PUT"))
+		rc = err_set(&e, MQ_EX_USAGE, "%s takes %d%s arguments, not %d", v->name, v->min_pos,
+		             v->max_pos < 0 ? " or more" : v->max_pos > v->min_pos ? " or 1" : "", np);
+	if (rc == 0 && v->fn == v_put && np != 2) {
+		c->eof = c->dead = 1; /* frames would follow that cannot be told from requests */
+		rc = err_set(&e, MQ_EX_USAGE, "use PUT QUEUE COUNT [OPTIONS], then COUNT frames");
+	}
+	if (rc == 0)
+		rc = v->fn(s, c, &r, t, &e);
+	if (rc < 0)
+		tk_err(t, &e);
+	if (c->put == t && t->count == 0)
+		srv_put_end(s, c);
+	preq_free(&r);
+}
+
+/* The frame header of the arriving put: "LEN[ key=K][ tag=T]". */
+static int srv_frame_head(struct srv *s, struct conn *c, char *line, size_t *len,
+                          struct preq *r)
+{
+	uint64_t n;
+	struct mq_err e;
+	(void)s, (void)c;
+	if (proto_parse(line, r, &e) < 0 || r->t[0].name || parse_u64(r->t[0].val, &n) < 0)
+		return -1;
+	*len = (size_t)n;
+	return n > (uint64_t)SIZE_MAX / 2 ? -1 : 0;
+}
+
+/* Parse and run what c sent, as far as it is complete and allowed. */
+static void srv_parse(struct srv *s, struct conn *c)
+{
+	while (!c->dead && !c->waiting) {
+		char *p = c->in.p + c->ipos;
+		size_t avail = c->in.len - c->ipos;
+		if (c->skip) { /* the rest of a refused frame */
+			size_t k = avail < c->skip ? avail : (size_t)c->skip;
+			c->ipos += k;
+			c->skip -= k;
+			if (c->skip)
+				break;
+			if (c->put && c->put->nread == c->put->count)
+				srv_put_end(s, c);
+			continue;
+		}
+		if (!c->put && (c->nt >= 4096 || c->out.len - c->opos >= s->o.out_max))
+			break;
+		char *nl = memchr(p, '\n', avail);
+		if (!nl) {
+			if (avail > MQ_LINE_MAX) {
+				struct ticket *t = tk_new(c, TK_READY);
+				buf_printf(&t->resp, "ERR %d request line over %d bytes\n", MQ_EX_USAGE,
+				           MQ_LINE_MAX);
+				c->eof = c->dead = 1;
+			}
+			break;
+		}
+		size_t ll = (size_t)(nl - p);
+		if (c->put) {
+			struct preq *r = &c->fr;
+			size_t blen;
+			char save = *nl;
+			*nl = 0;
+			if (ll && p[ll - 1] == '\r')
+				p[ll - 1] = 0;
+			if (srv_frame_head(s, c, p, &blen, r) < 0) {
+				struct ticket *t = tk_new(c, TK_READY);
+				buf_printf(&t->resp, "ERR %d bad frame header (LEN[ key=K][ tag=T])\n",
+				           MQ_EX_USAGE);
+				c->put->frames_done = 1;
+				if (!c->put->err.code)
+					err_set(&c->put->err, MQ_EX_USAGE, "bad frame header");
+				c->eof = c->dead = 1;
+				break;
+			}
+			int64_t max = c->psq ? c->psq->q->conf.max_message : INT64_MAX;
+			if ((int64_t)blen > max) { /* refused without buffering it */
+				if (!c->put->err.code)
+					err_set(&c->put->err, MQ_EX_DATAERR, "message %" PRIu64 ": message of "
+					        "%zu bytes is over the maximum of %" PRId64 " (max-message-bytes)",
+					        c->put->nread + 1, blen, max);
+				c->put->nread++;
+				c->ipos += ll + 1;
+				c->skip = (uint64_t)blen + 1;
+				c->progress_ms = mono_ms();
+				continue;
+			}
+			if (avail < ll + 1 + blen + 1) { /* the body is still arriving */
+				*nl = save;
+				buf_reserve(&c->in, ll + 1 + blen + 1 - avail);
+				break;
+			}
+			if (nl[1 + blen] != '\n') {
+				struct ticket *t = tk_new(c, TK_READY);
+				buf_printf(&t->resp, "ERR %d frame body not followed by a newline\n",
+				           MQ_EX_USAGE);
+				c->eof = c->dead = 1;
+				break;
+			}
+			struct ptok *key = NULL, *tag = NULL;
+			for (int i = 1; i < r->n; i++)
+				if (r->t[i].name && !strcmp(r->t[i].name, "key"))
+					key = &r->t[i];
+				else if (r->t[i].name && !strcmp(r->t[i].name, "tag"))
+					tag = &r->t[i];
+			srv_frame(s, c, nl + 1, blen, key, tag);
+			c->ipos += ll + 1 + blen + 1;
+			c->progress_ms = mono_ms();
+			if (c->put->nread == c->put->count)
+				srv_put_end(s, c);
+			continue;
+		}
+		*nl = 0;
+		if (ll && p[ll - 1] == '\r')
+			p[ll - 1] = 0;
+		c->ipos += ll + 1;
+		c->progress_ms = mono_ms();
+		if (*p)
+			srv_request(s, c, p);
+	}
+	if (c->ipos == c->in.len) {
+		c->ipos = c->in.len = 0;
+	} else if (c->ipos > 65536 && c->ipos > c->in.len / 2) {
+		memmove(c->in.p, c->in.p + c->ipos, c->in.len - c->ipos);
+		c->in.len -= c->ipos;
+		c->ipos = 0;
+	}
+}
+
+static void srv_read(struct srv *s, struct conn *c)
+{
+	size_t got = 0;
+	while (got < s->o.in_chunk) {
+		buf_reserve(&c->in, 65536);
+		ssize_t k = recv(c->fd, c->in.p + c->in.len, c->in.cap - c->in.len, 0);
+		if (k < 0 && errno == EINTR)
+			continue;
+		if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+			break;
+		if (k <= 0) {
+			c->eof = 1;
+			if (k < 0)
+				c->dead = 1;
+			break;
+		}
+		c->in.len += (size_t)k;
+		got += (size_t)k;
+	}
+	if (got) {
+		s->bytes_in += got;
+		c->last_ms = mono_ms();
+	}
+	srv_parse(s, c);
+}
+
+static void srv_accept(struct srv *s, struct lsn *l)
+{
+	for (;;) {
+		struct sockaddr_storage sa;
+		socklen_t sl = sizeof sa;
+		int fd = accept4(l->fd, (struct sockaddr *)&sa, &sl, SOCK_NONBLOCK | SOCK_CLOEXEC);
+		if (fd < 0) {
+			if (errno == EMFILE || errno == ENFILE)
+				srv_log(s, "level=warn event=accept error=\"%s\"", strerror(errno));
+			return;
+		}
+		if (s->nconns >= s->o.max_conns) {
+			static const char msg[] = "ERR 75 too many connections\n";
+			(void)!write(fd, msg, sizeof msg - 1);
+			close(fd);
+			s->refused++;
+			continue;
+		}
+		struct conn *c = calloc(1, sizeof *c);
+		if (!c)
+			abort();
+		c->kind = EV_CONN;
+		c->fd = fd;
+		c->last_ms = c->progress_ms = mono_ms();
+		char host[64] = "?", port[16] = "?";
+		getnameinfo((struct sockaddr *)&sa, sl, host, sizeof host, port, sizeof port,
+		            NI_NUMERICHOST | NI_NUMERICSERV);
+		strfmt(c->peer, sizeof c->peer, strchr(host, ':') ? "[%s]:%s" : "%s:%s", host, port);
+		int one = 1;
+		setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+		struct epoll_event ev = {EPOLLIN, {.ptr = c}};
+		c->events = EPOLLIN;
+		if (epoll_ctl(s->ep, EPOLL_CTL_ADD, fd, &ev) < 0) {
+			close(fd);
+			free(c);
+			continue;
+		}
+		c->next = s->conns;
+		if (s->conns)
+			s->conns->prev = c;
+		s->conns = c;
+		s->nconns++;
+		s->accepted++;
+	}
+}
+
+/* Bind one listening address; logs the address it got (port 0 picks one). */
+static int srv_listen(struct srv *s, const char *addr, struct mq_err *e)
+{
+	char host[256], port[32];
+	struct addrinfo hints = {0}, *res = NULL;
+	if (s->nl == 8)
+		return err_set(e, MQ_EX_USAGE, "at most 8 listen addresses");
+	if (net_split(addr, host, sizeof host, port, sizeof port, e) < 0)
+		return -1;
+	hints.ai_socktype = SOCK_STREAM;
+	hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+	int k = getaddrinfo(host, port, &hints, &res);
+	if (k)
+		return err_set(e, MQ_EX_USAGE, "cannot resolve listen address '%s': %s", addr,
+		               gai_strerror(k));
+	int fd = socket(res->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0), one = 1;
+	if (fd >= 0) {
+		setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+		if (res->ai_family == AF_INET6)
+			setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
+	}
+	if (fd < 0 || bind(fd, res->ai_addr, res->ai_addrlen) < 0 || listen(fd, 4096) < 0) {
+		err_sys(e, MQ_EX_UNAVAILABLE, "cannot listen on '%s'", addr);
+		if (fd >= 0)
+			close(fd);
+		freeaddrinfo(res);
+		return -1;
+	}
+	freeaddrinfo(res);
+	struct sockaddr_storage sa;
+	socklen_t sl = sizeof sa;
+	char h[64] = "?", p[16] = "?";
+	getsockname(fd, (struct sockaddr *)&sa, &sl);
+	getnameinfo((struct sockaddr *)&sa, sl, h, sizeof h, p, sizeof p,
+	            NI_NUMERICHOST | NI_NUMERICSERV);
+	s->l[s->nl] = (struct lsn){EV_LISTEN, fd};
+	struct epoll_event ev = {EPOLLIN, {.ptr = &s->l[s->nl]}};
+	epoll_ctl(s->ep, EPOLL_CTL_ADD, fd, &ev);
+	s->nl++;
+	srv_log(s, strchr(h, ':') ? "level=info event=listen addr=[%s]:%s" :
+	        "level=info event=listen addr=%s:%s", h, p);
+	return 0;
+}
+
+/* Tell systemd (Type=notify) through $NOTIFY_SOCKET, without libsystemd. */
+static void srv_notify(const char *state)
+{
+	const char *path = getenv("NOTIFY_SOCKET");
+	struct sockaddr_un sa = {0};
+	if (!path || !*path || strlen(path) >= sizeof sa.sun_path)
+		return;
+	sa.sun_family = AF_UNIX;
+	memcpy(sa.sun_path, path, strlen(path));
+	if (sa.sun_path[0] == '@')
+		sa.sun_path[0] = 0; /* the abstract namespace */
+	int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return;
+	sendto(fd, state, strlen(state), MSG_NOSIGNAL, (struct sockaddr *)&sa,
+	       (socklen_t)(offsetof(struct sockaddr_un, sun_path) + strlen(path)));
+	close(fd);
+}
+
+static int srv_init(struct srv *s, struct spool *sp, const struct srv_opts *o, struct mq_err *e)
+{
+	memset(s, 0, sizeof *s);
+	s->sp = sp;
+	s->o = *o;
+	s->started_ms = s->tick_ms = mono_ms();
+	s->ep = epoll_create1(EPOLL_CLOEXEC);
+	if (s->ep < 0)
+		return err_sys(e, MQ_EX_IOERR, "cannot create an epoll instance");
+	struct rlimit rl; /* room for many clients: as many fds as allowed */
+	if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+		rl.rlim_cur = rl.rlim_max;
+		setrlimit(RLIMIT_NOFILE, &rl);
+	}
+	return 0;
+}
+
+/* Once a second: drop stalled and idle clients. */
+static void srv_timers(struct srv *s)
+{
+	int64_t now = mono_ms();
+	for (struct conn *c = s->conns, *n; c; c = n) {
+		n = c->next;
+		int partial = c->ipos < c->in.len || c->put;
+		if (partial && now - c->progress_ms > s->o.request_ms) {
+			srv_close(s, c, "request-timeout");
+		} else if (!partial && !c->head && now - c->last_ms > s->o.idle_ms) {
+			srv_close(s, c, "idle-timeout");
+		}
+	}
+}
+
+/*
+ * Serve until *stop is set (SIGTERM, SIGINT): then take no more requests,
+ * commit and answer what was received, and return.  SIGHUP (*stop ==
+ * SIGHUP) only lets go of the open queues, so settings changed in mq.yaml
+ * apply.  Returns 0, or -1 if the loop itself failed.
+ */
+static int srv_run(struct srv *s, volatile sig_atomic_t *stop, struct mq_err *e)
+{
+	struct epoll_event evs[256];
+	srv_notify("READY=1");
+	while (!*stop || *stop == SIGHUP) {
+		if (*stop == SIGHUP) {
+			*stop = 0;
+			srv_commit(s);
+			srv_log(s, "level=info event=reload");
+			for (struct sq *q = s->queues, *nq; q; q = nq) {
+				nq = q->next;
+				if (!sq_busy(s, q))
+					sq_close(s, q);
+			}
+		}
+		int64_t due = 1000 - (mono_ms() - s->tick_ms);
+		for (struct sq *q = s->queues; q; q = q->next) {
+			int64_t d = prod_due(&q->pr);
+			if (d >= 0 && d < due)
+				due = d;
+		}
+		int n = epoll_wait(s->ep, evs, 256, due < 0 ? 0 : (int)due);
+		if (n < 0 && errno != EINTR)
+			return err_sys(e, MQ_EX_IOERR, "epoll_wait failed");
+		for (int i = 0; i < n; i++) {
+			int kind = *(int *)evs[i].data.ptr;
+			if (kind == EV_LISTEN) {
+				srv_accept(s, evs[i].data.ptr);
+			} else if (kind == EV_WATCH) {
+				struct sq *q = evs[i].data.ptr;
+				wait_change(&q->w, 0);
+				q->changed = 1;
+			} else {
+				struct conn *c = evs[i].data.ptr;
+				if (evs[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR))
+					srv_read(s, c);
+			}
+		}
+		srv_commit(s);
+		int tick = mono_ms() - s->tick_ms >= 1000;
+		srv_wake(s, tick);
+		for (struct conn *c = s->conns, *nx; c; c = nx) {
+			nx = c->next;
+			if (!c->waiting && c->ipos < c->in.len && !c->dead)
+				srv_parse(s, c); /* held back by a wait or backpressure before */
+			srv_send(s, c);
+			if (c->dead || (c->eof && (c->put || c->waiting)) ||
+			    (c->eof && !c->head && c->opos == c->out.len))
+				srv_close(s, c, c->dead ? "error" : "eof");
+			else
+				srv_events(s, c);
+		}
+		if (tick) {
+			s->tick_ms = mono_ms();
+			srv_timers(s);
+		}
+	}
+	return 0;
+}
+
+/* After srv_run(): answer the waiting gets (nothing), commit, send what
+ * the clients take within a few seconds, and close everything. */
+static void srv_free(struct srv *s)
+{
+	srv_notify("STOPPING=1");
+	for (int i = 0; i < s->nl; i++)
+		close(s->l[i].fd);
+	for (struct ticket *t = s->waiting, *n; t; t = n) {
+		n = t->wnext;
+		buf_adds(&t->resp, "OK 0\n");
+		t->kind = TK_READY;
+		t->c->waiting = 0;
+	}
+	s->waiting = NULL;
+	srv_commit(s);
+	int64_t until = mono_ms() + 5000;
+	for (;;) {
+		int left = 0;
+		for (struct conn *c = s->conns; c; c = c->next) {
+			srv_send(s, c);
+			left |= c->opos < c->out.len && !c->dead;
+		}
+		if (!left || mono_ms() > until)
+			break;
+		poll(NULL, 0, 10);
+	}
+	while (s->conns)
+		srv_close(s, s->conns, "shutdown");
+	while (s->queues)
+		sq_close(s, s->queues);
+	close(s->ep);
+	srv_log(s, "level=info event=stop");
+}
+#endif /* __linux__ */
+
+/* ===================================================================
+ * 14. CLI: option parser, output formats, commands, the command table
  *
  * Parses, validates, opens, calls one operation of the layers below,
  * prints, and picks the exit status (mq.h, enum mq_exit).  The only
@@ -5326,6 +7545,7 @@ struct cmd {
 	const char *summary;
 	const struct opt *opts;
 	int min_pos, max_pos; /* positional argument counts; -1 = no limit */
+	int remote;           /* runs through a server too (-s, $MQ_SERVER) */
 };
 
 #define MAX_OPTS 32
@@ -5339,6 +7559,7 @@ struct args {
 	int npos;
 	struct spool sp;
 	const char *queue; /* for error messages */
+	const char *server; /* -s HOST:PORT or $MQ_SERVER: run it there */
 };
 
 static const struct opt common_opts[] = {
@@ -5777,52 +7998,14 @@ static void progress_clear(struct progress *pg)
 	pg->shown = 0;
 }
 
-static void tagset_free(struct tagset *ts)
-{
-	free(ts->tag);
-	free(ts->len);
-	free(ts->hash);
-	memset(ts, 0, sizeof *ts);
-}
-
 /* Parse --tag 'A||B' into ts; '*' (or no --tag) means every message and
  * leaves ts NULL.  Returns 0, or -1 after a usage error. */
 static int opt_tags(struct args *a, struct tagset *ts, const struct tagset **out)
 {
-	const char *v = opt_val(a, "tag");
-	*out = NULL;
-	memset(ts, 0, sizeof *ts);
-	if (!v || !strcmp(v, "*"))
+	struct mq_err e;
+	if (tagset_parse(opt_val(a, "tag"), ts, out, &e) == 0)
 		return 0;
-	size_t cap = 1;
-	for (const char *p = v; (p = strstr(p, "||")); p += 2)
-		cap++;
-	ts->tag = calloc(cap, sizeof *ts->tag);
-	ts->len = calloc(cap, sizeof *ts->len);
-	ts->hash = calloc(cap, sizeof *ts->hash);
-	if (!ts->tag || !ts->len || !ts->hash)
-		abort();
-	for (const char *p = v;;) {
-		const char *end = strstr(p, "||");
-		size_t n = end ? (size_t)(end - p) : strlen(p);
-		while (n && *p == ' ')
-			p++, n--;
-		while (n && p[n - 1] == ' ')
-			n--;
-		if (n == 0) {
-			usage_error(a->cmd, "bad --tag '%s': use TAG or 'TAG1||TAG2'", v);
-			tagset_free(ts);
-			return -1;
-		}
-		ts->tag[ts->n] = p;
-		ts->len[ts->n] = n;
-		ts->hash[ts->n++] = tag_hash(p, n);
-		if (!end)
-			break;
-		p = end + 2;
-	}
-	*out = ts;
-	return 0;
+	return usage_error(a->cmd, "%s", e.msg), -1;
 }
 
 /* ----- errors and the spool ----- */
@@ -5929,6 +8112,157 @@ static int opt_partition(struct args *a, const struct queue *q, int *part)
 	return 0;
 }
 
+/* ----- the CLI as a client of mq serve (-s HOST:PORT, $MQ_SERVER) ----- */
+
+/* Connect to the server and check it speaks our protocol. */
+static int rmt_open(struct args *a, struct rconn *c, struct mq_err *e)
+{
+	char *line;
+	if (rc_open(c, a->server, e) < 0)
+		return -1;
+	static const char hello[] = "HELLO 1\n";
+	int k = rc_send(c, hello, sizeof hello - 1, e) < 0 ? -1 : rc_next(c, &line, e);
+	if (k == 0 && strncmp(line, "mq ", 3))
+		k = err_set(e, MQ_EX_UNAVAILABLE, "'%s' is not an mq server", a->server);
+	if (k != 0) {
+		if (k > 0)
+			err_set(e, MQ_EX_UNAVAILABLE, "'%s' is not an mq server", a->server);
+		rc_close(c);
+		return -1;
+	}
+	return 0;
+}
+
+/* Send one request line (b, newline added) and read its answer's data
+ * lines through fn (which may be NULL); *rest gets the OK line's rest. */
+static int rmt_call(struct rconn *c, struct buf *b, int (*fn)(void *ctx, char *line,
+                    struct mq_err *e), void *ctx, char **rest, struct mq_err *e)
+{
+	char *line;
+	int k;
+	if (rest)
+		*rest = "";
+	buf_add(b, "\n", 1);
+	if (rc_send(c, b->p, b->len, e) < 0)
+		return -1;
+	while ((k = rc_next(c, &line, e)) == 1)
+		if (fn && fn(ctx, line, e) < 0)
+			return -1;
+	if (k == 0 && rest)
+		*rest = line;
+	return k;
+}
+
+/* A duration option as milliseconds on the wire (" NAME=MS"). */
+static void rmt_ms(struct buf *b, const char *name, int64_t ms)
+{
+	buf_printf(b, " %s=%" PRId64, name, ms);
+}
+
+/* --retries and --backoff go to the server as they are. */
+static void rmt_retry_opts(struct args *a, struct buf *b)
+{
+	static const char *const names[] = {"retries", "backoff"};
+	for (size_t i = 0; i < 2; i++)
+		if (opt_index(a, names[i]) >= 0 && opt_val(a, names[i]))
+			proto_opt(b, names[i], opt_val(a, names[i]), strlen(opt_val(a, names[i])));
+}
+
+/* put's messages on their way to the server: frames gathered into PUT
+ * requests of up to RPUT_CHUNK bytes, with at most RPUT_AHEAD of them
+ * unanswered, so the pipe streams without waiting for each ack. */
+enum { RPUT_CHUNK = 256 << 10, RPUT_AHEAD = 16 };
+
+struct rput {
+	struct rconn c;
+	struct buf opts;     /* the PUT line's options */
+	struct buf frames;   /* frames of the request being built */
+	uint64_t nframes;
+	uint64_t ahead;      /* requests sent, not yet answered */
+	uint64_t stored;     /* messages acknowledged */
+	int frame_keys;      /* -K: each frame carries its key */
+	const char *queue;
+	struct out *out;     /* --print-offsets */
+	char dup[64];        /* put --id: where the stored one is */
+};
+
+static int rput_offset(void *ctx, char *line, struct mq_err *e)
+{
+	struct rput *rp = ctx;
+	(void)e;
+	if (rp->out) {
+		out_add(rp->out, line, strlen(line));
+		out_add(rp->out, "\n", 1);
+	}
+	return 0;
+}
+
+/* Read one PUT answer. */
+static int rput_answer(struct rput *rp, struct mq_err *e)
+{
+	char *line;
+	int k;
+	while ((k = rc_next(&rp->c, &line, e)) == 1)
+		rput_offset(rp, line, e);
+	rp->ahead--;
+	if (k < 0)
+		return -1;
+	uint64_t n = strtoull(line, NULL, 10);
+	const char *d = strstr(line, "duplicate=");
+	if (d)
+		strfmt(rp->dup, sizeof rp->dup, "%s", d + 10);
+	rp->stored += n;
+	if (rp->out && out_flush(rp->out) < 0)
+		return err_set(e, MQ_EX_IOERR, "cannot write offsets: %s", strerror(rp->out->err));
+	return 0;
+}
+
+/* Send the frames gathered; with wait, also read every answer due. */
+static int rput_flush(struct rput *rp, int wait, struct mq_err *e)
+{
+	if (rp->nframes) {
+		struct buf head = {0};
+		buf_adds(&head, "PUT ");
+		proto_esc(&head, rp->queue, strlen(rp->queue));
+		buf_printf(&head, " %" PRIu64, rp->nframes);
+		buf_add(&head, rp->opts.p, rp->opts.len);
+		buf_add(&head, "\n", 1);
+		int k = rc_send(&rp->c, head.p, head.len, e);
+		buf_free(&head);
+		if (k < 0 || rc_send(&rp->c, rp->frames.p, rp->frames.len, e) < 0)
+			return -1;
+		rp->frames.len = 0;
+		rp->nframes = 0;
+		rp->ahead++;
+	}
+	while (rp->ahead && (wait || rp->ahead > RPUT_AHEAD || rc_ready(&rp->c)))
+		if (rput_answer(rp, e) < 0)
+			return -1;
+	return 0;
+}
+
+static int rput_add(struct rput *rp, const struct rec_msg *m, struct mq_err *e)
+{
+	buf_printf(&rp->frames, "%zu", m->blen);
+	if (rp->frame_keys && m->has_key)
+		proto_opt(&rp->frames, "key", m->key, m->klen);
+	buf_add(&rp->frames, "\n", 1);
+	buf_add(&rp->frames, m->body, m->blen);
+	buf_add(&rp->frames, "\n", 1);
+	rp->nframes++;
+	if (rp->frames.len >= RPUT_CHUNK)
+		return rput_flush(rp, 0, e) < 0 ? -1 : 1;
+	return 0;
+}
+
+/* Milliseconds until put_stdin() should call rput_flush() (as prod_due()). */
+static int64_t rput_due(const struct rput *rp)
+{
+	if (!rp->nframes)
+		return rp->ahead ? 50 : -1; /* look for answers now and then */
+	return 0; /* send as soon as the input pauses */
+}
+
 /* ----- mq put ----- */
 
 struct putctx {
@@ -5942,6 +8276,8 @@ struct putctx {
 	const char *kdelim;  /* -K: split key from body at this string */
 	size_t kdlen;
 	uint64_t n;          /* messages accepted so far */
+	size_t limit;        /* longest message read, bytes */
+	struct rput *rp;     /* through a server: messages go there, not to pr */
 };
 
 static void put_acked(void *ctx, int part, uint64_t off)
@@ -5971,7 +8307,7 @@ static int put_one(struct putctx *pc, const char *p, size_t n, int64_t ts, struc
 		}
 	}
 	pc->n++;
-	int r = prod_add(&pc->pr, &m, e);
+	int r = pc->rp ? rput_add(pc->rp, &m, e) : prod_add(&pc->pr, &m, e);
 	if (r < 0) {
 		if (e->code == MQ_EX_DATAERR) {
 			char msg[sizeof e->msg];
@@ -5994,14 +8330,14 @@ static int put_one(struct putctx *pc, const char *p, size_t n, int64_t ts, struc
  */
 static int put_stdin(struct putctx *pc, int whole, char delim, struct mq_err *e)
 {
-	size_t bufsz = 256 << 10, limit = (size_t)pc->pr.q->conf.max_message;
+	size_t bufsz = 256 << 10, limit = pc->limit;
 	char *in = malloc(bufsz);
 	struct buf carry = {0};
 	int rc = 0;
 	if (!in)
 		abort();
 	while (!stop_flag) { /* SIGINT/SIGTERM: stop reading, keep what was read */
-		int64_t due = prod_due(&pc->pr);
+		int64_t due = pc->rp ? rput_due(pc->rp) : prod_due(&pc->pr);
 		struct pollfd pfd = {0, POLLIN, 0};
 		int pr = due == 0 ? 0 : poll(&pfd, 1, due < 0 ? -1 : (int)(due > INT_MAX ? INT_MAX : due));
 		if (pr < 0 && errno != EINTR) {
@@ -6009,7 +8345,7 @@ static int put_stdin(struct putctx *pc, int whole, char delim, struct mq_err *e)
 			break;
 		}
 		if (pr <= 0) {
-			if ((rc = prod_flush(&pc->pr, 0, e)) < 0)
+			if ((rc = pc->rp ? rput_flush(pc->rp, 0, e) : prod_flush(&pc->pr, 0, e)) < 0)
 				break;
 			if (out_flush(&pc->out) < 0) {
 				rc = err_set(e, MQ_EX_IOERR, "cannot write offsets: %s", strerror(pc->out.err));
@@ -6029,7 +8365,7 @@ static int put_stdin(struct putctx *pc, int whole, char delim, struct mq_err *e)
 		pc->in_done += n;
 		if (pc->in_size > 0)
 			progress_draw(&pc->pg, "mq: put: %s: %" PRId64 "%% of %" PRId64 " MB, %" PRIu64
-			              " messages", pc->pr.q->name, pc->in_done * 100 / pc->in_size,
+			              " messages", pc->a->queue, pc->in_done * 100 / pc->in_size,
 			              pc->in_size >> 20, pc->n);
 		int64_t ts = now_ms();
 		size_t at = 0;
@@ -6096,6 +8432,70 @@ static int put_headers(struct args *a, struct buf *hb)
 	return 0;
 }
 
+/* mq put through a server: the same input handling, frames instead of
+ * a producer.  Exits as the local put would. */
+static int put_remote(struct args *a, struct putctx *pc, int64_t due)
+{
+	struct mq_err e = {0};
+	struct rput rp;
+	int rc = 0;
+	memset(&rp, 0, sizeof rp);
+	rp.queue = a->pos[0];
+	static const char *const pass[] = {"key", "tag", "fsync", "id", "partition"};
+	for (size_t i = 0; i < sizeof pass / sizeof *pass; i++)
+		if (opt_val(a, pass[i]))
+			proto_opt(&rp.opts, pass[i], opt_val(a, pass[i]), strlen(opt_val(a, pass[i])));
+	int k = opt_index(a, "header");
+	for (int i = 0; i < a->nall; i++)
+		if (a->all[i].i == k) {
+			const char *v = a->all[i].v, *eq = strchr(v, '=');
+			buf_adds(&rp.opts, " h.");
+			proto_esc(&rp.opts, v, (size_t)(eq - v));
+			buf_add(&rp.opts, "=", 1);
+			proto_esc(&rp.opts, eq + 1, strlen(eq + 1));
+		}
+	if (due > 0)
+		rmt_ms(&rp.opts, "at", due);
+	if (opt_has(a, "print-offsets")) {
+		buf_adds(&rp.opts, " offsets=1");
+		rp.out = &pc->out;
+	}
+	if (opt_has(a, "no-create"))
+		buf_adds(&rp.opts, " create=0");
+	rp.frame_keys = pc->kdelim != NULL;
+	pc->rp = &rp;
+	pc->limit = MQ_REMOTE_MSG_MAX; /* the server holds the queue's own limit */
+	if (rmt_open(a, &rp.c, &e) < 0) {
+		rc = -1;
+	} else if (a->npos > 1) {
+		int64_t ts = now_ms();
+		for (int i = 1; i < a->npos && rc == 0; i++)
+			rc = put_one(pc, a->pos[i], strlen(a->pos[i]), ts, &e);
+	} else {
+		pc->in_size = -1;
+		rc = put_stdin(pc, opt_has(a, "whole"), opt_has(a, "null") ? '\0' : '\n', &e);
+	}
+	/* what was read before an error still goes, and is answered */
+	struct mq_err fe = {0};
+	int fr = rp.c.fd >= 0 ? rput_flush(&rp, 1, &fe) : 0;
+	if (out_flush(&pc->out) < 0 && fr == 0)
+		fr = err_set(&fe, MQ_EX_IOERR, "cannot write offsets: %s", strerror(pc->out.err));
+	if (rc < 0)
+		rc = fail(a, &e);
+	else if (fr < 0)
+		rc = fail(a, &fe);
+	else if (stop_flag)
+		rc = 128 + stop_flag;
+	if (rc == 0 && rp.dup[0])
+		fprintf(stderr, "%s: put: %s: id '%s' is already stored (partition:offset %s, within "
+		        "the dedupe window): nothing stored\n", progname, rp.queue, opt_val(a, "id"),
+		        rp.dup);
+	rc_close(&rp.c);
+	buf_free(&rp.opts);
+	buf_free(&rp.frames);
+	return rc;
+}
+
 static int cmd_put(struct args *a)
 {
 	struct mq_err e = {0};
@@ -6137,6 +8537,12 @@ static int cmd_put(struct args *a)
 		return usage_error(a->cmd, "--id needs a non-empty ID and excludes -K, --delay and --at");
 	if ((rc = put_headers(a, &hb)) != 0)
 		return rc;
+	if (a->server) {
+		pc.kdelim = kd;
+		pc.kdlen = kd ? strlen(kd) : 0;
+		rc = put_remote(a, &pc, due);
+		goto out;
+	}
 	if (spool_init(a, !opt_has(a, "no-create"), &e) < 0) {
 		rc = fail(a, &e);
 		goto out;
@@ -6168,6 +8574,7 @@ static int cmd_put(struct args *a)
 		part = (int)(fnv1a((const unsigned char *)k, strlen(k)) % (uint32_t)q->nparts);
 	}
 	prod_init(&pc.pr, q, part);
+	pc.limit = (size_t)q->conf.max_message;
 	pc.pr.due_ms = due;
 	pc.pr.id = id;
 	if (opt_has(a, "print-offsets")) {
@@ -6223,48 +8630,6 @@ out:
 	return rc;
 }
 
-/* ----- waiting for new messages ----- */
-
-/* Watches every partition's head file, so a waiting reader wakes as soon
- * as a writer publishes (inotify on Linux; a short poll elsewhere). */
-struct waiter {
-	int fd;
-};
-
-static void wait_init(struct waiter *w, struct queue *q)
-{
-	w->fd = -1;
-#ifdef __linux__
-	w->fd = inotify_init1(IN_CLOEXEC | IN_NONBLOCK);
-	for (int i = 0; w->fd >= 0 && i < q->nparts; i++) {
-		char path[PATH_MAX + 8];
-		strfmt(path, sizeof path, "%s/head", q->parts[i].dir);
-		inotify_add_watch(w->fd, path, IN_MODIFY | IN_ATTRIB | IN_DELETE_SELF);
-	}
-#else
-	(void)q;
-#endif
-}
-
-/* Sleep until something may have been published or timeout_ms passes
- * (-1: no limit).  Wakes at least every second to re-check regardless. */
-static void wait_change(struct waiter *w, int64_t timeout_ms)
-{
-	int t = timeout_ms < 0 || timeout_ms > 1000 ? 1000 : (int)timeout_ms;
-	if (w->fd < 0) {
-		poll(NULL, 0, t < 20 ? t : 20);
-		return;
-	}
-	struct pollfd pfd = {w->fd, POLLIN, 0};
-	if (poll(&pfd, 1, t) > 0) {
-		char ev[4096];
-		while (read(w->fd, ev, sizeof ev) > 0)
-			;
-	}
-}
-
-static void wait_free(struct waiter *w) { dur_close(&w->fd); }
-
 /* ----- mq get ----- */
 
 /* --retries and --backoff as settings for q_open(); returns how many. */
@@ -6295,50 +8660,36 @@ struct getctx {
 	const struct msgfmt *f;
 };
 
-/*
- * Deliver up to want messages of one partition to the group under a
- * claim on it.  Without a lease: write them out and commit only after the
- * write succeeded (at-least-once), or commit first with commit_first
- * (at-most-once).  With a lease: record the lease, then write them out;
- * they are done when acked.  Returns messages delivered, or -1.
- */
+/* get's side of grp_deliver(): format into the output buffer and write
+ * it out (with a lease or --commit-first, only once they are recorded). */
+static void get_emit(void *ctx, int part, const struct rec_msg *m, unsigned attempt,
+                     uint32_t lease)
+{
+	struct getctx *g = ctx;
+	struct dlv d = {g->group, attempt, lease};
+	fmt_msg(g->o, g->f, g->q->name, part, m, &d);
+}
+
+static int get_out(void *ctx, struct mq_err *e)
+{
+	struct getctx *g = ctx;
+	if (out_flush(g->o) == 0)
+		return 0;
+	return err_set(e, MQ_EX_IOERR, "cannot write to stdout: %s (%s)", strerror(g->o->err),
+	               g->lease_ms >= 0 ? "the leases will expire and the messages come again"
+	               : g->commit_first ? "already committed: lost for this group"
+	               : "nothing committed");
+}
+
+static void get_drop(void *ctx) { ((struct getctx *)ctx)->o->b.len = 0; }
+
+/* Deliver up to want messages of one partition (grp_deliver). */
 static int64_t get_part(struct getctx *g, int part, uint64_t want, int nonblock, int *busy,
                         struct mq_err *e)
 {
-	struct claim c;
-	struct queue *q = g->q;
-	struct out *o = g->o;
-	int64_t got = 0;
-	int k = grp_claim(q, g->group, part, nonblock ? CL_NONBLOCK : 0, &c, e);
-	*busy = k == 0;
-	if (k <= 0)
-		return k;
-	c.r.tags = g->tags;
-	struct dlv d = {g->group, 1, g->lease_ms >= 0 ? c.gs.lease + 1 : 0};
-	struct rec_msg m;
-	while ((want == 0 || (uint64_t)got < want) && (k = grp_take(&c, &m, &d.attempt, e)) == 1) {
-		fmt_msg(o, g->f, q->name, part, &m, &d);
-		got++;
-	}
-	int rc = k < 0 ? -1 : 0, first = g->commit_first || d.lease;
-	struct mq_err ce;
-	uint32_t lease;
-	if (got > 0) {
-		if (first && (d.lease ? grp_settle_lease(&c, now_ms() + g->lease_ms, &lease, &ce)
-		                      : grp_settle_done(&c, &ce)) < 0) {
-			o->b.len = 0; /* not recorded: deliver nothing */
-			rc = (*e = ce, -1);
-		} else if (out_flush(o) < 0) {
-			rc = err_set(e, MQ_EX_IOERR, "cannot write to stdout: %s (%s)", strerror(o->err),
-			             d.lease ? "the leases will expire and the messages come again"
-			             : first ? "already committed: lost for this group" : "nothing committed");
-		} else if (!first && grp_settle_done(&c, &ce) < 0) {
-			rc = (*e = ce, -1);
-		}
-	}
-	if (grp_release(&c, &ce) < 0 && rc == 0)
-		rc = (*e = ce, -1);
-	return rc < 0 ? -1 : got;
+	struct deliver d = {g->group, want, g->lease_ms, !g->commit_first && g->lease_ms < 0,
+	                    nonblock, g->tags, get_emit, get_out, get_drop, g};
+	return grp_deliver(g->q, part, &d, busy, e);
 }
 
 /*
@@ -6394,6 +8745,100 @@ static int get_pass_more(void *ctx, int64_t total)
 	return g->want == 0 || (uint64_t)total < g->want;
 }
 
+/* What a GET or PEEK answer's MSG lines go through on the client. */
+struct rmsgs {
+	struct rconn *c;
+	struct out *o;
+	const struct msgfmt *f;
+	const char *queue, *group;
+	int user_lease;      /* show leases and receipts (get --lease) */
+	struct buf receipts; /* internal leases to ack once written out */
+	struct buf hb;
+	uint64_t n, next;
+};
+
+static int rmsgs_line(void *ctx, char *line, struct mq_err *e)
+{
+	struct rmsgs *r = ctx;
+	struct rec_msg m;
+	int part;
+	unsigned attempt;
+	uint32_t lease;
+	if (rc_msg(r->c, line, &m, &part, &attempt, &lease, &r->hb, e) < 0)
+		return -1;
+	struct dlv d = {r->group, attempt, r->user_lease ? lease : 0};
+	fmt_msg(r->o, r->f, r->queue, part, &m, r->group ? &d : NULL);
+	if (r->group && lease && !r->user_lease)
+		buf_printf(&r->receipts, " %s:%d:%" PRIu64 ":%" PRIu32, r->group, part, m.offset, lease);
+	r->n++;
+	return 0;
+}
+
+/*
+ * mq get through a server.  At-least-once as locally: without --lease
+ * and --commit-first the messages are leased (MQ_REMOTE_LEASE_MS) and
+ * acked once written out, so a client that dies gets them delivered
+ * again when the lease runs out.
+ */
+static int get_remote(struct args *a, const char *g, uint64_t want, int64_t wait_ms,
+                      int64_t lease_ms, const struct msgfmt *f)
+{
+	struct mq_err e = {0};
+	struct rconn c;
+	struct out o = {1, {0}, 0};
+	struct rmsgs r = {&c, &o, f, a->pos[0], g, lease_ms >= 0, {0}, {0}, 0, 0};
+	struct buf b = {0};
+	uint64_t total = 0;
+	int rc = 0, first = opt_has(a, "commit-first");
+	if (rmt_open(a, &c, &e) < 0)
+		return fail(a, &e);
+	do {
+		b.len = 0;
+		r.n = 0;
+		r.receipts.len = 0;
+		buf_adds(&b, "GET ");
+		proto_esc(&b, a->pos[0], strlen(a->pos[0]));
+		proto_opt(&b, "group", g, strlen(g));
+		buf_printf(&b, " count=%" PRIu64, want ? want - total : 0);
+		if (wait_ms != -2 && total == 0)
+			rmt_ms(&b, "wait", wait_ms < 0 ? 0 : wait_ms ? wait_ms : 1);
+		if (lease_ms >= 0 || !first)
+			rmt_ms(&b, "lease", lease_ms >= 0 ? lease_ms : MQ_REMOTE_LEASE_MS);
+		if (opt_val(a, "tag"))
+			proto_opt(&b, "tag", opt_val(a, "tag"), strlen(opt_val(a, "tag")));
+		rmt_retry_opts(a, &b);
+		if (rmt_call(&c, &b, rmsgs_line, &r, NULL, &e) < 0) {
+			rc = -1;
+			break;
+		}
+		if (out_flush(&o) < 0) {
+			rc = err_set(&e, MQ_EX_IOERR, "cannot write to stdout: %s (%s)", strerror(o.err),
+			             lease_ms >= 0 || !first ? "the leases will expire and the messages "
+			             "come again" : "already committed: lost for this group");
+			break;
+		}
+		if (r.receipts.len) { /* written out: now they are done */
+			b.len = 0;
+			buf_adds(&b, "ACK ");
+			proto_esc(&b, a->pos[0], strlen(a->pos[0]));
+			buf_add(&b, r.receipts.p, r.receipts.len);
+			if (rmt_call(&c, &b, NULL, NULL, NULL, &e) < 0) {
+				rc = -1;
+				break;
+			}
+		}
+		total += r.n;
+	} while (r.n > 0 && (want == 0 || total < want) && !stop_flag);
+	rc_close(&c);
+	buf_free(&b);
+	buf_free(&o.b);
+	buf_free(&r.receipts);
+	buf_free(&r.hb);
+	if (rc < 0)
+		return fail(a, &e);
+	return total > 0 ? MQ_EX_OK : MQ_EX_EMPTY;
+}
+
 static int cmd_get(struct args *a)
 {
 	struct mq_err e = {0};
@@ -6424,6 +8869,11 @@ static int cmd_get(struct args *a)
 	const struct tagset *tags;
 	if (opt_tags(a, &tsbuf, &tags) < 0)
 		return MQ_EX_USAGE;
+	if (a->server) {
+		tagset_free(&tsbuf);
+		return q_check_name("group", g, &e) < 0 ? fail(a, &e)
+		       : get_remote(a, g, want, wait_ms, lease_ms, &f);
+	}
 	if (q_check_name("group", g, &e) < 0 || spool_init(a, 0, &e) < 0 ||
 	    q_open(&a->sp, a->pos[0], 0, set, nset, &q, &e) < 0) {
 		tagset_free(&tsbuf);
@@ -6800,11 +9250,43 @@ static int cmd_consume(struct args *a)
 
 /* ----- mq ack, mq nack ----- */
 
-static int cmp_receipt(const void *x, const void *y)
+/* ack/nack through a server: ACK or NACK lines of up to 1000 receipts;
+ * the answer "OK N R1,R2,..." gives each receipt's result. */
+static int ack_remote(struct args *a, struct receipt *rs, size_t nr, int nack, int64_t delay,
+                      struct mq_err *e)
 {
-	const struct receipt *a = *(struct receipt *const *)x, *b = *(struct receipt *const *)y;
-	int c = strcmp(a->group, b->group);
-	return c ? c : (a->part > b->part) - (a->part < b->part);
+	struct rconn c;
+	struct buf b = {0};
+	int rc = 0;
+	if (rmt_open(a, &c, e) < 0)
+		return -1;
+	for (size_t i = 0; i < nr && rc == 0; i += 1000) {
+		size_t n = nr - i < 1000 ? nr - i : 1000;
+		char *rest;
+		b.len = 0;
+		buf_adds(&b, nack ? "NACK " : "ACK ");
+		proto_esc(&b, a->queue, strlen(a->queue));
+		if (nack && delay >= 0)
+			rmt_ms(&b, "delay", delay);
+		rmt_retry_opts(a, &b);
+		for (size_t k = i; k < i + n; k++) {
+			const struct receipt *r = &rs[k];
+			buf_add(&b, " ", 1);
+			proto_esc(&b, r->group, strlen(r->group));
+			buf_printf(&b, ":%d:%" PRIu64 ":%" PRIu32, r->part, r->off, r->lease);
+		}
+		if ((rc = rmt_call(&c, &b, NULL, NULL, &rest, e)) < 0)
+			break;
+		char *p = strchr(rest, ' ');
+		for (size_t k = i; k < i + n; k++) {
+			rs[k].result = p ? (int)strtol(p + 1, &p, 10) : 0;
+			if (rs[k].result < RC_OK || rs[k].result > RC_UNKNOWN)
+				rc = err_set(e, MQ_EX_UNAVAILABLE, "server '%s' answered '%s'", a->server, rest);
+		}
+	}
+	rc_close(&c);
+	buf_free(&b);
+	return rc;
 }
 
 /* mq ack QUEUE RECEIPT... / mq nack [--delay DURATION] QUEUE RECEIPT...:
@@ -6860,41 +9342,16 @@ static int cmd_ack(struct args *a)
 	}
 	if (nr == 0) /* an empty stdin: nothing to answer (get | ack when drained) */
 		goto out;
-	if (spool_init(a, 0, &e) < 0 || q_open(&a->sp, a->queue, 0, set, nset, &q, &e) < 0) {
+	if (a->server) {
+		if (ack_remote(a, rs, nr, nack, delay, &e) < 0)
+			rc = fail(a, &e);
+	} else if (spool_init(a, 0, &e) < 0 ||
+	           q_open(&a->sp, a->queue, 0, set, nset, &q, &e) < 0) {
 		rc = fail(a, &e);
 		goto out;
+	} else if (grp_answer_all(q, rs, nr, nack, delay, &e) < 0) {
+		rc = fail(a, &e);
 	}
-	/* one claim (one synced write) per group and partition */
-	struct receipt **by = malloc(nr * sizeof *by), *run = NULL;
-	if (!by)
-		abort();
-	for (size_t i = 0; i < nr; i++)
-		by[i] = &rs[i];
-	qsort(by, nr, sizeof *by, cmp_receipt);
-	for (size_t i = 0, j; i < nr && rc == MQ_EX_OK; i = j) {
-		for (j = i + 1; j < nr && !cmp_receipt(&by[i], &by[j]);)
-			j++;
-		if (by[i]->part >= q->nparts) {
-			err_set(&e, MQ_EX_DATAERR, "receipt '%s:%d:...' names partition %d; the queue has %d",
-			        by[i]->group, by[i]->part, by[i]->part, q->nparts);
-			rc = fail(a, &e);
-			break;
-		}
-		/* grp_answer takes an array: gather this run's receipts */
-		run = realloc(run, (j - i) * sizeof *run);
-		if (!run)
-			abort();
-		for (size_t k = i; k < j; k++)
-			run[k - i] = *by[k];
-		if (grp_answer(q, by[i]->group, by[i]->part, run, j - i, nack, delay, &e) < 0) {
-			rc = fail(a, &e);
-			break;
-		}
-		for (size_t k = i; k < j; k++)
-			by[k]->result = run[k - i].result;
-	}
-	free(run);
-	free(by);
 	int failed = rc != MQ_EX_OK;
 	for (size_t i = 0; i < nr && !failed; i++) {
 		struct receipt *r = &rs[i];
@@ -7001,6 +9458,60 @@ static int cmd_move(struct args *a)
 
 /* Read without consuming: each partition from a start point, then (tail
  * -F) follow new messages until interrupted. */
+/* peek and tail through a server: partition by partition, as locally,
+ * in PEEK requests that go on from where the last one stopped. */
+static int peek_remote(struct args *a, const struct msgfmt *f, uint64_t n, uint64_t from,
+                       uint64_t last, int64_t since, int tail)
+{
+	struct mq_err e = {0};
+	struct rconn c;
+	struct out o = {1, {0}, 0};
+	struct rmsgs r = {&c, &o, f, a->pos[0], NULL, 0, {0}, {0}, 0, 0};
+	struct buf b = {0};
+	uint64_t part = 0, printed = 0;
+	int rc = 0, nparts = 1, one = opt_has(a, "partition");
+	if (one && opt_u64(a, "partition", 0, &part) < 0)
+		return MQ_EX_USAGE;
+	if (rmt_open(a, &c, &e) < 0)
+		return fail(a, &e);
+	for (int p = one ? (int)part : 0; p < (one ? (int)part + 1 : nparts) && rc == 0; p++) {
+		for (int req = 0; rc == 0 && (n == 0 || printed < n); req++) {
+			char *rest, *x;
+			b.len = 0;
+			buf_adds(&b, "PEEK ");
+			proto_esc(&b, a->pos[0], strlen(a->pos[0]));
+			buf_printf(&b, " partition=%d count=%" PRIu64, p, n ? n - printed : 0);
+			if (req || opt_has(a, "from"))
+				buf_printf(&b, " from=%" PRIu64, req ? r.next : from);
+			if (since != INT64_MIN)
+				rmt_ms(&b, "since", since);
+			if (!req && (tail || opt_has(a, "last")))
+				buf_printf(&b, " last=%" PRIu64, last);
+			if (opt_val(a, "tag"))
+				proto_opt(&b, "tag", opt_val(a, "tag"), strlen(opt_val(a, "tag")));
+			r.n = 0;
+			if ((rc = rmt_call(&c, &b, rmsgs_line, &r, &rest, &e)) < 0)
+				break;
+			if ((x = strstr(rest, "next=")))
+				r.next = strtoull(x + 5, NULL, 10);
+			if ((x = strstr(rest, "partitions=")))
+				nparts = atoi(x + 11);
+			printed += r.n;
+			if (out_flush(&o) < 0)
+				rc = err_set(&e, MQ_EX_IOERR, "cannot write to stdout: %s", strerror(o.err));
+			if (r.n == 0)
+				break;
+		}
+	}
+	rc_close(&c);
+	buf_free(&b);
+	buf_free(&o.b);
+	buf_free(&r.hb);
+	if (rc < 0)
+		return fail(a, &e);
+	return printed > 0 || tail ? MQ_EX_OK : MQ_EX_EMPTY;
+}
+
 static int peek_run(struct args *a, int tail)
 {
 	struct mq_err e = {0};
@@ -7033,6 +9544,12 @@ static int peek_run(struct args *a, int tail)
 	const struct tagset *tags;
 	if (opt_tags(a, &tsbuf, &tags) < 0)
 		return MQ_EX_USAGE;
+	if (a->server) {
+		tagset_free(&tsbuf);
+		if (tail && opt_has(a, "follow"))
+			return usage_error(a->cmd, "-F does not work through a server yet");
+		return peek_remote(a, &f, n, from, last, since, tail);
+	}
 	if (spool_init(a, 0, &e) < 0 || q_open(&a->sp, a->pos[0], 0, NULL, 0, &q, &e) < 0) {
 		tagset_free(&tsbuf);
 		return fail(a, &e);
@@ -7098,6 +9615,178 @@ static int peek_run(struct args *a, int tail)
 static int cmd_peek(struct args *a) { return peek_run(a, 0); }
 static int cmd_tail(struct args *a) { return peek_run(a, 1); }
 
+/* ----- listing and admin commands through a server ----- */
+
+/* Run one request built from the verb and the queue names of a (from
+ * position `from`), with no data lines expected. */
+static int rmt_simple(struct args *a, const char *verb, int from, struct buf *opts)
+{
+	struct mq_err e = {0};
+	struct rconn c;
+	struct buf b = {0};
+	buf_adds(&b, verb);
+	for (int i = from; i < a->npos; i++) {
+		buf_add(&b, " ", 1);
+		proto_esc(&b, a->pos[i], strlen(a->pos[i]));
+	}
+	if (opts)
+		buf_add(&b, opts->p, opts->len);
+	int rc = rmt_open(a, &c, &e) < 0 ? -1 : rmt_call(&c, &b, NULL, NULL, NULL, &e);
+	if (c.fd >= 0)
+		rc_close(&c);
+	buf_free(&b);
+	return rc < 0 ? fail(a, &e) : MQ_EX_OK;
+}
+
+struct rnames {
+	char **v;
+	size_t n;
+};
+
+static int rnames_line(void *ctx, char *line, struct mq_err *e)
+{
+	struct rnames *r = ctx;
+	(void)e;
+	if (strncmp(line, "QUEUE ", 6))
+		return 0;
+	if (!(r->v = realloc(r->v, (r->n + 1) * sizeof *r->v)) || !(r->v[r->n] = strdup(line + 6)))
+		abort();
+	r->n++;
+	return 0;
+}
+
+/* The server's queue names (LS). */
+static int rmt_names(struct rconn *c, char ***names, size_t *n, struct mq_err *e)
+{
+	struct rnames r = {NULL, 0};
+	struct buf b = {0};
+	buf_adds(&b, "LS");
+	int k = rmt_call(c, &b, rnames_line, &r, NULL, e);
+	buf_free(&b);
+	*names = r.v;
+	*n = r.n;
+	return k;
+}
+
+/* Comma-separated numbers into a new array of n. */
+static uint64_t *csv_u64(const char *s, int n)
+{
+	uint64_t *v = calloc((size_t)(n > 0 ? n : 1), sizeof *v);
+	if (!v)
+		abort();
+	for (int i = 0; i < n && s && *s; i++) {
+		v[i] = strtoull(s, (char **)&s, 10);
+		if (*s == ',')
+			s++;
+	}
+	return v;
+}
+
+/* STAT and GROUP lines back into a struct qstat (see v_stat()). */
+static int rstat_line(void *ctx, char *line, struct mq_err *e)
+{
+	struct qstat *st = ctx;
+	char name[MQ_NAME_MAX + 1], old[32], list[MQ_LINE_MAX];
+	(void)e;
+	if (!strncmp(line, "STAT ", 5) &&
+	    sscanf(line + 5, "%128s %d %" SCNu64 " %" SCNu64 " %" SCNu64 " %31s %65535s", name,
+	           &st->nparts, &st->messages, &st->bytes, &st->segments, old, list) == 7) {
+		st->oldest_ts = *old == '-' ? INT64_MAX : strtoll(old, NULL, 10);
+		st->next = csv_u64(list, st->nparts);
+		st->earliest = csv_u64(NULL, st->nparts);
+	} else if (!strncmp(line, "GROUP ", 6)) {
+		struct gstat g = {0};
+		if (sscanf(line + 6, "%128s %" SCNu64 " %" SCNu64 " %" SCNu64 " %31s %65535s", name,
+		           &g.lag, &g.leased, &g.waiting, old, list) != 6)
+			return 0;
+		if (!(g.name = strdup(name)) || !(st->g = realloc(st->g, (st->ngroups + 1) * sizeof g)))
+			abort();
+		g.oldest_ts = *old == '-' ? INT64_MAX : strtoll(old, NULL, 10);
+		g.off = csv_u64(list, st->nparts);
+		st->g[st->ngroups++] = g;
+	}
+	return 0;
+}
+
+/* STAT QUEUE into st. */
+static int rmt_stat(struct rconn *c, const char *q, struct qstat *st, struct mq_err *e)
+{
+	struct buf b = {0};
+	memset(st, 0, sizeof *st);
+	buf_adds(&b, "STAT ");
+	proto_esc(&b, q, strlen(q));
+	int k = rmt_call(c, &b, rstat_line, st, NULL, e);
+	buf_free(&b);
+	return k;
+}
+
+/* ----- mq serve ----- */
+
+/* The server's log: one line per event on stderr, with a timestamp. */
+static void serve_log(void *ctx, const char *line)
+{
+	char ts[40];
+	int64_t ms = now_ms();
+	time_t t = (time_t)(ms / 1000);
+	struct tm tm;
+	(void)ctx;
+	gmtime_r(&t, &tm);
+	size_t n = strftime(ts, sizeof ts, "%Y-%m-%dT%H:%M:%S", &tm);
+	strfmt(ts + n, sizeof ts - n, ".%03dZ", (int)(ms % 1000));
+	fprintf(stderr, "ts=%s %s\n", ts, line);
+}
+
+static int cmd_serve(struct args *a)
+{
+#ifdef __linux__
+	struct mq_err e = {0};
+	struct srv_opts o = {.idle_ms = 300000, .request_ms = 30000, .out_max = 4u << 20,
+	                     .in_chunk = 256u << 10, .max_conns = 100000};
+	static const char *const durs[] = {"idle-timeout", "request-timeout"};
+	int64_t *targets[] = {&o.idle_ms, &o.request_ms};
+	for (size_t i = 0; i < 2; i++) {
+		const char *v = opt_val(a, durs[i]);
+		if (v && (parse_duration_ms(v, targets[i]) < 0 || *targets[i] == 0))
+			return usage_error(a->cmd, "bad duration '%s' for --%s", v, durs[i]);
+	}
+	uint64_t mc;
+	if (opt_u64(a, "max-connections", 100000, &mc) < 0)
+		return MQ_EX_USAGE;
+	if (mc == 0 || mc > INT_MAX)
+		return usage_error(a->cmd, "--max-connections must be at least 1");
+	o.max_conns = (int)mc;
+	int k = opt_index(a, "listen");
+	for (int i = 0; i < a->nall; i++)
+		if (a->all[i].i == k && o.nlisten < 8)
+			strfmt(o.listen[o.nlisten++], sizeof o.listen[0], "%s", a->all[i].v);
+	if (o.nlisten == 0)
+		strfmt(o.listen[o.nlisten++], sizeof o.listen[0], "127.0.0.1:%s", MQ_DEFAULT_PORT);
+	if (spool_init(a, 1, &e) < 0)
+		return fail(a, &e);
+	struct srv s;
+	if (srv_init(&s, &a->sp, &o, &e) < 0)
+		return fail(a, &e);
+	s.log = serve_log;
+	struct sigaction sa;
+	memset(&sa, 0, sizeof sa);
+	sa.sa_handler = SIG_IGN;
+	sigaction(SIGPIPE, &sa, NULL);
+	sigaction(SIGINT, NULL, &sa); /* the handler main() set: it sets stop_flag */
+	sigaction(SIGHUP, &sa, NULL);
+	int rc = 0;
+	for (int i = 0; i < o.nlisten && rc == 0; i++)
+		rc = srv_listen(&s, o.listen[i], &e);
+	if (rc == 0) {
+		srv_log(&s, "level=info event=ready spool=%s pid=%ld", a->sp.dir, (long)getpid());
+		rc = srv_run(&s, &stop_flag, &e);
+	}
+	srv_free(&s);
+	return rc < 0 ? fail(a, &e) : MQ_EX_OK;
+#else
+	return usage_error(a->cmd, "mq serve needs Linux (epoll) for now");
+#endif
+}
+
 /* ----- mq ls, mq stat ----- */
 
 static int cmd_ls(struct args *a)
@@ -7105,8 +9794,16 @@ static int cmd_ls(struct args *a)
 	struct mq_err e = {0};
 	char **names;
 	size_t n;
-	if (spool_init(a, 0, &e) < 0 || q_list(&a->sp, &names, &n, &e) < 0)
+	if (a->server) {
+		struct rconn c;
+		int k = rmt_open(a, &c, &e) < 0 ? -1 : rmt_names(&c, &names, &n, &e);
+		if (c.fd >= 0)
+			rc_close(&c);
+		if (k < 0)
+			return fail(a, &e);
+	} else if (spool_init(a, 0, &e) < 0 || q_list(&a->sp, &names, &n, &e) < 0) {
 		return fail(a, &e);
+	}
 	int json = opt_has(a, "json");
 	/* Queue names are [A-Za-z0-9._-]: nothing in them needs JSON escaping. */
 	if (json)
@@ -7134,13 +9831,13 @@ static void gstat_json(const struct gstat *gs, int nparts, int64_t now)
 	printf("]}");
 }
 
-static void stat_print(const struct queue *q, const struct qstat *st, int json, int first)
+static void stat_print(const char *name, const struct qstat *st, int json, int first)
 {
 	int64_t now = now_ms();
 	char age[32];
 	if (json) {
 		printf("%s{\"queue\":\"%s\",\"partitions\":%d,\"messages\":%" PRIu64 ",\"bytes\":%" PRIu64
-		       ",\"segments\":%" PRIu64 ",\"oldest_age_ms\":", first ? "" : ",", q->name,
+		       ",\"segments\":%" PRIu64 ",\"oldest_age_ms\":", first ? "" : ",", name,
 		       st->nparts, st->messages, st->bytes, st->segments);
 		if (st->oldest_ts == INT64_MAX)
 			printf("null");
@@ -7158,7 +9855,7 @@ static void stat_print(const struct queue *q, const struct qstat *st, int json, 
 		return;
 	}
 	printf("%s\n  partitions  %d\n  messages    %" PRIu64 "\n  bytes       %" PRIu64
-	       "\n  segments    %" PRIu64 "\n", q->name, st->nparts, st->messages, st->bytes,
+	       "\n  segments    %" PRIu64 "\n", name, st->nparts, st->messages, st->bytes,
 	       st->segments);
 	if (st->oldest_ts != INT64_MAX) {
 		fmt_duration(age, sizeof age, now - st->oldest_ts);
@@ -7184,10 +9881,14 @@ static int cmd_stat(struct args *a)
 	char **names = NULL;
 	size_t n = 0;
 	int json = opt_has(a, "json"), rc = 0;
-	if (spool_init(a, 0, &e) < 0)
+	struct rconn c = {.fd = -1};
+	if (a->server ? rmt_open(a, &c, &e) < 0 : spool_init(a, 0, &e) < 0)
 		return fail(a, &e);
-	if (a->npos == 0 && q_list(&a->sp, &names, &n, &e) < 0)
+	if (a->npos == 0 && (a->server ? rmt_names(&c, &names, &n, &e) : q_list(&a->sp, &names, &n,
+	                                                                        &e)) < 0) {
+		rc_close(&c);
 		return fail(a, &e);
+	}
 	size_t total = a->npos ? (size_t)a->npos : n;
 	if (json && (a->npos != 1))
 		printf("[");
@@ -7195,19 +9896,22 @@ static int cmd_stat(struct args *a)
 		struct queue *q;
 		struct qstat st;
 		a->queue = a->npos ? a->pos[i] : names[i];
-		if (q_open(&a->sp, a->queue, 0, NULL, 0, &q, &e) < 0 || q_stat(q, &st, &e) < 0) {
+		if (a->server ? rmt_stat(&c, a->queue, &st, &e) < 0
+		              : q_open(&a->sp, a->queue, 0, NULL, 0, &q, &e) < 0 || q_stat(q, &st, &e) < 0) {
 			rc = fail(a, &e);
 			break;
 		}
-		stat_print(q, &st, json, i == 0);
+		stat_print(a->queue, &st, json, i == 0);
 		q_stat_free(&st);
-		q_close(q);
+		if (!a->server)
+			q_close(q);
 	}
 	if (json && (a->npos != 1))
 		printf("]");
 	if (json)
 		printf("\n");
 	names_free(names, n);
+	rc_close(&c);
 	int wr = stdout_done(a);
 	return rc ? rc : wr;
 }
@@ -7225,14 +9929,25 @@ static int cmd_groups(struct args *a)
 	if (a->npos != 1 && !rm)
 		return usage_error(a->cmd, "use 'mq groups QUEUE' or 'mq groups rm QUEUE GROUP'");
 	a->queue = a->pos[rm];
-	if (spool_init(a, 0, &e) < 0 || q_open(&a->sp, a->queue, 0, NULL, 0, &q, &e) < 0)
+	if (a->server && rm)
+		return rmt_simple(a, "DELGROUP", 1, NULL);
+	memset(&st, 0, sizeof st);
+	if (a->server) {
+		struct rconn c;
+		int k = rmt_open(a, &c, &e) < 0 ? -1 : rmt_stat(&c, a->queue, &st, &e);
+		if (c.fd >= 0)
+			rc_close(&c);
+		if (k < 0) {
+			q_stat_free(&st);
+			return fail(a, &e);
+		}
+	} else if (spool_init(a, 0, &e) < 0 || q_open(&a->sp, a->queue, 0, NULL, 0, &q, &e) < 0) {
 		return fail(a, &e);
-	if (rm) {
+	} else if (rm) {
 		int r = grp_remove(q, a->pos[2], &e);
 		q_close(q);
 		return r < 0 ? fail(a, &e) : MQ_EX_OK;
-	}
-	if (q_stat(q, &st, &e) < 0) {
+	} else if (q_stat(q, &st, &e) < 0) {
 		q_stat_free(&st);
 		q_close(q);
 		return fail(a, &e);
@@ -7267,29 +9982,53 @@ static int cmd_groups(struct args *a)
 	return stdout_done(a);
 }
 
+static int seek_line(void *ctx, char *line, struct mq_err *e)
+{
+	unsigned p;
+	uint64_t off;
+	(void)ctx, (void)e;
+	if (sscanf(line, "OFFSET %u %" SCNu64, &p, &off) == 2)
+		printf("%u:%" PRIu64 "\n", p, off);
+	return 0;
+}
+
+static int seek_remote(struct args *a, struct buf *opts)
+{
+	struct mq_err e = {0};
+	struct rconn c;
+	struct buf b = {0};
+	buf_adds(&b, "SEEK ");
+	proto_esc(&b, a->pos[0], strlen(a->pos[0]));
+	buf_add(&b, opts->p, opts->len);
+	int rc = rmt_open(a, &c, &e) < 0 ? -1 : rmt_call(&c, &b, seek_line, NULL, NULL, &e);
+	if (c.fd >= 0)
+		rc_close(&c);
+	buf_free(&b);
+	return rc < 0 ? fail(a, &e) : stdout_done(a);
+}
+
 /* mq seek QUEUE -g GROUP --to earliest|latest|OFFSET|TIME [-p P] */
 static int cmd_seek(struct args *a)
 {
 	struct mq_err e = {0};
 	struct queue *q = NULL;
 	const char *g = opt_val(a, "group"), *to = opt_val(a, "to");
-	int part, rc = 0;
-	uint64_t off = 0;
-	int64_t ts = 0;
-	enum { TO_EARLIEST, TO_LATEST, TO_OFFSET, TO_TIME } kind;
+	int part;
 	a->queue = a->pos[0];
 	if (!g || !to)
 		return usage_error(a->cmd, "-g GROUP and --to are required");
-	if (!strcmp(to, "earliest"))
-		kind = TO_EARLIEST;
-	else if (!strcmp(to, "latest"))
-		kind = TO_LATEST;
-	else if (parse_u64(to, &off) == 0)
-		kind = TO_OFFSET;
-	else if (parse_time_ms(to, &ts) == 0)
-		kind = TO_TIME;
-	else
-		return usage_error(a->cmd, "bad --to '%s' (earliest, latest, an offset, or a time)", to);
+	if (seek_check(to, &e) < 0)
+		return usage_error(a->cmd, "%s", e.msg);
+	if (a->server) {
+		struct buf o = {0};
+		proto_opt(&o, "group", g, strlen(g));
+		proto_opt(&o, "to", to, strlen(to));
+		if (opt_val(a, "partition"))
+			proto_opt(&o, "partition", opt_val(a, "partition"), strlen(opt_val(a, "partition")));
+		int rc = seek_remote(a, &o);
+		buf_free(&o);
+		return rc;
+	}
 	if (q_check_name("group", g, &e) < 0 || spool_init(a, 0, &e) < 0 ||
 	    q_open(&a->sp, a->queue, 0, NULL, 0, &q, &e) < 0)
 		return fail(a, &e);
@@ -7297,19 +10036,16 @@ static int cmd_seek(struct args *a)
 		q_close(q);
 		return MQ_EX_USAGE;
 	}
-	for (int i = 0; i < q->nparts && rc == 0; i++) {
-		uint64_t target = kind == TO_OFFSET ? off : kind == TO_LATEST ? UINT64_MAX : 0, now;
-		if (part >= 0 && i != part)
-			continue;
-		if (kind == TO_TIME && part_offset_at_time(&q->parts[i], ts, &target, &e) < 0)
-			rc = -1;
-		if (rc == 0 && grp_seek(q, g, i, target, &now, &e) < 0)
-			rc = -1;
-		if (rc == 0)
-			printf("%d:%" PRIu64 "\n", i, now);
-	}
+	uint64_t *now = calloc((size_t)q->nparts, sizeof *now);
+	if (!now)
+		abort();
+	int n = grp_seek_to(q, g, part, to, now, &e);
+	for (int i = 0; i < n; i++)
+		printf("%d:%" PRIu64 "\n", part >= 0 ? part : i, now[i]);
+	int want = part >= 0 ? 1 : q->nparts;
+	free(now);
 	q_close(q);
-	if (rc < 0)
+	if (n < want)
 		return fail(a, &e);
 	return stdout_done(a);
 }
@@ -7325,6 +10061,16 @@ static int cmd_create(struct args *a)
 	for (size_t i = 0; i < NSETTINGS; i++)
 		if (opt_has(a, settings[i].name))
 			set[nset++] = (struct kv){settings[i].name, opt_val(a, settings[i].name)};
+	if (a->server) {
+		struct buf o = {0};
+		for (int i = 0; i < nset; i++)
+			proto_opt(&o, set[i].k, set[i].v, strlen(set[i].v));
+		if (opt_has(a, "if-not-exists"))
+			buf_adds(&o, " if-not-exists=1");
+		int rc = rmt_simple(a, "CREATE", 0, &o);
+		buf_free(&o);
+		return rc;
+	}
 	if (q_check_name("queue", a->pos[0], &e) < 0 || spool_init(a, 1, &e) < 0)
 		return fail(a, &e);
 	int r = q_exists(&a->sp, a->pos[0]) ? 0 : q_create(&a->sp, a->pos[0], set, nset, &e);
@@ -7340,6 +10086,8 @@ static int cmd_create(struct args *a)
 static int cmd_rm(struct args *a)
 {
 	struct mq_err e = {0};
+	if (a->server)
+		return rmt_simple(a, "RM", 0, NULL);
 	if (spool_init(a, 0, &e) < 0)
 		return fail(a, &e);
 	for (int i = 0; i < a->npos; i++) {
@@ -7353,25 +10101,14 @@ static int cmd_rm(struct args *a)
 static int cmd_purge(struct args *a)
 {
 	struct mq_err e = {0};
+	if (a->server)
+		return rmt_simple(a, "PURGE", 0, NULL);
 	if (spool_init(a, 0, &e) < 0)
 		return fail(a, &e);
 	for (int i = 0; i < a->npos; i++) {
-		struct queue *q;
 		a->queue = a->pos[i];
-		if (q_open(&a->sp, a->pos[i], 0, NULL, 0, &q, &e) < 0)
+		if (q_purge(&a->sp, a->pos[i], &e) < 0)
 			return fail(a, &e);
-		for (int k = 0; k < q->nparts; k++) {
-			struct part *p = &q->parts[k];
-			int r = part_lock(p, 0, &e);
-			if (r == 0)
-				r = part_retain(p, UINT64_MAX, 1, &e);
-			part_unlock(p);
-			if (r < 0) {
-				q_close(q);
-				return fail(a, &e);
-			}
-		}
-		q_close(q);
 	}
 	return MQ_EX_OK;
 }
@@ -7570,40 +10307,48 @@ static const struct opt verify_opts[] = {
 
 static const struct opt no_opts[] = {{0, NULL, 0, NULL, NULL}};
 
+static const struct opt serve_opts[] = {
+	{'l', "listen", A_REQ, "ADDR:PORT", "listen here (repeatable; default 127.0.0.1:7411)"},
+	{0, "idle-timeout", A_REQ, "DURATION", "close a client silent this long (default 5m)"},
+	{0, "request-timeout", A_REQ, "DURATION", "drop a client whose request stalls this long "
+	 "(default 30s)"},
+	{0, "max-connections", A_REQ, "N", "refuse clients past N at once (default 100000)"},
+	{0, NULL, 0, NULL, NULL}};
+
 static const struct cmd cmds[] = {
 	{"put", cmd_put, "[-0 | --whole] [-k KEY | -K DELIM] [-t TAG] [-H NAME=VALUE]... "
 	 "[-p N] [--fsync MODE] [--print-offsets] [--no-create] [--id ID] "
 	 "[--delay DURATION | --at TIME] QUEUE [MSG...]",
 	 "Append messages: the arguments, else stdin, one per line.  Exits 0 only once\n"
 	 "they are durable (fsync batch/always).  Creates the queue on first use.",
-	 put_opts, 1, -1},
+	 put_opts, 1, -1, 1},
 	{"get", cmd_get, "[-g GROUP] [-n COUNT] [-w [TIMEOUT]] [-f FORMAT] [-0] [--commit-first] "
 	 "[--tag EXPR] [--lease DURATION] [--retries N] [--backoff DELAYS] QUEUE",
 	 "Print the group's next messages (retries that are due first) and commit them\n"
 	 "after they are written out (at-least-once).  With --lease, hand them out until\n"
 	 "acked instead.  Exits 1 when there is nothing (after the wait, if any).",
-	 get_opts, 1, 1},
+	 get_opts, 1, 1, 1},
 	{"ack", cmd_ack, "QUEUE [RECEIPT...]",
 	 "Acknowledge leased messages by receipt (from the arguments, else stdin): they\n"
 	 "are done.  Exits 75 if a lease had expired and the message was handed out\n"
 	 "again, 65 for a receipt of a message never delivered.",
-	 ack_opts, 1, -1},
+	 ack_opts, 1, -1, 1},
 	{"nack", cmd_ack, "[--delay DURATION] [--retries N] [--backoff DELAYS] QUEUE [RECEIPT...]",
 	 "Give leased messages back: each comes again after DURATION (default: the\n"
 	 "queue's backoff) with its attempt count raised, or goes to QUEUE.dlq after\n"
 	 "the last retry.",
-	 nack_opts, 1, -1},
+	 nack_opts, 1, -1, 1},
 	{"move", cmd_move, "[-g GROUP] [-n COUNT] SOURCE DEST",
 	 "Move messages from SOURCE to DEST: dead letters back with\n"
 	 "'mq move jobs.dlq jobs'.  SOURCE is read as consumer group GROUP (default\n"
 	 "move), so a second run moves only what came since.  Exits 1 if nothing moved.",
-	 move_opts, 2, 2},
+	 move_opts, 2, 2, 0},
 	{"peek", cmd_peek, "[-n COUNT] [--from OFFSET | --since TIME | --last N] [-p P] "
 	 "[-f FORMAT] [-0] [--tag EXPR] QUEUE",
 	 "Print messages without consuming them.  Exits 1 when it printed nothing.",
-	 peek_opts, 1, 1},
+	 peek_opts, 1, 1, 1},
 	{"tail", cmd_tail, "[-F] [-n N] [-p P] [-f FORMAT] [-0] [--tag EXPR] QUEUE",
-	 "Print the last messages; with -F keep following like tail -f.", tail_opts, 1, 1},
+	 "Print the last messages; with -F keep following like tail -f.", tail_opts, 1, 1, 1},
 	{"consume", cmd_consume, "-g GROUP [-e | -w [TIMEOUT]] [--max N] [--batch N] "
 	 "[--timeout DURATION] [--tag EXPR] [--parallel N | --ordered] [--retries N] "
 	 "[--backoff DELAYS] "
@@ -7611,33 +10356,39 @@ static const struct cmd cmds[] = {
 	 "Run CMD for each message (or --batch of them) with the body on stdin and its\n"
 	 "metadata in MQ_* variables; commit when CMD exits 0.  A failed run's messages\n"
 	 "come again after the backoff, and go to QUEUE.dlq after the last retry.",
-	 consume_opts, 2, -1},
-	{"ls", cmd_ls, "[--json]", "List the queues of the spool.", json_opts, 0, 0},
+	 consume_opts, 2, -1, 0},
+	{"serve", cmd_serve, "[-l ADDR:PORT]... [--idle-timeout DURATION] "
+	 "[--request-timeout DURATION] [--max-connections N]",
+	 "Serve the spool over TCP (man mq-protocol(7)); every other command runs\n"
+	 "there with -s HOST:PORT or $MQ_SERVER.  SIGTERM finishes what clients sent,\n"
+	 "commits, answers and exits 0; SIGHUP lets go of open queues (mq.yaml changes).",
+	 serve_opts, 0, 0, 0},
+	{"ls", cmd_ls, "[--json]", "List the queues of the spool.", json_opts, 0, 0, 1},
 	{"stat", cmd_stat, "[--json] [QUEUE...]",
 	 "Show messages, bytes, segments and per-group lag and oldest unconsumed age.",
-	 json_opts, 0, -1},
+	 json_opts, 0, -1, 1},
 	{"groups", cmd_groups, "[--json] QUEUE | rm QUEUE GROUP",
 	 "List the consumer groups of a queue with lag, oldest unconsumed age and\n"
 	 "offsets; 'groups rm' forgets a group, so retention can reclaim its share.",
-	 json_opts, 1, 3},
+	 json_opts, 1, 3, 1},
 	{"seek", cmd_seek, "-g GROUP --to earliest|latest|OFFSET|TIME [-p P] QUEUE",
 	 "Move a group to the first message, past the last one, to OFFSET, or to the\n"
 	 "first message at or after TIME; prints PARTITION:OFFSET for each partition.",
-	 seek_opts, 1, 1},
+	 seek_opts, 1, 1, 1},
 	{"create", cmd_create, "[--partitions N] [--fsync MODE] [--segment-bytes SIZE] "
 	 "[--retain-age DURATION] [--retain-bytes SIZE] [--compression ALGO] "
 	 "[--max-message-bytes SIZE] [--retries N] [--backoff DELAYS] [--dedupe-window DURATION] "
 	 "[--if-not-exists] QUEUE",
-	 "Create a queue; the settings given are stored with it.", create_opts, 1, 1},
-	{"rm", cmd_rm, "QUEUE...", "Remove queues with all their messages and groups.", no_opts, 1, -1},
+	 "Create a queue; the settings given are stored with it.", create_opts, 1, 1, 1},
+	{"rm", cmd_rm, "QUEUE...", "Remove queues with all their messages and groups.", no_opts, 1, -1, 1},
 	{"purge", cmd_purge, "QUEUE...", "Remove every message of the queues, keeping them and "
-	 "their settings.", no_opts, 1, -1},
+	 "their settings.", no_opts, 1, -1, 1},
 	{"verify", cmd_verify, "[--repair] [QUEUE...]",
 	 "Check every checksum, index, head and offset file; report damage by queue,\n"
-	 "partition and offset range.  Exits 65 if damage remains.", verify_opts, 0, -1},
+	 "partition and offset range.  Exits 65 if damage remains.", verify_opts, 0, -1, 0},
 	{"config", cmd_config, "[QUEUE]",
-	 "Print the effective settings (of QUEUE) and where each one comes from.", no_opts, 0, 1},
-	{"help", cmd_help, "[COMMAND]", "Show help for mq or one command.", no_opts, 0, 1},
+	 "Print the effective settings (of QUEUE) and where each one comes from.", no_opts, 0, 1, 0},
+	{"help", cmd_help, "[COMMAND]", "Show help for mq or one command.", no_opts, 0, 1, 0},
 };
 #define NCMDS (sizeof cmds / sizeof cmds[0])
 
@@ -7683,7 +10434,7 @@ static int cmd_help(struct args *a)
 }
 
 /* ===================================================================
- * 13. main: global options, signals, dispatch
+ * 15. main: global options, signals, dispatch
  * =================================================================== */
 
 #ifndef MQ_TEST
@@ -7693,7 +10444,7 @@ static void on_signal(int sig)
 }
 
 /* Run one command with its arguments (argv[0] is the command name). */
-static int mq_run(int argc, char **argv, const char *spool)
+static int mq_run(int argc, char **argv, const char *spool, const char *server)
 {
 	const struct cmd *c = cmd_find(argv[0]);
 	if (!c) {
@@ -7707,6 +10458,13 @@ static int mq_run(int argc, char **argv, const char *spool)
 		int k = opt_index(&a, "spool");
 		a.val[k] = spool;
 		a.count[k] = 1;
+	}
+	/* -d names a local spool: it wins over $MQ_SERVER */
+	a.server = server && *server && c->fn != cmd_serve && !opt_has(&a, "spool") ? server : NULL;
+	if (rc == 0 && a.server && !c->remote) {
+		fprintf(stderr, "%s: %s does not work through a server yet (unset MQ_SERVER, or "
+		        "drop -s)\n", progname, c->name);
+		rc = MQ_EX_USAGE;
 	}
 	if (rc == 0 && opt_has(&a, "help")) {
 		help_cmd(stdout, c);
@@ -7722,7 +10480,7 @@ static int mq_run(int argc, char **argv, const char *spool)
 
 int main(int argc, char **argv)
 {
-	const char *spool = NULL;
+	const char *spool = NULL, *server = getenv("MQ_SERVER");
 	int i = 1;
 	dur_fault_init();
 	/* A closed stdin/stdout/stderr would be reused by the next open() and
@@ -7747,6 +10505,10 @@ int main(int argc, char **argv)
 			return MQ_EX_OK;
 		} else if ((!strcmp(s, "-d") || !strcmp(s, "--spool")) && i + 1 < argc) {
 			spool = argv[++i];
+		} else if ((!strcmp(s, "-s") || !strcmp(s, "--server")) && i + 1 < argc) {
+			server = argv[++i];
+		} else if (!strncmp(s, "--server=", 9)) {
+			server = s + 9;
 		} else if (!strncmp(s, "--spool=", 8)) {
 			spool = s + 8;
 		} else if (!strncmp(s, "-d", 2) && s[2]) {
@@ -7760,6 +10522,8 @@ int main(int argc, char **argv)
 		help_main(stderr);
 		return MQ_EX_USAGE;
 	}
-	return mq_run(argc - i, argv + i, spool);
+	if (spool)
+		server = NULL; /* -d names a local spool: it wins over $MQ_SERVER */
+	return mq_run(argc - i, argv + i, spool, server);
 }
 #endif

@@ -275,6 +275,21 @@
 #define MQ_FLUSH_BYTES (2 << 20)      /* a producer buffers at most this much */
 
 /* Exit codes (sysexits), also listed in mq(1) under EXIT STATUS. */
+/* ---------------------------------------------------------------------
+ * Wire protocol of mq serve (man/mq-protocol.7)
+ *
+ * Text lines with length-prefixed bodies.  HELLO answers
+ * "OK mq MQ_PROTO_VERSION MQ_VERSION"; a later version adds verbs and
+ * options, never changes the meaning of existing ones.
+ * --------------------------------------------------------------------- */
+#define MQ_PROTO_VERSION 1
+#define MQ_DEFAULT_PORT "7411"        /* mq serve listens on 127.0.0.1:7411 */
+#define MQ_LINE_MAX 65536             /* longest request or frame-header line */
+#define MQ_ANSWER_MAX (4u << 20)      /* a GET or PEEK answer stops growing here */
+#define MQ_ANSWER_MSGS 10000          /* ... or at this many messages */
+#define MQ_REMOTE_LEASE_MS 60000      /* get -s: lease held until written out */
+#define MQ_REMOTE_MSG_MAX (64u << 20) /* put -s: longest line the client buffers */
+
 enum mq_exit {
 	MQ_EX_OK = 0,
 	MQ_EX_EMPTY = 1,        /* nothing to get (empty, or the wait ran out) */
