@@ -38,6 +38,10 @@ tests/unit: tests/unit.c mq.c mq.h
 tests/leasebench: tests/leasebench.c mq.c mq.h
 	$(CC) $(WARN) -Wno-unused-function $(CFLAGS) $(PKG_CFLAGS) -I. -o $@ tests/leasebench.c $(PKG_LIBS)
 
+# A client of mq serve that knows only the wire protocol (make bench).
+tests/netbench: tests/netbench.c
+	$(CC) $(WARN) $(CFLAGS) -o $@ tests/netbench.c
+
 deps:
 	@sh tests/deps.sh
 
@@ -67,17 +71,21 @@ bats-asan: mq-asan mq-fault
 lint:
 	mandoc -Tlint -Wwarning man/*.[1-8]
 
-bench: mq tests/leasebench
+bench: mq tests/leasebench tests/netbench
 	@bash tests/bench.sh ./mq ./tests/leasebench
+	@bash tests/benchserve.sh ./mq ./tests/netbench
 
 install: mq
 	mkdir -p $(BINDIR) $(MANDIR)/man1 $(MANDIR)/man5
+	mkdir -p $(MANDIR)/man7
 	install -m 0755 mq $(BINDIR)/mq
 	install -m 0644 man/mq.1 $(MANDIR)/man1/mq.1
 	install -m 0644 man/mq.yaml.5 man/mq-format.5 $(MANDIR)/man5/
+	install -m 0644 man/mq-protocol.7 $(MANDIR)/man7/
 
 uninstall:
-	rm -f $(BINDIR)/mq $(MANDIR)/man1/mq.1 $(MANDIR)/man5/mq.yaml.5 $(MANDIR)/man5/mq-format.5
+	rm -f $(BINDIR)/mq $(MANDIR)/man1/mq.1 $(MANDIR)/man5/mq.yaml.5 $(MANDIR)/man5/mq-format.5 \
+		$(MANDIR)/man7/mq-protocol.7
 
 clean:
-	rm -f mq mq-asan mq-fault tests/unit tests/leasebench
+	rm -f mq mq-asan mq-fault tests/unit tests/leasebench tests/netbench

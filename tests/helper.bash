@@ -120,3 +120,104 @@ poll_get() {
 		sleep 0.05
 	done
 }
+
+# ----- added for the server tests (serve.bats) -----
+
+# Is process $1 gone (exited, or a zombie nobody waited for yet)?
+proc_gone() {
+	local st
+	st=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) || return 0
+	[ -z "$st" ] || [ "$st" = Z ]
+}
+
+# Start `mq serve` on spool $SERVE_SPOOL (default $MQ_SPOOL) on a free
+# loopback port, with extra serve options "$@".  Waits (at most 10 s) for
+# it to log that it listens and is ready, then exports PORT and MQ_SERVER
+# (so plain `mq CMD` runs through it) and sets SERVE_PID and SERVE_LOG
+# (its stderr; each start gets a new one).  Teardown kills it.
+serve_start() {
+	local spool=${SERVE_SPOOL:-$MQ_SPOOL} n=0
+	SERVE_N=$((${SERVE_N:-0} + 1))
+	SERVE_LOG=$BATS_TEST_TMPDIR/serve.$SERVE_N.log
+	"$MQ" -d "$spool" serve -l 127.0.0.1:0 "$@" </dev/null >/dev/null 2>"$SERVE_LOG" 3>&- &
+	SERVE_PID=$!
+	BG_PIDS+=("$SERVE_PID")
+	PORT=
+	while [ -z "$PORT" ] || ! grep -q ' event=ready ' "$SERVE_LOG"; do
+		if proc_gone "$SERVE_PID"; then
+			echo "serve_start: mq serve exited early:" >&2
+			cat "$SERVE_LOG" >&2
+			return 1
+		fi
+		n=$((n + 1))
+		if [ "$n" -ge 200 ]; then
+			echo "serve_start: no listen line after 10s:" >&2
+			cat "$SERVE_LOG" >&2
+			return 1
+		fi
+		sleep 0.05
+		PORT=$(sed -n 's/.* event=listen addr=127\.0\.0\.1:\([0-9][0-9]*\)$/\1/p' "$SERVE_LOG")
+	done
+	MQ_SERVER=127.0.0.1:$PORT
+	export PORT MQ_SERVER SERVE_PID SERVE_LOG
+}
+
+# Stop the server started by serve_start with signal $1 (default TERM) and
+# wait (at most 10 s, then kill -9 and fail) for it to exit; SERVE_RC gets
+# its exit status.  MQ_SERVER is unset.
+serve_stop() {
+	local sig=${1:-TERM} pid=${SERVE_PID:-}
+	SERVE_RC=
+	[ -n "$pid" ] || return 0
+	SERVE_PID=
+	unset MQ_SERVER
+	kill -s "$sig" "$pid" 2>/dev/null || true
+	if ! wait_for "proc_gone $pid" 10; then
+		kill -9 "$pid" 2>/dev/null || true
+		wait "$pid" 2>/dev/null || true
+		echo "serve_stop: mq serve did not exit within 10s of SIG$sig" >&2
+		return 1
+	fi
+	SERVE_RC=0
+	wait "$pid" 2>/dev/null || SERVE_RC=$?
+}
+
+# Open a raw protocol connection to the server: the file descriptor goes
+# into the variable named $1.  Talk with `printf ... >&$fd` and srv_answer.
+srv_open() {
+	local srv_open_fd
+	exec {srv_open_fd}<>"/dev/tcp/127.0.0.1/$PORT" || return 1
+	printf -v "$1" %s "$srv_open_fd"
+}
+
+# Close descriptor $1 (from srv_open).
+srv_shut() {
+	local srv_shut_fd=$1
+	exec {srv_shut_fd}>&-
+}
+
+# Read one answer from descriptor $1: every line up to and including the
+# final OK or ERR line, printed; fails on EOF or when a line takes more
+# than ${2:-10} seconds.
+srv_answer() {
+	local l
+	while :; do
+		IFS= read -r -t "${2:-10}" l <&"$1" || { printf '%s\n' "${l:+$l}<EOF or timeout>"; return 1; }
+		printf '%s\n' "$l"
+		case $l in OK | "OK "* | "ERR "*) return 0 ;; esac
+	done
+}
+
+# One request line ($2, newline added) on a new connection; prints the
+# answer (as srv_answer) and closes.
+srv_req() {
+	local fd_ rc_=0
+	srv_open fd_ || return 1
+	printf '%s\n' "$1" >&"$fd_"
+	srv_answer "$fd_" || rc_=$?
+	srv_shut "$fd_"
+	return "$rc_"
+}
+
+# Value of counter $1 of the server's STATS answer.
+srv_stat() { srv_req STATS | sed -n "s/^STAT $1 //p"; }
