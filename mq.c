@@ -3430,18 +3430,25 @@ static int gs_read(int fd, const char *path, struct gstate *gs, struct mq_err *e
 		free(b);
 		return -1;
 	}
+	/* Newest first: only the record in force pays for its checksum, and
+	 * an older one only when every newer one is damaged. */
 	struct gstate cand = {0};
-	for (uint64_t at = 0; at + MQ_OFF_HDR <= (uint64_t)got; at += MQ_OFF_ALIGN) {
-		if (le32_get(b + at) != MQ_OFF_MAGIC || le64_get(b + at + 16) <= gs->seq)
-			continue;
-		if (gs_parse(b + at, (uint64_t)got - at, &cand) == 0) {
-			free(gs->e);
-			*gs = cand;
-			gs->at = at;
-			cand.e = NULL;
+	for (uint64_t below = UINT64_MAX;;) {
+		uint64_t best = 0, best_at = 0;
+		for (uint64_t at = 0; at + MQ_OFF_HDR <= (uint64_t)got; at += MQ_OFF_ALIGN) {
+			uint64_t seq = le64_get(b + at + 16);
+			if (le32_get(b + at) == MQ_OFF_MAGIC && seq > best && seq < below)
+				best = seq, best_at = at;
 		}
+		if (best == 0)
+			break;
+		if (gs_parse(b + best_at, (uint64_t)got - best_at, &cand) == 0) {
+			*gs = cand;
+			gs->at = best_at;
+			break;
+		}
+		below = best;
 	}
-	free(cand.e);
 	free(b);
 	gs->damaged = gs->len == 0;
 	return 0;

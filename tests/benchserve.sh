@@ -88,9 +88,14 @@ if [ -n "$have_redis" ]; then
 else
 	echo "redis: not installed (apt-get install redis-server redis-tools), not measured"
 fi
-awk '{m[NR] = $1; p[NR] = $2} END {
-	n = asort(m); asort(p); printf "%-58s %12s\n", "put -> waiting GET, median / p99 of the runs'"'"' medians", \
-		sprintf("%.2f / %.2f ms", m[int((n + 1) / 2)] / 1000, p[int((n + 1) / 2)] / 1000) }' "$work/lat"
+lm=$(cut -d' ' -f1 "$work/lat" | median)
+lp=$(cut -d' ' -f2 "$work/lat" | median)
+line "put -> waiting GET: median / p99 (median of the runs)" \
+	"$(awk -v m="$lm" -v p="$lp" 'BEGIN { printf "%.2f / %.2f ms", m / 1000, p / 1000 }')"
+if [ -n "$have_redis" ]; then
+	awk -v m="$(median <"$work/s8a")" -v r="$(median <"$work/r8")" 'BEGIN {
+		printf "8 connections waiting for each ack, fsync always: mq at %.2fx Redis XADD\n", m / r }'
+fi
 kill "$spid"
 wait "$spid" || { echo "benchserve: the server did not exit 0 on SIGTERM" >&2; exit 1; }
 spid=
