@@ -5881,7 +5881,7 @@ static int rc_ready(struct rconn *c)
 static int rc_line(struct rconn *c, char **line, struct mq_err *e)
 {
 	char *nl;
-	while (!(nl = memchr(c->in.p + c->pos, '\n', c->in.len - c->pos))) {
+	while (!(nl = c->in.p ? memchr(c->in.p + c->pos, '\n', c->in.len - c->pos) : NULL)) {
 		if (c->in.len - c->pos > MQ_LINE_MAX)
 			return err_set(e, MQ_EX_UNAVAILABLE, "server '%s' sent a line over %d bytes",
 			               c->addr, MQ_LINE_MAX);
@@ -8176,13 +8176,15 @@ static void rmt_ms(struct buf *b, const char *name, int64_t ms)
 	buf_printf(b, " %s=%" PRId64, name, ms);
 }
 
+static int opt_retry_settings(struct args *a, struct kv *set);
+
 /* --retries and --backoff go to the server as they are. */
 static void rmt_retry_opts(struct args *a, struct buf *b)
 {
-	static const char *const names[] = {"retries", "backoff"};
-	for (size_t i = 0; i < 2; i++)
-		if (opt_index(a, names[i]) >= 0 && opt_val(a, names[i]))
-			proto_opt(b, names[i], opt_val(a, names[i]), strlen(opt_val(a, names[i])));
+	struct kv set[2];
+	int n = opt_retry_settings(a, set);
+	for (int i = 0; i < n; i++)
+		proto_opt(b, set[i].k, set[i].v, strlen(set[i].v));
 }
 
 /* put's messages on their way to the server: frames gathered into PUT
