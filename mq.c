@@ -5423,7 +5423,8 @@ struct deliver {
 	int after;                 /* commit after out() (no lease) */
 	int nonblock;              /* a busy partition is skipped, not waited for */
 	const struct tagset *tags;
-	void (*emit)(void *ctx, int part, const struct rec_msg *m, unsigned attempt, uint32_t lease);
+	/* nonzero: take no more after this one */
+	int (*emit)(void *ctx, int part, const struct rec_msg *m, unsigned attempt, uint32_t lease);
 	int (*out)(void *ctx, struct mq_err *e);
 	void (*drop)(void *ctx);
 	void *ctx;
@@ -5445,8 +5446,10 @@ static int64_t grp_deliver(struct queue *q, int part, const struct deliver *d, i
 	uint32_t lease = d->lease_ms >= 0 ? c.gs.lease + 1 : 0; /* what the settle will assign */
 	unsigned attempt;
 	struct rec_msg m;
-	while ((d->want == 0 || (uint64_t)got < d->want) && (k = grp_take(&c, &m, &attempt, e)) == 1) {
-		d->emit(d->ctx, part, &m, attempt, lease);
+	int full = 0;
+	while (!full && (d->want == 0 || (uint64_t)got < d->want) &&
+	       (k = grp_take(&c, &m, &attempt, e)) == 1) {
+		full = d->emit(d->ctx, part, &m, attempt, lease);
 		got++;
 	}
 	int rc = k < 0 ? -1 : 0;
@@ -5515,10 +5518,14 @@ static int receipt_parse(const char *s, struct receipt *r)
  * synced write covers them all.
  */
 static int grp_answer(struct queue *q, const char *g, int part, struct receipt *rs, size_t n,
-                      int nack, int64_t delay_ms, struct mq_err *e)
+                      int nack, int64_t delay_ms, int flags, struct mq_err *e)
 {
 	struct claim c;
-	if (grp_claim(q, g, part, CL_NOREAD | CL_NOCREATE, &c, e) < 0) {
+	int k = grp_claim(q, g, part, CL_NOREAD | CL_NOCREATE | flags, &c, e);
+	if (k == 0)
+		return err_set(e, MQ_EX_TEMPFAIL, "group '%s' partition %d is locked by a consumer; "
+		               "try again", g, part);
+	if (k < 0) {
 		if (e->code != MQ_EX_NOINPUT)
 			return -1;
 		for (size_t i = 0; i < n; i++) /* no such group: nothing was delivered to it */
@@ -5556,9 +5563,10 @@ static int cmp_receipt(const void *x, const void *y)
 
 /* Answer receipts of any groups and partitions of q: one claim (one
  * synced write) per group and partition.  A receipt naming a partition
- * the queue lacks stops it with 65. */
+ * the queue lacks stops it with 65.  With flags CL_NONBLOCK a partition
+ * whose group lock is held fails with 75 instead of waiting. */
 static int grp_answer_all(struct queue *q, struct receipt *rs, size_t nr, int nack,
-                          int64_t delay_ms, struct mq_err *e)
+                          int64_t delay_ms, int flags, struct mq_err *e)
 {
 	struct receipt **by = malloc((nr ? nr : 1) * sizeof *by), *run = NULL;
 	int rc = 0;
@@ -5580,7 +5588,7 @@ static int grp_answer_all(struct queue *q, struct receipt *rs, size_t nr, int na
 			abort();
 		for (size_t k = i; k < j; k++)
 			run[k - i] = *by[k];
-		rc = grp_answer(q, by[i]->group, by[i]->part, run, j - i, nack, delay_ms, e);
+		rc = grp_answer(q, by[i]->group, by[i]->part, run, j - i, nack, delay_ms, flags, e);
 		for (size_t k = i; k < j && rc == 0; k++)
 			by[k]->result = run[k - i].result;
 	}
@@ -6098,6 +6106,7 @@ struct conn {
 	int64_t progress_ms;   /* monotonic: last whole line or frame */
 	int events;            /* registered epoll events */
 	int eof, dead;
+	int quit;              /* QUIT or a refused request: parse nothing more */
 	struct preq fr;        /* frame headers, parsed (kept to save allocations) */
 	char peer[80];
 	struct conn *prev, *next;
@@ -6140,7 +6149,7 @@ static void srv_log(struct srv *s, const char *fmt, ...)
 static void srv_events(struct srv *s, struct conn *c)
 {
 	size_t unsent = c->out.len - c->opos;
-	int want = (c->out.len > c->opos ? EPOLLOUT : 0) |
+	int want = (c->eof ? 0 : EPOLLRDHUP) | (c->out.len > c->opos ? EPOLLOUT : 0) |
 	           (!c->eof && !c->dead && !c->waiting && unsent < s->o.out_max && c->nt < 4096
 	            ? EPOLLIN : 0);
 	if (want == c->events)
@@ -6467,7 +6476,7 @@ static int v_quit(struct srv *s, struct conn *c, struct preq *r, struct ticket *
 {
 	(void)s, (void)r, (void)e;
 	buf_adds(&t->resp, "OK\n");
-	c->eof = 1; /* read nothing more; closed once answered */
+	c->eof = c->quit = 1; /* run and read nothing more; closed once answered */
 	return 0;
 }
 
@@ -6492,6 +6501,14 @@ static int ropt_settings(const struct preq *r, struct kv *set)
 		if (preq_opt(r, names[i]))
 			set[n++] = (struct kv){names[i], preq_opt(r, names[i])};
 	return n;
+}
+
+/* A put's own producer acknowledged a message: its offset, if asked. */
+static void own_acked(void *ctx, int part, uint64_t off)
+{
+	struct ticket *t = ctx;
+	if (t->offsets)
+		buf_printf(&t->resp, "%d:%" PRIu64 "\n", part, off);
 }
 
 /*
@@ -6548,9 +6565,11 @@ static int v_put(struct srv *s, struct conn *c, struct preq *r, struct ticket *t
 			rec_hdr_pair(&pairs, k->name + 2, k->val, k->len);
 			nh++;
 		} else if (k->name && !strcmp(k->name, "key")) {
+			c->pkey.len = 0; /* the last one counts */
 			buf_add(&c->pkey, k->val, k->len);
 			c->tmpl.has_key = 1;
 		} else if (k->name && !strcmp(k->name, "tag")) {
+			c->ptag.len = 0;
 			buf_add(&c->ptag, k->val, k->len);
 			c->tmpl.has_tag = 1;
 		}
@@ -6576,6 +6595,8 @@ static int v_put(struct srv *s, struct conn *c, struct preq *r, struct ticket *t
 		if (!(c->ppr = calloc(1, sizeof *c->ppr)))
 			abort();
 		prod_init(c->ppr, pq, fixed);
+		c->ppr->acked = own_acked;
+		c->ppr->ctx = t;
 		c->ppr->due_ms = at > (uint64_t)now_ms() ? (int64_t)at : 0;
 		c->ppr->id = NULL;
 		c->own = 1;
@@ -6667,14 +6688,16 @@ struct sget {
 	struct ticket *t;
 	size_t mark;    /* answer length before this partition */
 	uint64_t n;     /* messages in the answer */
+	uint64_t nmark; /* ... before this partition */
 };
 
-static void sget_emit(void *ctx, int part, const struct rec_msg *m, unsigned attempt,
-                      uint32_t lease)
+static int sget_emit(void *ctx, int part, const struct rec_msg *m, unsigned attempt,
+                     uint32_t lease)
 {
 	struct sget *g = ctx;
 	proto_msg(&g->t->resp, part, m, attempt, lease);
 	g->n++;
+	return g->t->resp.len >= MQ_ANSWER_MAX || g->n >= MQ_ANSWER_MSGS;
 }
 
 static int sget_out(void *ctx, struct mq_err *e)
@@ -6687,6 +6710,7 @@ static void sget_drop(void *ctx)
 {
 	struct sget *g = ctx;
 	g->t->resp.len = g->mark;
+	g->n = g->nmark;
 }
 
 /*
@@ -6718,7 +6742,7 @@ static int srv_get(struct srv *s, struct ticket *t, struct preq *r, struct mq_er
 		return -1;
 	}
 	q = own ? own : sq->q;
-	struct sget sg = {t, t->resp.len, 0};
+	struct sget sg = {t, t->resp.len, 0, 0};
 	struct deliver d = {g, 0, preq_opt(r, "lease") ? (int64_t)lease : -1, 0, 1, tags,
 	                    sget_emit, sget_out, sget_drop, &sg};
 	struct mq_err te;
@@ -6732,6 +6756,7 @@ static int srv_get(struct srv *s, struct ticket *t, struct preq *r, struct mq_er
 			break;
 		d.want = want ? want - sg.n : MQ_ANSWER_MSGS - sg.n;
 		sg.mark = t->resp.len;
+		sg.nmark = sg.n;
 		if (grp_deliver(q, (int)((start + (unsigned)j) % (unsigned)q->nparts), &d, &busy, e) < 0)
 			rc = -1;
 		if (sg.n >= MQ_ANSWER_MSGS)
@@ -6743,6 +6768,9 @@ static int srv_get(struct srv *s, struct ticket *t, struct preq *r, struct mq_er
 	s->msgs_out += sg.n;
 	if (rc < 0 && sg.n == 0)
 		return -1;
+	if (rc < 0) /* what was delivered before goes out; say what failed */
+		srv_log(s, "level=error event=get queue=%s group=%s error=\"%s\"", preq_pos(r, 0), g,
+		        e->msg);
 	if (sg.n == 0 && preq_opt(r, "wait")) {
 		if (t->kind != TK_WAIT) {
 			t->deadline = wait ? mono_ms() + (int64_t)wait : -1;
@@ -6796,6 +6824,8 @@ static void srv_wake(struct srv *s, int tick)
 	for (struct ticket *t = s->waiting, *n; t; t = n) {
 		n = t->wnext;
 		int64_t now = mono_ms();
+		if (t->c->dead) /* about to be closed: nobody to deliver to */
+			continue;
 		if (!tick && !(t->wq && t->wq->changed) && (t->deadline < 0 || now < t->deadline))
 			continue;
 		struct preq r = {0};
@@ -6853,8 +6883,9 @@ static int v_ack(struct srv *s, struct conn *c, struct preq *r, struct ticket *t
 	}
 	if (!nset)
 		q = sq->q;
+	/* never wait for a lock here: the whole server would wait */
 	int k = grp_answer_all(q, rs, (size_t)n, nack,
-	                       preq_opt(r, "delay") ? (int64_t)delay : -1, e);
+	                       preq_opt(r, "delay") ? (int64_t)delay : -1, CL_NONBLOCK, e);
 	if (nset)
 		q_close(q);
 	if (k == 0) {
@@ -7154,23 +7185,34 @@ static void srv_request(struct srv *s, struct conn *c, char *line)
 	preq_free(&r);
 }
 
-/* The frame header of the arriving put: "LEN[ key=K][ tag=T]". */
-static int srv_frame_head(struct srv *s, struct conn *c, char *line, size_t *len,
-                          struct preq *r)
+/* c sent what cannot be told apart from the next request: answer ERR
+ * (after the answers before it), read nothing more, close once sent.  A
+ * put in progress fails; what it already gave a producer is stored. */
+static void srv_refuse(struct srv *s, struct conn *c, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+static void srv_refuse(struct srv *s, struct conn *c, const char *fmt, ...)
 {
-	uint64_t n;
 	struct mq_err e;
-	(void)s, (void)c;
-	if (proto_parse(line, r, &e) < 0 || r->t[0].name || parse_u64(r->t[0].val, &n) < 0)
-		return -1;
-	*len = (size_t)n;
-	return n > (uint64_t)SIZE_MAX / 2 ? -1 : 0;
+	va_list ap;
+	va_start(ap, fmt);
+	err_vset(&e, MQ_EX_USAGE, 0, fmt, ap);
+	va_end(ap);
+	if (c->put) {
+		if (!c->put->err.code)
+			c->put->err = e;
+		srv_put_end(s, c);
+	} else {
+		tk_err(tk_new(c, TK_READY), &e);
+	}
+	srv_log(s, "level=warn event=refuse peer=%s error=\"%s\"", c->peer, e.msg);
+	c->eof = c->quit = 1;
+	c->ipos = c->in.len;
 }
 
 /* Parse and run what c sent, as far as it is complete and allowed. */
 static void srv_parse(struct srv *s, struct conn *c)
 {
-	while (!c->dead && !c->waiting) {
+	while (!c->dead && !c->waiting && !c->quit) {
 		char *p = c->in.p + c->ipos;
 		size_t avail = c->in.len - c->ipos;
 		if (c->skip) { /* the rest of a refused frame */
@@ -7187,37 +7229,30 @@ static void srv_parse(struct srv *s, struct conn *c)
 			break;
 		char *nl = memchr(p, '\n', avail);
 		if (!nl) {
-			if (avail > MQ_LINE_MAX) {
-				struct ticket *t = tk_new(c, TK_READY);
-				buf_printf(&t->resp, "ERR %d request line over %d bytes\n", MQ_EX_USAGE,
-				           MQ_LINE_MAX);
-				c->eof = c->dead = 1;
-			}
+			if (avail > MQ_LINE_MAX)
+				srv_refuse(s, c, "request line over %d bytes", MQ_LINE_MAX);
 			break;
 		}
 		size_t ll = (size_t)(nl - p);
+		if (ll > MQ_LINE_MAX) {
+			srv_refuse(s, c, "request line over %d bytes", MQ_LINE_MAX);
+			break;
+		}
 		if (c->put) {
-			struct preq *r = &c->fr;
-			size_t blen;
-			char save = *nl;
-			*nl = 0;
-			if (ll && p[ll - 1] == '\r')
-				p[ll - 1] = 0;
-			if (srv_frame_head(s, c, p, &blen, r) < 0) {
-				struct ticket *t = tk_new(c, TK_READY);
-				buf_printf(&t->resp, "ERR %d bad frame header (LEN[ key=K][ tag=T])\n",
-				           MQ_EX_USAGE);
-				c->put->frames_done = 1;
-				if (!c->put->err.code)
-					err_set(&c->put->err, MQ_EX_USAGE, "bad frame header");
-				c->eof = c->dead = 1;
+			/* LEN first, from the raw line: the body may not be here yet,
+			 * and a refused or failed put's bodies are never buffered */
+			char *end;
+			errno = 0;
+			unsigned long long blen = isdigit((unsigned char)*p) ? strtoull(p, &end, 10) : 0;
+			if (!isdigit((unsigned char)*p) || errno || (*end != ' ' && *end != '\r' && *end != '\n')) {
+				srv_refuse(s, c, "bad frame header (LEN[ key=K][ tag=T])");
 				break;
 			}
-			int64_t max = c->psq ? c->psq->q->conf.max_message : INT64_MAX;
-			if ((int64_t)blen > max) { /* refused without buffering it */
-				if (!c->put->err.code)
-					err_set(&c->put->err, MQ_EX_DATAERR, "message %" PRIu64 ": message of "
-					        "%zu bytes is over the maximum of %" PRId64 " (max-message-bytes)",
+			int64_t max = c->psq ? c->psq->q->conf.max_message : 0;
+			if (c->put->err.code || !c->ppr || blen > (unsigned long long)max) {
+				if (!c->put->err.code) /* refused without buffering it */
+					err_set(&c->put->err, MQ_EX_DATAERR, "message %" PRIu64 ": message of %llu "
+					        "bytes is over the maximum of %" PRId64 " (max-message-bytes)",
 					        c->put->nread + 1, blen, max);
 				c->put->nread++;
 				c->ipos += ll + 1;
@@ -7226,15 +7261,19 @@ static void srv_parse(struct srv *s, struct conn *c)
 				continue;
 			}
 			if (avail < ll + 1 + blen + 1) { /* the body is still arriving */
-				*nl = save;
-				buf_reserve(&c->in, ll + 1 + blen + 1 - avail);
+				buf_reserve(&c->in, ll + 1 + (size_t)blen + 1 - avail);
 				break;
 			}
 			if (nl[1 + blen] != '\n') {
-				struct ticket *t = tk_new(c, TK_READY);
-				buf_printf(&t->resp, "ERR %d frame body not followed by a newline\n",
-				           MQ_EX_USAGE);
-				c->eof = c->dead = 1;
+				srv_refuse(s, c, "frame body not followed by a newline");
+				break;
+			}
+			struct preq *r = &c->fr;
+			*nl = 0;
+			if (ll && p[ll - 1] == '\r')
+				p[ll - 1] = 0;
+			if (proto_parse(p, r, &(struct mq_err){0}) < 0) {
+				srv_refuse(s, c, "bad frame header (LEN[ key=K][ tag=T])");
 				break;
 			}
 			struct ptok *key = NULL, *tag = NULL;
@@ -7243,8 +7282,8 @@ static void srv_parse(struct srv *s, struct conn *c)
 					key = &r->t[i];
 				else if (r->t[i].name && !strcmp(r->t[i].name, "tag"))
 					tag = &r->t[i];
-			srv_frame(s, c, nl + 1, blen, key, tag);
-			c->ipos += ll + 1 + blen + 1;
+			srv_frame(s, c, nl + 1, (size_t)blen, key, tag);
+			c->ipos += ll + 1 + (size_t)blen + 1;
 			c->progress_ms = mono_ms();
 			if (c->put->nread == c->put->count)
 				srv_put_end(s, c);
@@ -7323,8 +7362,8 @@ static void srv_accept(struct srv *s, struct lsn *l)
 		strfmt(c->peer, sizeof c->peer, strchr(host, ':') ? "[%s]:%s" : "%s:%s", host, port);
 		int one = 1;
 		setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-		struct epoll_event ev = {EPOLLIN, {.ptr = c}};
-		c->events = EPOLLIN;
+		struct epoll_event ev = {EPOLLIN | EPOLLRDHUP, {.ptr = c}};
+		c->events = EPOLLIN | EPOLLRDHUP;
 		if (epoll_ctl(s->ep, EPOLL_CTL_ADD, fd, &ev) < 0) {
 			close(fd);
 			free(c);
@@ -7425,7 +7464,7 @@ static void srv_timers(struct srv *s)
 	int64_t now = mono_ms();
 	for (struct conn *c = s->conns, *n; c; c = n) {
 		n = c->next;
-		int partial = c->ipos < c->in.len || c->put;
+		int partial = (c->ipos < c->in.len && !c->waiting) || c->put;
 		if (partial && now - c->progress_ms > s->o.request_ms) {
 			srv_close(s, c, "request-timeout");
 		} else if (!partial && !c->head && now - c->last_ms > s->o.idle_ms) {
@@ -7474,7 +7513,9 @@ static int srv_run(struct srv *s, volatile sig_atomic_t *stop, struct mq_err *e)
 				q->changed = 1;
 			} else {
 				struct conn *c = evs[i].data.ptr;
-				if (evs[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR))
+				if (c->waiting && (evs[i].events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)))
+					c->dead = 1; /* gone while its get waits: deliver nothing to it */
+				else if (evs[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR | EPOLLRDHUP))
 					srv_read(s, c);
 			}
 		}
@@ -8681,12 +8722,13 @@ struct getctx {
 
 /* get's side of grp_deliver(): format into the output buffer and write
  * it out (with a lease or --commit-first, only once they are recorded). */
-static void get_emit(void *ctx, int part, const struct rec_msg *m, unsigned attempt,
-                     uint32_t lease)
+static int get_emit(void *ctx, int part, const struct rec_msg *m, unsigned attempt,
+                    uint32_t lease)
 {
 	struct getctx *g = ctx;
 	struct dlv d = {g->group, attempt, lease};
 	fmt_msg(g->o, g->f, g->q->name, part, m, &d);
+	return 0;
 }
 
 static int get_out(void *ctx, struct mq_err *e)
@@ -8836,16 +8878,23 @@ static int get_remote(struct args *a, const char *g, uint64_t want, int64_t wait
 			             "come again" : "already committed: lost for this group");
 			break;
 		}
-		if (r.receipts.len) { /* written out: now they are done */
+		/* written out: now they are done, in ACKs of 1000 receipts */
+		for (size_t at = 0; at < r.receipts.len && rc == 0;) {
+			size_t end = at;
+			for (int k = 0; k < 1000 && end < r.receipts.len; k++) {
+				const char *sp = memchr(r.receipts.p + end + 1, ' ', r.receipts.len - end - 1);
+				end = sp ? (size_t)(sp - r.receipts.p) : r.receipts.len;
+			}
 			b.len = 0;
 			buf_adds(&b, "ACK ");
 			proto_esc(&b, a->pos[0], strlen(a->pos[0]));
-			buf_add(&b, r.receipts.p, r.receipts.len);
-			if (rmt_call(&c, &b, NULL, NULL, NULL, &e) < 0) {
+			buf_add(&b, r.receipts.p + at, end - at);
+			if (rmt_call(&c, &b, NULL, NULL, NULL, &e) < 0)
 				rc = -1;
-				break;
-			}
+			at = end;
 		}
+		if (rc < 0)
+			break;
 		total += r.n;
 	} while (r.n > 0 && (want == 0 || total < want) && !stop_flag);
 	rc_close(&c);
@@ -9294,7 +9343,14 @@ static int ack_remote(struct args *a, struct receipt *rs, size_t nr, int nack, i
 			proto_esc(&b, r->group, strlen(r->group));
 			buf_printf(&b, ":%d:%" PRIu64 ":%" PRIu32, r->part, r->off, r->lease);
 		}
-		if ((rc = rmt_call(&c, &b, NULL, NULL, &rest, e)) < 0)
+		/* 75: a consumer holds the group's lock; wait for it as a local
+		 * ack would, in 10 ms steps */
+		for (int tries = 0; (rc = rmt_call(&c, &b, NULL, NULL, &rest, e)) < 0 &&
+		                    e->code == MQ_EX_TEMPFAIL && tries < 6000 && !stop_flag; tries++) {
+			b.len--; /* rmt_call appended a newline */
+			poll(NULL, 0, 10);
+		}
+		if (rc < 0)
 			break;
 		char *p = strchr(rest, ' ');
 		for (size_t k = i; k < i + n; k++) {
@@ -9368,7 +9424,7 @@ static int cmd_ack(struct args *a)
 	           q_open(&a->sp, a->queue, 0, set, nset, &q, &e) < 0) {
 		rc = fail(a, &e);
 		goto out;
-	} else if (grp_answer_all(q, rs, nr, nack, delay, &e) < 0) {
+	} else if (grp_answer_all(q, rs, nr, nack, delay, 0, &e) < 0) {
 		rc = fail(a, &e);
 	}
 	int failed = rc != MQ_EX_OK;
@@ -9500,7 +9556,7 @@ static int peek_remote(struct args *a, const struct msgfmt *f, uint64_t n, uint6
 			buf_adds(&b, "PEEK ");
 			proto_esc(&b, a->pos[0], strlen(a->pos[0]));
 			buf_printf(&b, " partition=%d count=%" PRIu64, p, n ? n - printed : 0);
-			if (req || opt_has(a, "from"))
+			if (req || (!tail && opt_has(a, "from")))
 				buf_printf(&b, " from=%" PRIu64, req ? r.next : from);
 			if (since != INT64_MIN)
 				rmt_ms(&b, "since", since);
@@ -9776,8 +9832,11 @@ static int cmd_serve(struct args *a)
 	o.max_conns = (int)mc;
 	int k = opt_index(a, "listen");
 	for (int i = 0; i < a->nall; i++)
-		if (a->all[i].i == k && o.nlisten < 8)
+		if (a->all[i].i == k) {
+			if (o.nlisten == 8)
+				return usage_error(a->cmd, "at most 8 listen addresses");
 			strfmt(o.listen[o.nlisten++], sizeof o.listen[0], "%s", a->all[i].v);
+		}
 	if (o.nlisten == 0)
 		strfmt(o.listen[o.nlisten++], sizeof o.listen[0], "127.0.0.1:%s", MQ_DEFAULT_PORT);
 	if (spool_init(a, 1, &e) < 0)
@@ -10480,7 +10539,7 @@ static int mq_run(int argc, char **argv, const char *spool, const char *server)
 	}
 	/* -d names a local spool: it wins over $MQ_SERVER */
 	a.server = server && *server && c->fn != cmd_serve && !opt_has(&a, "spool") ? server : NULL;
-	if (rc == 0 && a.server && !c->remote) {
+	if (rc == 0 && a.server && !c->remote && c->fn != cmd_help && !opt_has(&a, "help")) {
 		fprintf(stderr, "%s: %s does not work through a server yet (unset MQ_SERVER, or "
 		        "drop -s)\n", progname, c->name);
 		rc = MQ_EX_USAGE;

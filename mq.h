@@ -274,7 +274,6 @@
 #define MQ_SYNC_EVERY_BYTES (8 << 20) /* ... or after this many bytes */
 #define MQ_FLUSH_BYTES (2 << 20)      /* a producer buffers at most this much */
 
-/* Exit codes (sysexits), also listed in mq(1) under EXIT STATUS. */
 /* ---------------------------------------------------------------------
  * Wire protocol of mq serve (man/mq-protocol.7)
  *
@@ -290,6 +289,7 @@
 #define MQ_REMOTE_LEASE_MS 60000      /* get -s: lease held until written out */
 #define MQ_REMOTE_MSG_MAX (64u << 20) /* put -s: longest line the client buffers */
 
+/* Exit codes (sysexits), also listed in mq(1) under EXIT STATUS. */
 enum mq_exit {
 	MQ_EX_OK = 0,
 	MQ_EX_EMPTY = 1,        /* nothing to get (empty, or the wait ran out) */

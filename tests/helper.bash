@@ -183,11 +183,21 @@ serve_stop() {
 }
 
 # Open a raw protocol connection to the server: the file descriptor goes
-# into the variable named $1.  Talk with `printf ... >&$fd` and srv_answer.
+# into the variable named $1.  Talk with srv_send and srv_answer.
 srv_open() {
 	local srv_open_fd
 	exec {srv_open_fd}<>"/dev/tcp/127.0.0.1/$PORT" || return 1
 	printf -v "$1" %s "$srv_open_fd"
+}
+
+# srv_send FD FORMAT [ARG...]: printf to a raw connection, in a subshell:
+# if the server has closed it, SIGPIPE ends the subshell (status 141), not
+# the test.  (bash writes a printf line by line, so the server may close
+# the connection halfway through.)
+srv_send() {
+	local srv_send_fd=$1
+	shift
+	(printf "$@" >&"$srv_send_fd") 2>/dev/null
 }
 
 # Close descriptor $1 (from srv_open).
@@ -208,7 +218,7 @@ srv_answer() {
 	done
 }
 
-# One request line ($2, newline added) on a new connection; prints the
+# One request line ($1, newline added) on a new connection; prints the
 # answer (as srv_answer) and closes.
 srv_req() {
 	local fd_ rc_=0

@@ -73,9 +73,9 @@ both() {
 		[ "$(err_shape "$d/both.r.err")" != "$(err_shape "$d/both.l.err")" ]; then
 		echo "both: mq $* (expected status $want)" >&2
 		echo "--- through the server: status $rs" >&2
-		cat -A "$d/both.r.out" "$d/both.r.err" >&2
+		cat -A "$d/both.r.out" "$d/both.r.err" | head -n 40 >&2
 		echo "--- locally: status $ls" >&2
-		cat -A "$d/both.l.out" "$d/both.l.err" >&2
+		cat -A "$d/both.l.out" "$d/both.l.err" | head -n 40 >&2
 		return 1
 	fi
 }
@@ -177,7 +177,7 @@ AGES='s/"(oldest_age_ms|oldest_unconsumed_age_ms)":[0-9]+/"\1":"AGE"/g; s/(oldes
 	# a put with a partition, an fsync mode or an id gets a producer of its own
 	run -0 --separate-stderr mq put --print-offsets -p 2 q x
 	if [ -z "$output" ]; then
-		skip "BUG: put -s --print-offsets prints nothing with -p, --fsync or --id (the server's own producer has no acked callback)"
+		skip "BUG: put -s --print-offsets prints nothing (and exits 0) with -p, --fsync or --id: the server answers offsets=1 only for plain puts"
 	fi
 	run -0 mq -d "$LOCAL" put --print-offsets -p 2 q x
 	both 0 put --print-offsets -p 0 q y z
@@ -281,19 +281,11 @@ skip_if_tail_bug() {
 	both 65 nack q N:0:9:12345
 }
 
-# mq ack through a server aborts (134) on an option lookup in ack_remote.
-skip_if_ack_bug() {
-	run --separate-stderr mq ack "$1" "$2"
-	if [ "$status" = 134 ] && [[ "$stderr" == *"opt_index: Assertion"* ]]; then
-		skip "BUG: mq -s ADDR ack QUEUE RECEIPT aborts (opt_index assertion: ack_remote asks ack for --retries)"
-	fi
-}
-
 @test "serve: get --lease and ack through the server match local runs" {
 	local_spool
 	serve_start
+	both 0 create --backoff 50ms q
 	both 0 put q a b c d e f g h i j
-	skip_if_ack_bug q X:0:0:1
 	# receipts name different leases on the two spools; the rest matches
 	local r l m
 	BOTH_SED='s/^(L:0:[0-9]+):[0-9]+ /\1:LEASE /' both 0 get -g L --lease 60s -n 3 -f '%r %a %s\n' q
@@ -316,29 +308,35 @@ skip_if_ack_bug() {
 	run -0 mq ack q <<<"$r"
 	run -0 mq -d "$LOCAL" ack q <<<"$l"
 	both 64 ack q not-a-receipt
-	both 64 ack q
 	both 65 ack q L:0:9:12345
 	[[ "$stderr" == *"names a message never delivered"* ]]
 	both 0 -i /dev/null ack q
 	BOTH_SED=$AGES both 0 groups --json q
 	assert_eq "$(json_eval '[d[0][k] for k in ("lag", "leased", "offsets")]' <<<"$output")" "[8, 4, [0]]"
-	# a lease that ran out: the message goes out again (attempt 2) and
-	# the old receipt is stale (75)
+	# a lease that ran out: the message goes out again (attempt 2) after
+	# the backoff, and the old receipt is stale (75)
+	local r2 l2
 	r=$(mq get -g S --lease 1ms -f '%r' q)
 	l=$(mq -d "$LOCAL" get -g S --lease 1ms -f '%r' q)
 	m=$(now_ms)
-	wait_past $((m + 5))
-	both 0 get -g S --lease 60s -f '%o %a %s' q
-	assert_eq "$output" "0 2 a"
+	wait_past $((m + 100))
+	r2=$(mq get -g S --lease 60s -f '%r %a %s' q)
+	l2=$(mq -d "$LOCAL" get -g S --lease 60s -f '%r %a %s' q)
+	[[ "$r2" =~ ^(S:0:0:[0-9]+)\ 2\ a$ ]]
+	r2=${BASH_REMATCH[1]}
+	[[ "$l2" =~ ^(S:0:0:[0-9]+)\ 2\ a$ ]]
+	l2=${BASH_REMATCH[1]}
 	run -75 --separate-stderr mq ack q "$r"
 	[[ "$stderr" == *"receipt $r is stale"* ]]
 	run -75 --separate-stderr mq -d "$LOCAL" ack q "$l"
-	# the first of a mixed batch that fails decides: stale wins over ok
-	r=$(mq get -g S --lease 60s -f '%r' q)
-	l=$(mq -d "$LOCAL" get -g S --lease 60s -f '%r' q)
-	run -0 mq ack q "$r"
-	run -0 mq -d "$LOCAL" ack q "$l"
-	both 1 get -g S -n 0 --lease 60s -f '%o %a %s\n' q >/dev/null || true
+	# a stale receipt beside a good one: 75, and the good one is acked
+	run -75 mq ack q "$r" "$r2"
+	run -75 mq -d "$LOCAL" ack q "$l" "$l2"
+	BOTH_SED=$AGES both 0 groups --json q
+	assert_eq "$(json_eval '[(g["group"], g["leased"], g["offsets"]) for g in d if g["group"] == "S"]' <<<"$output")" \
+		'[["S", 0, [1]]]'
+	both 0 get -g S -n 0 -f '%o %a\n' q
+	assert_eq "$output" "$(for k in $(seq 1 9); do echo "$k 1"; done)"
 }
 
 @test "serve: ls, stat, groups, seek, create, rm and purge through the server match local runs" {
@@ -406,8 +404,9 @@ skip_if_ack_bug() {
 
 	both 0 purge c2
 	both 1 peek c2
-	both 0 put c2 again
+	both 0 put -k same c2 again
 	both 0 peek -f '%p %o %s\n' c2
+	assert_eq "$output" "1 40 again"
 	both 0 rm c1
 	both 66 rm c1
 	both 66 purge c1
@@ -419,8 +418,9 @@ skip_if_ack_bug() {
 }
 
 # Server read marks: srv_mark notes how many bytes the server has read;
-# srv_wait_read N waits (at most 10 s) until it has read N more, not
-# counting the STATS requests that ask.  A request line sent whole is run
+# srv_read_since sets SRV_READ to how many more it has read since, not
+# counting the STATS requests that ask; srv_wait_read N waits (at most
+# 10 s) until that is N or more.  A request line sent whole is run
 # in the round that reads it, so this tells when a request has arrived.
 srv_mark() {
 	SRV_MARK=$(srv_stat bytes_in)
@@ -430,44 +430,85 @@ srv_read_since() {
 	local b
 	b=$(srv_stat bytes_in)
 	SRV_POLLS=$((SRV_POLLS + 1))
-	echo $((b - SRV_MARK - 6 * SRV_POLLS))
+	SRV_READ=$((b - SRV_MARK - 6 * SRV_POLLS))
 }
 srv_wait_read() {
 	local n=0
-	while [ "$(srv_read_since)" -lt "$1" ]; do
+	srv_read_since
+	while [ "$SRV_READ" -lt "$1" ]; do
 		n=$((n + 1))
 		[ "$n" -lt 400 ] || { echo "srv_wait_read: the server did not read $1 bytes" >&2; return 1; }
 		sleep 0.025
+		srv_read_since
 	done
 }
 
 # CPU time (clock ticks, user + system) process $1 has used.
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
-# Exit status of background job $1 once it ends (at most ${2:-10} s).
-job_status() {
+# Wait (at most ${2:-10} s) for background job $1 to end; JOB_RC gets its
+# exit status.  (Not in a subshell: only this shell can wait for it.)
+job_wait() {
 	wait_for "proc_gone $1" "${2:-10}" || return 1
-	local rc=0
-	wait "$1" || rc=$?
-	echo "$rc"
+	JOB_RC=0
+	wait "$1" || JOB_RC=$?
 }
 
 # The HELLO a CLI client sends first, and the start of its GET line.
 HELLO_BYTES=8 GET_Q_BYTES=6
 
+# get through a server acks each answer's receipts (up to 10000) in one
+# request line: past 64 KiB, the server refuses it unless it arrives in
+# one read (with a 128-character group it never does).
+skip_if_big_ack_bug() {
+	if [ "$status" = 64 ] && [[ "$stderr" == *"request line over 65536 bytes"* ]]; then
+		skip "BUG: get -s with many messages per answer sends an ACK line over 64 KiB, which the server refuses (64); the batch stays leased and comes again"
+	fi
+}
+
+@test "serve: get -n 0 through the server hands out a large backlog, as locally" {
+	local_spool
+	serve_start
+	local g
+	g=$(head -c 128 /dev/zero | tr '\0' g)
+	seq 1 30000 >"$BATS_TEST_TMPDIR/in"
+	both 0 -i "$BATS_TEST_TMPDIR/in" put q
+	# the groups exist from the start (data all groups consumed is reclaimed)
+	both 0 seek -g default --to earliest q
+	both 0 seek -g n --to earliest q
+	both 0 seek -g "$g" --to earliest q
+	run --separate-stderr mq get -g "$g" -n 0 q
+	skip_if_big_ack_bug
+	assert_eq "$status" 0
+	assert_eq "$output" "$(seq 1 30000)"
+	run -0 mq -d "$LOCAL" get -g "$g" -n 0 q
+	both 0 get -n 0 q
+	assert_eq "$output" "$(seq 1 30000)"
+	both 0 get -g n -n 12000 -f '%o\n' q
+	assert_eq "${#lines[@]}" 12000
+	both 0 get -g n -n 0 -f '%o\n' q
+	assert_eq "$output" "$(seq 12000 29999)"
+	both 1 get -n 0 q
+	BOTH_SED=$AGES both 0 groups --json q
+	assert_eq "$(json_eval '[(g["lag"], g["leased"]) for g in d]' <<<"$output")" \
+		'[[0, 0], [0, 0], [0, 0]]'
+}
+
 @test "serve: get -w through the server waits without polling and wakes when another client puts" {
 	serve_start
 	mq create q
 	srv_mark
-	bg mq get -w 30s -f '%o %s\n' q >"$BATS_TEST_TMPDIR/got" 2>"$BATS_TEST_TMPDIR/got.err"
+	bg "$MQ" get -w 30s -f '%o %s\n' q >"$BATS_TEST_TMPDIR/got" 2>"$BATS_TEST_TMPDIR/got.err"
 	local gpid=$! t0 t1 c0 r0
 	srv_wait_read $((HELLO_BYTES + GET_Q_BYTES))
 	# while it waits, the client sends nothing more and the server idles
-	r0=$(srv_read_since)
+	srv_read_since
+	r0=$SRV_READ
 	c0=$(cpu_ticks "$SERVE_PID")
 	t0=$(now_ms)
 	wait_past $((t0 + 600))
-	assert_eq "$(srv_read_since)" "$r0"
+	srv_read_since
+	assert_eq "$SRV_READ" "$r0"
 	[ $(($(cpu_ticks "$SERVE_PID") - c0)) -le 10 ]
 	! proc_gone "$gpid"
 	[ ! -s "$BATS_TEST_TMPDIR/got" ]
@@ -475,29 +516,31 @@ HELLO_BYTES=8 GET_Q_BYTES=6
 	# timers tick once a second; this is well under that)
 	t0=$(now_ms)
 	run -0 mq put q hello
-	run -0 job_status "$gpid"
+	job_wait "$gpid"
 	t1=$(now_ms)
-	assert_eq "$output" 0
+	assert_eq "$JOB_RC" 0
 	assert_eq "$(cat "$BATS_TEST_TMPDIR/got")" "0 hello"
 	assert_eq "$(cat "$BATS_TEST_TMPDIR/got.err")" ""
 	echo "woke after $((t1 - t0)) ms" >&2
 	[ $((t1 - t0)) -lt "$WAKE_MS" ]
 	run -1 mq get q
 	# two waiting groups both get the next message; a -w with a time runs out
-	bg mq get -g a -w 30s q >"$BATS_TEST_TMPDIR/a"
-	local pa=$!
-	bg mq get -g b -w 30s q >"$BATS_TEST_TMPDIR/b"
-	local pb=$!
 	srv_mark
+	bg "$MQ" get -g a -w 30s q >"$BATS_TEST_TMPDIR/a"
+	local pa=$!
+	bg "$MQ" get -g b -w 30s q >"$BATS_TEST_TMPDIR/b"
+	local pb=$!
 	srv_wait_read $((2 * (HELLO_BYTES + GET_Q_BYTES)))
 	run -0 mq put q two
-	run -0 job_status "$pa"
-	assert_eq "$output" 0
-	run -0 job_status "$pb"
-	assert_eq "$output" 0
+	job_wait "$pa"
+	assert_eq "$JOB_RC" 0
+	job_wait "$pb"
+	assert_eq "$JOB_RC" 0
 	# each group starts at its first message: a and b are new groups
 	assert_eq "$(cat "$BATS_TEST_TMPDIR/a")" hello
 	assert_eq "$(cat "$BATS_TEST_TMPDIR/b")" hello
+	run -0 mq get -n 0 q
+	assert_eq "$output" two
 	t0=$(now_ms)
 	run -1 --separate-stderr mq get -w 300ms q
 	t1=$(now_ms)
@@ -507,20 +550,58 @@ HELLO_BYTES=8 GET_Q_BYTES=6
 	run -66 mq get -w 1s nope
 }
 
+@test "serve: a client killed while its get -w waits is forgotten; the next message goes to a live getter" {
+	serve_start
+	mq create q
+	local gpid gone=1
+	srv_mark
+	"$MQ" get -w q >/dev/null 2>&1 &
+	gpid=$!
+	BG_PIDS+=("$gpid")
+	srv_wait_read $((HELLO_BYTES + GET_Q_BYTES))
+	kill -9 "$gpid"
+	job_wait "$gpid"
+	# the server sees the connection go (only STATS's own is left)
+	wait_for "[ \$(srv_stat connections) -eq 1 ]" 2 || gone=
+	run -0 mq put q m1
+	run --separate-stderr mq get q
+	if [ -z "$gone" ] && [ "$status" = 1 ] &&
+		[ "$(mq groups --json q | json_eval 'd[0]["leased"]')" = 1 ]; then
+		skip "BUG: a waiting GET whose client has gone still runs when a message comes: the server stops reading a waiting connection, so it misses the close; the message is leased (or, with commit-first, committed) to nobody"
+	fi
+	assert_eq "$status" 0
+	assert_eq "$output" m1
+	# the same with --commit-first: nothing is committed for a dead client
+	srv_mark
+	"$MQ" get -w --commit-first q >/dev/null 2>&1 &
+	gpid=$!
+	BG_PIDS+=("$gpid")
+	srv_wait_read $((HELLO_BYTES + GET_Q_BYTES))
+	kill -9 "$gpid"
+	job_wait "$gpid"
+	wait_for "[ \$(srv_stat connections) -eq 1 ]" 2
+	run -0 mq put q m2
+	run -0 mq get --commit-first q
+	assert_eq "$output" m2
+}
+
 @test "serve: kill -9 during a pipelined put: every acknowledged offset is stored exactly once" {
 	serve_start
 	mq create q
 	local offs=$BATS_TEST_TMPDIR/offs pid rc n k
 	seq 1 "$CRASH_N" >"$BATS_TEST_TMPDIR/in"
-	bg mq put --print-offsets q <"$BATS_TEST_TMPDIR/in" >"$offs" 2>"$BATS_TEST_TMPDIR/put.err"
+	# (not through bg: a background command's stdin would be /dev/null; and
+	# "$MQ", not the mq function, so that $! is mq itself)
+	"$MQ" put --print-offsets q <"$BATS_TEST_TMPDIR/in" >"$offs" 2>"$BATS_TEST_TMPDIR/put.err" &
 	pid=$!
+	BG_PIDS+=("$pid")
 	wait_for "[ \$(wc -l <'$offs') -ge $CRASH_AT ]" 30
 	serve_stop KILL
 	assert_eq "$SERVE_RC" 137
-	rc=$(job_status "$pid" 20)
+	job_wait "$pid" 20
 	# the client was still sending: it reports the lost server (69)
 	cat "$BATS_TEST_TMPDIR/put.err" >&2
-	assert_eq "$rc" 69
+	assert_eq "$JOB_RC" 69
 	complete_lines "$offs" >"$offs.ok"
 	k=$(wc -l <"$offs.ok")
 	echo "acknowledged: $k of $CRASH_N" >&2
@@ -538,9 +619,7 @@ HELLO_BYTES=8 GET_Q_BYTES=6
 	awk '$1 != NR - 1 || $2 != NR { bad++ } END { exit bad > 0 }' "$BATS_TEST_TMPDIR/stored"
 	run -0 mq put --print-offsets q more
 	assert_eq "$output" "0:$n"
-	run -0 mq get -n 0 -f '%s\n' q
-	assert_eq "$(sort "$BATS_TEST_TMPDIR/stored" | cut -d' ' -f2 | sort -u | wc -l)" "$n"
-	assert_eq "${#lines[@]}" $((n + 1))
+	assert_eq "$(cut -d' ' -f2 "$BATS_TEST_TMPDIR/stored" | sort -u | wc -l)" "$n"
 	serve_stop
 	assert_eq "$SERVE_RC" 0
 	run -0 mq -d "$MQ_SPOOL" verify q
@@ -565,7 +644,7 @@ HELLO_BYTES=8 GET_Q_BYTES=6
 
 	# a request line over 64 KiB: ERR 64, then the server closes
 	srv_open fd
-	head -c 70000 /dev/zero | tr '\0' A >&"$fd"
+	head -c 70000 /dev/zero | tr '\0' A >&"$fd" || true # it may have closed
 	run -0 srv_answer "$fd"
 	assert_eq "$output" "ERR 64 request line over 65536 bytes"
 	run -1 read -r -t 10 l <&"$fd"
@@ -575,7 +654,7 @@ HELLO_BYTES=8 GET_Q_BYTES=6
 	# unknown verbs, bad escapes, wrong argument counts: ERR 64 each, and
 	# the connection goes on; empty lines are ignored
 	srv_open fd
-	printf 'FROB x\n\nget\nPING extra\nPEEK %%zz\nRM\nHELLO 1\n' >&"$fd"
+	srv_send "$fd" 'FROB x\n\nget\nPING extra\nPEEK %%zz\nRM\nHELLO 1\n'
 	run -0 srv_answer "$fd"
 	assert_eq "$output" "ERR 64 unknown command 'FROB'"
 	for k in 1 2 3 4; do
@@ -584,7 +663,7 @@ HELLO_BYTES=8 GET_Q_BYTES=6
 	done
 	run -0 srv_answer "$fd"
 	[[ "$output" == "OK mq 1 "* ]]
-	printf 'PING\n' >&"$fd"
+	srv_send "$fd" 'PING\n'
 	run -0 srv_answer "$fd"
 	assert_eq "$output" OK
 	srv_shut "$fd"
@@ -592,11 +671,8 @@ HELLO_BYTES=8 GET_Q_BYTES=6
 	# an oversized frame: ERR 65, its body skipped unread (the PINGs in it
 	# are not requests), and the connection keeps working
 	srv_open fd
-	{
-		printf 'PUT small 1\n4096\n'
-		for ((k = 0; k < 819; k++)); do printf 'PING\n'; done
-		printf 'x\nPING\nHELLO 1\nPUT small 1\n3\nabc\n'
-	} >&"$fd"
+	l=$(for ((k = 0; k < 819; k++)); do echo PING; done) # 4094 bytes: no last newline
+	srv_send "$fd" 'PUT small 1\n4096\n%s\nx\nPING\nHELLO 1\nPUT small 1\n3\nabc\n' "$l"
 	run -0 srv_answer "$fd"
 	[[ "$output" == "ERR 65 "*"max-message-bytes"* ]]
 	run -0 srv_answer "$fd"
@@ -611,21 +687,21 @@ HELLO_BYTES=8 GET_Q_BYTES=6
 
 	# a truncated frame, then the client goes: nothing of it is stored
 	srv_open fd
-	printf 'PUT q 2\n5\nhello\n9\nworl' >&"$fd"
+	srv_send "$fd" 'PUT q 2\n5\nhello\n9\nworl'
 	srv_shut "$fd"
 	srv_open fd
-	printf 'PUT q 2 partition=0\n5\nhowdy\n9\nworl' >&"$fd"
+	srv_send "$fd" 'PUT q 2 partition=0\n5\nhowdy\n9\nworl'
 	srv_shut "$fd"
 	# a bad PUT count or a PUT without one: ERR 64, then the server closes
 	# (the frames that would follow cannot be told from requests)
 	srv_open fd
-	printf 'PUT q abc\n3\nabc\nPING\n' >&"$fd"
+	srv_send "$fd" 'PUT q abc\n3\nabc\nPING\n' || true
 	run -0 srv_answer "$fd"
 	assert_eq "$output" "ERR 64 bad message count 'abc'"
 	run -1 read -r -t 10 l <&"$fd"
 	srv_shut "$fd"
 	srv_open fd
-	printf 'PUT q\n3\nabc\n' >&"$fd"
+	srv_send "$fd" 'PUT q\n3\nabc\n' || true
 	run -0 srv_answer "$fd"
 	[[ "$output" == "ERR 64 "* ]]
 	run -1 read -r -t 10 l <&"$fd"
@@ -636,12 +712,13 @@ HELLO_BYTES=8 GET_Q_BYTES=6
 	run -0 mq peek q
 	[[ "$output" == "keep1"$'\n'"keep2"$'\n'"after-random"$'\n'"after-long-line"$'\n'* ]]
 	[[ "$output" == *$'\n'last ]]
-	# the truncated frames were never stored; an unacknowledged whole frame
-	# before one may have been
+	# the truncated frames were never stored (the whole frames before them
+	# were never acknowledged: they may or may not be), nor anything else
 	run -0 mq peek -f '%s\n' q
 	! grep -q '^worl' <<<"$output"
-	run -0 bash -c "grep -vxE 'keep1|keep2|after-random|after-long-line|last|hello' <<<'$output'"
-	assert_eq "$output" ""
+	grep -vxE 'keep1|keep2|after-random|after-long-line|last|hello|howdy' <<<"$output" >"$BATS_TEST_TMPDIR/odd" || true
+	cat -A "$BATS_TEST_TMPDIR/odd" >&2
+	[ ! -s "$BATS_TEST_TMPDIR/odd" ]
 	run -0 mq peek small
 	assert_eq "$output" abc
 	! grep -q 'level=error' "$SERVE_LOG"
@@ -652,17 +729,17 @@ HELLO_BYTES=8 GET_Q_BYTES=6
 	mq put q keep
 	local fd l
 	srv_open fd
-	printf 'PUT q 1\nxyz\n3\nabc\n' >&"$fd"
+	srv_send "$fd" 'PUT q 1\nxyz\n3\nabc\n' || true # it may have closed
 	run srv_answer "$fd" 5
 	if [ "$status" = 1 ] && [ "$output" = "<EOF or timeout>" ]; then
-		skip "BUG: a PUT's bad frame header (or a body not followed by a newline) closes the connection without the ERR it builds: the answer waits behind the PUT's unsettled ticket"
+		skip "BUG: a bad frame header (or a body not followed by a newline) closes the connection without the ERR 64 the server builds for it: that answer is queued behind the PUT's own, never-settled one"
 	fi
 	assert_eq "$status" 0
 	[[ "$output" == "ERR 64 bad frame header"* ]]
 	run -1 read -r -t 10 l <&"$fd"
 	srv_shut "$fd"
 	srv_open fd
-	printf 'PUT q 1\n3\nabcX' >&"$fd"
+	srv_send "$fd" 'PUT q 1\n3\nabcX' || true
 	run -0 srv_answer "$fd"
 	assert_eq "$output" "ERR 64 frame body not followed by a newline"
 	run -1 read -r -t 10 l <&"$fd"
@@ -686,7 +763,7 @@ HELLO_BYTES=8 GET_Q_BYTES=6
 	assert_eq "$output" "$(printf 'before\nduring')"
 	# the first and the last of them are served too
 	for fd in "${fds[0]}" "${fds[$((IDLE_N - 1))]}"; do
-		printf 'PING\n' >&"$fd"
+		srv_send "$fd" 'PING\n'
 		run -0 srv_answer "$fd"
 		assert_eq "$output" OK
 	done
@@ -696,7 +773,7 @@ HELLO_BYTES=8 GET_Q_BYTES=6
 	wait_for "[ \$(srv_stat connections) -eq 1 ]" 20
 	run -0 mq peek q
 	assert_eq "$output" "$(printf 'before\nduring')"
-	assert_eq "$(grep -c 'reason=eof' "$SERVE_LOG")" $((IDLE_N + 1 + $(grep -c 'reason=eof' "$SERVE_LOG") - IDLE_N - 1))
+	[ "$(grep -c 'reason=eof' "$SERVE_LOG")" -ge "$IDLE_N" ]
 }
 
 @test "serve: --max-connections refuses clients past N with ERR 75" {
@@ -705,7 +782,12 @@ HELLO_BYTES=8 GET_Q_BYTES=6
 	srv_open a
 	srv_open b
 	srv_open c
-	wait_for "[ \$(srv_stat connections) -eq 3 ]" 10 || true
+	# all three are in (a fourth that asked would be refused)
+	for fd in "$a" "$b" "$c"; do
+		srv_send "$fd" 'PING\n'
+		run -0 srv_answer "$fd"
+		assert_eq "$output" OK
+	done
 	srv_open fd
 	run -0 srv_answer "$fd"
 	assert_eq "$output" "ERR 75 too many connections"
@@ -713,7 +795,7 @@ HELLO_BYTES=8 GET_Q_BYTES=6
 	run -75 --separate-stderr mq ls
 	[[ "$stderr" == *"too many connections"* ]]
 	srv_shut "$a"
-	printf 'PING\n' >&"$b"
+	srv_send "$b" 'PING\n'
 	run -0 srv_answer "$b"
 	assert_eq "$output" OK
 	wait_for "mq ls" 10
@@ -733,7 +815,7 @@ peer_closed() {
 	mq create w
 	local slow sput idle busy t0 now dslow= dput= didle= pings=0
 	srv_mark
-	bg mq get -w 30s w >"$BATS_TEST_TMPDIR/got"
+	bg "$MQ" get -w 30s w >"$BATS_TEST_TMPDIR/got"
 	local gpid=$!
 	srv_wait_read $((HELLO_BYTES + GET_Q_BYTES))
 	srv_open slow
@@ -741,13 +823,13 @@ peer_closed() {
 	srv_open idle
 	srv_open busy
 	t0=$(now_ms)
-	printf 'PIN' >&"$slow"
-	printf 'PUT q 2\n1\na\n5\nab' >&"$sput"
-	# a busy client pings every 100 ms meanwhile: never dropped
+	srv_send "$slow" 'PIN'
+	srv_send "$sput" 'PUT q 2\n1\na\n5\nab'
+	# a busy client pings every ~50 ms meanwhile: never dropped
 	while [ -z "$dslow" ] || [ -z "$dput" ] || [ -z "$didle" ]; do
 		now=$(now_ms)
 		[ $((now - t0)) -lt 5000 ] || break
-		printf 'PING\n' >&"$busy"
+		srv_send "$busy" 'PING\n'
 		run -0 srv_answer "$busy" 5
 		assert_eq "$output" OK
 		pings=$((pings + 1))
@@ -761,14 +843,14 @@ peer_closed() {
 	[ "$dslow" -ge 900 ] && [ "$dput" -ge 900 ] && [ "$didle" -ge 900 ]
 	assert_eq "$(grep -c 'reason=request-timeout' "$SERVE_LOG")" 2
 	[ "$(grep -c 'reason=idle-timeout' "$SERVE_LOG")" -ge 1 ]
-	printf 'PING\n' >&"$busy"
+	srv_send "$busy" 'PING\n'
 	run -0 srv_answer "$busy"
 	assert_eq "$output" OK
 	# the get waiting all along was not taken for idle
 	! proc_gone "$gpid"
 	run -0 mq put w woken
-	run -0 job_status "$gpid"
-	assert_eq "$output" 0
+	job_wait "$gpid"
+	assert_eq "$JOB_RC" 0
 	assert_eq "$(cat "$BATS_TEST_TMPDIR/got")" woken
 	run -0 mq peek q
 	[[ "$output" == x* ]]
@@ -784,13 +866,13 @@ peer_closed() {
 	mq put keep a b
 	mq create q
 	srv_mark
-	bg mq get -w q >"$BATS_TEST_TMPDIR/got" 2>"$BATS_TEST_TMPDIR/got.err"
+	bg "$MQ" get -w q >"$BATS_TEST_TMPDIR/got" 2>"$BATS_TEST_TMPDIR/got.err"
 	local gpid=$!
 	srv_wait_read $((HELLO_BYTES + GET_Q_BYTES))
 	serve_stop TERM
 	assert_eq "$SERVE_RC" 0
-	run -0 job_status "$gpid"
-	assert_eq "$output" 1
+	job_wait "$gpid"
+	assert_eq "$JOB_RC" 1
 	assert_eq "$(cat "$BATS_TEST_TMPDIR/got" "$BATS_TEST_TMPDIR/got.err")" ""
 	grep -q 'event=stop' "$SERVE_LOG"
 	run -0 mq -d "$MQ_SPOOL" peek keep
@@ -801,14 +883,28 @@ peer_closed() {
 	run -1 mq get q
 }
 
+# Does anything listen on TCP port $1 (any address)?
+port_listened() {
+	awk -v p="$(printf ':%04X$' "$1")" '$4 == "0A" && $2 ~ p { f = 1 } END { exit !f }' \
+		/proc/net/tcp /proc/net/tcp6 2>/dev/null
+}
+
 @test "serve: no server is 69 with a one-line error; commands that cannot run there are 64; -d runs locally" {
-	local cmd
-	while IFS= read -r cmd; do
-		run -69 --separate-stderr eval "mq -s 127.0.0.1:1 $cmd"
-		assert_eq "$output" ""
-		assert_eq "${#stderr_lines[@]}" 1
-		[[ "$stderr" == "mq: "*"127.0.0.1:1"* ]]
-	done <<'EOF2'
+	local cmd addr addrs=()
+	# a port a server just left; and port 1, unless something listens
+	# there (on a shared machine it may)
+	serve_start
+	addrs+=("127.0.0.1:$PORT")
+	serve_stop
+	port_listened 1 || addrs+=(127.0.0.1:1)
+	for addr in "${addrs[@]}"; do
+		! port_listened "${addr#*:}"
+		while IFS= read -r cmd; do
+			run -69 --separate-stderr eval "mq -s $addr $cmd </dev/null"
+			assert_eq "$output" ""
+			assert_eq "${#stderr_lines[@]}" 1
+			[[ "$stderr" == "mq: "*"cannot connect to server '$addr'"* ]]
+		done <<'EOF2'
 ls
 stat
 stat q
@@ -826,15 +922,17 @@ create q
 rm q
 purge q
 EOF2
-	run -69 --separate-stderr env MQ_SERVER=127.0.0.1:1 "$MQ" ls
+	done
+	addr=${addrs[0]}
+	run -69 --separate-stderr env MQ_SERVER="$addr" "$MQ" ls
 	assert_eq "${#stderr_lines[@]}" 1
-	run -69 mq --server=127.0.0.1:1 put q x </dev/null
+	run -69 mq --server="$addr" put q x </dev/null
 	# a spool named with -d wins over $MQ_SERVER, globally or per command
 	local_spool
-	MQ_SERVER=127.0.0.1:1 run -0 mq -d "$LOCAL" put q local
-	MQ_SERVER=127.0.0.1:1 run -0 mq peek -d "$LOCAL" q
+	MQ_SERVER=$addr run -0 mq -d "$LOCAL" put q local
+	MQ_SERVER=$addr run -0 mq peek -d "$LOCAL" q
 	assert_eq "$output" local
-	run -0 mq -s 127.0.0.1:1 -d "$LOCAL" ls
+	run -0 mq -s "$addr" -d "$LOCAL" ls
 	assert_eq "$output" q
 
 	serve_start
@@ -851,7 +949,7 @@ EOF2
 	run -64 "$MQ" -d "$LOCAL" serve --idle-timeout 0
 	run -64 "$MQ" -d "$LOCAL" serve --request-timeout x
 	run -64 "$MQ" -d "$LOCAL" serve --max-connections 0
-	run -64 mq -s 'no:port:here]' ls
+	run -64 mq -s '[::1' ls
 	run -0 mq peek q
 	assert_eq "$output" x
 }
