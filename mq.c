@@ -9811,6 +9811,20 @@ static void serve_log(void *ctx, const char *line)
 	fprintf(stderr, "ts=%s %s\n", ts, line);
 }
 
+static void serve_notice(void *ctx, const char *msg)
+{
+	char line[1100], q[1040];
+	size_t o = 0;
+	for (const char *m = msg; *m && o + 2 < sizeof q; m++) {
+		if (*m == '"' || *m == '\\')
+			q[o++] = '\\';
+		q[o++] = *m;
+	}
+	q[o] = 0;
+	strfmt(line, sizeof line, "level=warn event=notice msg=\"%s\"", q);
+	serve_log(ctx, line);
+}
+
 static int cmd_serve(struct args *a)
 {
 #ifdef __linux__
@@ -9841,6 +9855,7 @@ static int cmd_serve(struct args *a)
 		strfmt(o.listen[o.nlisten++], sizeof o.listen[0], "127.0.0.1:%s", MQ_DEFAULT_PORT);
 	if (spool_init(a, 1, &e) < 0)
 		return fail(a, &e);
+	a->sp.notice = serve_notice; /* recoveries and warnings as log lines */
 	struct srv s;
 	if (srv_init(&s, &a->sp, &o, &e) < 0)
 		return fail(a, &e);
