@@ -8878,10 +8878,10 @@ static int get_remote(struct args *a, const char *g, uint64_t want, int64_t wait
 			             "come again" : "already committed: lost for this group");
 			break;
 		}
-		/* written out: now they are done, in ACKs of 1000 receipts */
+		/* written out: now they are done, in ACK lines well under MQ_LINE_MAX */
 		for (size_t at = 0; at < r.receipts.len && rc == 0;) {
 			size_t end = at;
-			for (int k = 0; k < 1000 && end < r.receipts.len; k++) {
+			while (end < r.receipts.len && (end == at || end - at < MQ_LINE_MAX / 2)) {
 				const char *sp = memchr(r.receipts.p + end + 1, ' ', r.receipts.len - end - 1);
 				end = sp ? (size_t)(sp - r.receipts.p) : r.receipts.len;
 			}
@@ -9318,7 +9318,7 @@ static int cmd_consume(struct args *a)
 
 /* ----- mq ack, mq nack ----- */
 
-/* ack/nack through a server: ACK or NACK lines of up to 1000 receipts;
+/* ack/nack through a server: ACK or NACK lines of up to 300 receipts;
  * the answer "OK N R1,R2,..." gives each receipt's result. */
 static int ack_remote(struct args *a, struct receipt *rs, size_t nr, int nack, int64_t delay,
                       struct mq_err *e)
@@ -9328,8 +9328,9 @@ static int ack_remote(struct args *a, struct receipt *rs, size_t nr, int nack, i
 	int rc = 0;
 	if (rmt_open(a, &c, e) < 0)
 		return -1;
-	for (size_t i = 0; i < nr && rc == 0; i += 1000) {
-		size_t n = nr - i < 1000 ? nr - i : 1000;
+	/* 300 receipts of the longest group name stay under MQ_LINE_MAX */
+	for (size_t i = 0; i < nr && rc == 0; i += 300) {
+		size_t n = nr - i < 300 ? nr - i : 300;
 		char *rest;
 		b.len = 0;
 		buf_adds(&b, nack ? "NACK " : "ACK ");
