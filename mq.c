@@ -6714,7 +6714,7 @@ static void sget_drop(void *ctx)
 }
 
 /*
- * GET QUEUE [group=G] [count=N] [wait=MS] [lease=MS] [commit-first=1]
+ * GET QUEUE [group=G] [count=N] [wait=MS] [lease=MS]
  * [tag=EXPR] [retries=N] [backoff=DELAYS]: the group's next messages.
  * They are leased (lease=), or committed before they are sent: over the
  * wire at-least-once means a lease and an ACK.  count=0 is as many as
