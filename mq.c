@@ -1807,15 +1807,22 @@ struct spool {
 	void *notice_ctx;
 };
 
+/* Format a line and hand it to a hook (notices, the server's log). */
+static void hook_vsay(void (*fn)(void *ctx, const char *line), void *ctx, const char *fmt,
+                      va_list ap)
+{
+	char line[1024];
+	vsnprintf(line, sizeof line, fmt, ap);
+	if (fn)
+		fn(ctx, line);
+}
+
 static void sp_notice(struct spool *sp, const char *fmt, ...)
 {
-	char msg[1024];
 	va_list ap;
 	va_start(ap, fmt);
-	vsnprintf(msg, sizeof msg, fmt, ap);
+	hook_vsay(sp->notice, sp->notice_ctx, fmt, ap);
 	va_end(ap);
-	if (sp->notice)
-		sp->notice(sp->notice_ctx, msg);
 }
 
 struct head {
@@ -6137,13 +6144,10 @@ struct srv {
 static void srv_log(struct srv *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void srv_log(struct srv *s, const char *fmt, ...)
 {
-	char line[1024];
 	va_list ap;
 	va_start(ap, fmt);
-	vsnprintf(line, sizeof line, fmt, ap);
+	hook_vsay(s->log, s->log_ctx, fmt, ap);
 	va_end(ap);
-	if (s->log)
-		s->log(s->log_ctx, line);
 }
 
 static void srv_events(struct srv *s, struct conn *c)
@@ -6297,6 +6301,16 @@ static void sq_pend(struct sq *q, struct ticket *t)
 	t->inflight++;
 }
 
+/* Free the producer a put had of its own. */
+static void own_free(struct conn *c)
+{
+	free((char *)c->ppr->id);
+	prod_free(c->ppr);
+	free(c->ppr);
+	c->ppr = NULL;
+	c->own = 0;
+}
+
 static void sq_close(struct srv *s, struct sq *q)
 {
 	struct mq_err e;
@@ -6309,11 +6323,8 @@ static void sq_close(struct srv *s, struct sq *q)
 		if (c->put && !c->put->err.code)
 			err_set(&c->put->err, MQ_EX_NOINPUT, "queue '%s' was removed", q->q->name);
 		if (c->put && c->own && !c->pq) { /* its producer writes through q */
-			free((char *)c->ppr->id);
-			prod_free(c->ppr);
-			free(c->ppr);
+			own_free(c);
 			c->put->inflight = 0;
-			c->own = 0;
 		}
 		if (!c->own)
 			c->ppr = NULL;
@@ -6368,13 +6379,23 @@ static void srv_commit(struct srv *s)
 
 /* ----- connections ----- */
 
+/* Take t off the server's list of waiting gets. */
+static void srv_unwait(struct srv *s, struct ticket *t)
+{
+	if (t->wprev)
+		t->wprev->wnext = t->wnext;
+	else
+		s->waiting = t->wnext;
+	if (t->wnext)
+		t->wnext->wprev = t->wprev;
+	t->wprev = t->wnext = NULL;
+}
+
 static void srv_close(struct srv *s, struct conn *c, const char *why)
 {
 	srv_log(s, "level=info event=close peer=%s reason=%s", c->peer, why);
 	if (c->put && c->own) { /* never acknowledged: not flushed */
-		free((char *)c->ppr->id);
-		prod_free(c->ppr);
-		free(c->ppr);
+		own_free(c);
 		c->put->inflight = 0;
 	}
 	preq_free(&c->fr);
@@ -6382,14 +6403,8 @@ static void srv_close(struct srv *s, struct conn *c, const char *why)
 		q_close(c->pq);
 	for (struct ticket *t = c->head, *n; t; t = n) {
 		n = t->next;
-		if (t->kind == TK_WAIT) {
-			if (t->wprev)
-				t->wprev->wnext = t->wnext;
-			else
-				s->waiting = t->wnext;
-			if (t->wnext)
-				t->wnext->wprev = t->wprev;
-		}
+		if (t->kind == TK_WAIT)
+			srv_unwait(s, t);
 		if (t->kind == TK_PUT && t->inflight) { /* in a shared producer: freed when settled */
 			t->c = NULL;
 			t->frames_done = 1;
@@ -6671,10 +6686,7 @@ static void srv_put_end(struct srv *s, struct conn *c)
 		if (!t->err.code && !pr->dup && pr->due_ms <= 0 && c->psq)
 			c->psq->changed = 1;
 		t->inflight = 0;
-		free((char *)pr->id);
-		prod_free(pr);
-		free(pr);
-		c->own = 0;
+		own_free(c);
 		if (c->pq)
 			q_close(c->pq);
 		c->pq = NULL;
@@ -6841,12 +6853,7 @@ static void srv_wake(struct srv *s, int tick)
 		if (k < 0)
 			tk_err(t, &e);
 		t->kind = TK_READY;
-		if (t->wprev)
-			t->wprev->wnext = t->wnext;
-		else
-			s->waiting = t->wnext;
-		if (t->wnext)
-			t->wnext->wprev = t->wprev;
+		srv_unwait(s, t);
 		t->c->waiting = 0;
 	}
 	for (struct sq *q = s->queues; q; q = q->next)
