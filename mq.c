@@ -10503,9 +10503,10 @@ static const struct cmd *cmd_find(const char *name)
 
 static void help_main(FILE *f)
 {
-	fprintf(f, "usage: mq [-d DIR] COMMAND [ARGS...]\n"
+	fprintf(f, "usage: mq [-d DIR | -s HOST:PORT] COMMAND [ARGS...]\n"
 	           "       mq --version | --help | help COMMAND\n\n"
-	           "mq keeps durable message queues in a spool directory.\n\ncommands:\n");
+	           "mq keeps durable message queues in a spool directory; with -s (or\n"
+	           "$MQ_SERVER) the command runs on that mq serve instead.\n\ncommands:\n");
 	for (size_t i = 0; i < NCMDS; i++) { /* the first sentence of each summary */
 		fprintf(f, "  %-8s ", cmds[i].name);
 		for (const char *s = cmds[i].summary; *s; s++) {
