@@ -8073,6 +8073,17 @@ static int opt_tags(struct args *a, struct tagset *ts, const struct tagset **out
 	return usage_error(a->cmd, "%s", e.msg), -1;
 }
 
+/* -f/-0 and --tag of get, peek and tail: checked, then set up.
+ * Returns 0, or -1 after a usage error. */
+static int opt_output(struct args *a, struct msgfmt *f, struct tagset *ts,
+                      const struct tagset **tags)
+{
+	if (opt_val(a, "format") && fmt_check(opt_val(a, "format")) < 0)
+		return usage_error(a->cmd, "bad format '%s'", opt_val(a, "format")), -1;
+	fmt_init(f, a);
+	return opt_tags(a, ts, tags);
+}
+
 /* ----- errors and the spool ----- */
 
 static int fail(struct args *a, const struct mq_err *e)
@@ -8937,12 +8948,9 @@ static int cmd_get(struct args *a)
 		return usage_error(a->cmd, "bad duration '%s' for --wait", w);
 	if (w && !*w)
 		wait_ms = -1;
-	if (opt_val(a, "format") && fmt_check(opt_val(a, "format")) < 0)
-		return usage_error(a->cmd, "bad format '%s'", opt_val(a, "format"));
-	fmt_init(&f, a);
 	struct tagset tsbuf;
 	const struct tagset *tags;
-	if (opt_tags(a, &tsbuf, &tags) < 0)
+	if (opt_output(a, &f, &tsbuf, &tags) < 0)
 		return MQ_EX_USAGE;
 	if (a->server) {
 		tagset_free(&tsbuf);
@@ -9620,12 +9628,9 @@ static int peek_run(struct args *a, int tail)
 		last = n;
 		n = 0;
 	}
-	if (opt_val(a, "format") && fmt_check(opt_val(a, "format")) < 0)
-		return usage_error(a->cmd, "bad format '%s'", opt_val(a, "format"));
-	fmt_init(&f, a);
 	struct tagset tsbuf;
 	const struct tagset *tags;
-	if (opt_tags(a, &tsbuf, &tags) < 0)
+	if (opt_output(a, &f, &tsbuf, &tags) < 0)
 		return MQ_EX_USAGE;
 	if (a->server) {
 		tagset_free(&tsbuf);
