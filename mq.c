@@ -40,9 +40,11 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <fnmatch.h>
 #include <inttypes.h>
 #include <limits.h>
 #include <poll.h>
+#include <pthread.h>
 #include <pwd.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -679,6 +681,37 @@ static ssize_t dur_pread(int fd, void *p, size_t n, off_t off, const char *path,
 	return (ssize_t)got;
 }
 
+/* How long this process's fsyncs took, for the server's metrics: counts
+ * of calls at or under each bound (cumulative, as Prometheus wants). */
+static const double fsync_bounds[] = {0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
+                                      0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5};
+#define NFSYNC_BOUNDS (sizeof fsync_bounds / sizeof fsync_bounds[0])
+static struct {
+	uint64_t n, failed;
+	uint64_t le[NFSYNC_BOUNDS];
+	double sum; /* seconds */
+} fsync_stats;
+
+static int dur_timed_sync(int (*fn)(int), int fd, const char *path, struct mq_err *e)
+{
+	struct timespec a, b;
+	clock_gettime(CLOCK_MONOTONIC, &a);
+	int r = fn(fd);
+	int saved = errno;
+	clock_gettime(CLOCK_MONOTONIC, &b);
+	double d = (double)(b.tv_sec - a.tv_sec) + (double)(b.tv_nsec - a.tv_nsec) / 1e9;
+	fsync_stats.n++;
+	fsync_stats.sum += d;
+	for (size_t i = 0; i < NFSYNC_BOUNDS; i++)
+		fsync_stats.le[i] += d <= fsync_bounds[i];
+	if (r < 0) {
+		fsync_stats.failed++;
+		errno = saved;
+		return err_sys(e, MQ_EX_IOERR, "cannot fsync '%s'", path);
+	}
+	return 0;
+}
+
 /*
  * Make a file's data durable.  A failure is final: the kernel may have
  * dropped the dirty pages and marked them clean, so a second fdatasync
@@ -687,16 +720,12 @@ static ssize_t dur_pread(int fd, void *p, size_t n, off_t off, const char *path,
  */
 static int dur_datasync(int fd, const char *path, struct mq_err *e)
 {
-	if (sys.fdatasync(fd) < 0)
-		return err_sys(e, MQ_EX_IOERR, "cannot fsync '%s'", path);
-	return 0;
+	return dur_timed_sync(sys.fdatasync, fd, path, e);
 }
 
 static int dur_sync(int fd, const char *path, struct mq_err *e)
 {
-	if (sys.fsync(fd) < 0)
-		return err_sys(e, MQ_EX_IOERR, "cannot fsync '%s'", path);
-	return 0;
+	return dur_timed_sync(sys.fsync, fd, path, e);
 }
 
 /* fsync a directory so that names created, renamed or removed in it
@@ -1042,6 +1071,57 @@ static void conf_format(const struct qconf *c, size_t i, char *out, size_t n)
 	}
 }
 
+/* The server's settings: mq.yaml "server:" (or the file of mq serve
+ * --config), then mq serve's flags.  Checked here; used by layer 13. */
+struct srv_token {
+	char name[64];
+	char *secret;
+	char *read, *write; /* queue name patterns, space separated ("*": all) */
+};
+
+struct srv_opts {
+	char listen[8][256];
+	int nlisten;
+	char spool[PATH_MAX];   /* "" when not set */
+	char metrics[256];      /* metrics-listen, "" for none */
+	char ns[8][256];        /* nameservers to register with */
+	int nns;
+	char advertise[256];    /* the address registered ("" = the first listened on) */
+	char role[16];          /* registered with the nameservers */
+	int64_t idle_ms;        /* close a client silent this long (no request pending) */
+	int64_t request_ms;     /* drop a client whose request stalls this long */
+	int64_t register_ms;    /* register with the nameservers this often */
+	size_t out_max;         /* unsent answer bytes past which a client is not read */
+	size_t in_chunk;        /* bytes read from one client per round */
+	int max_conns;
+	struct srv_token *tok;  /* none: no token needed */
+	int ntok;
+};
+
+static void srvconf_defaults(struct srv_opts *o)
+{
+	memset(o, 0, sizeof *o);
+	o->idle_ms = 300000;
+	o->request_ms = 30000;
+	o->register_ms = 30000;
+	o->out_max = 4u << 20;
+	o->in_chunk = 256u << 10;
+	o->max_conns = 100000;
+	strfmt(o->role, sizeof o->role, "master");
+}
+
+static void srvconf_free(struct srv_opts *o)
+{
+	for (int i = 0; i < o->ntok; i++) {
+		free(o->tok[i].secret);
+		free(o->tok[i].read);
+		free(o->tok[i].write);
+	}
+	free(o->tok);
+	o->tok = NULL;
+	o->ntok = 0;
+}
+
 /* The spool configuration: mq.yaml loaded as a document and kept, so a
  * queue's section can be applied when the queue is opened. */
 struct cfg {
@@ -1113,10 +1193,13 @@ static int cfg_load_doc(const char *path, yaml_document_t *doc, int *found,
  * Load SPOOL/mq.yaml if present and check it completely (unknown keys and
  * bad values are errors now, not when some queue happens to be opened).
  */
-static int cfg_load(struct cfg *cfg, const char *spool, struct mq_err *e)
+static int srvconf_parse(yaml_document_t *doc, yaml_node_t *map, const char *file,
+                         struct srv_opts *o, struct mq_err *e);
+
+static int cfg_load_file(struct cfg *cfg, const char *path, struct mq_err *e)
 {
 	memset(cfg, 0, sizeof *cfg);
-	strfmt(cfg->path, sizeof cfg->path, "%s/mq.yaml", spool);
+	strfmt(cfg->path, sizeof cfg->path, "%s", path);
 	int found;
 	if (cfg_load_doc(cfg->path, &cfg->doc, &found, e) < 0)
 		return -1;
@@ -1158,12 +1241,26 @@ static int cfg_load(struct cfg *cfg, const char *spool, struct mq_err *e)
 				                  cfg->path, qn, &scratch, e) < 0)
 					return -1;
 			}
+		} else if (ks && !strcmp(ks, "server")) {
+			struct srv_opts o;
+			srvconf_defaults(&o);
+			int r = srvconf_parse(&cfg->doc, v, cfg->path, &o, e);
+			srvconf_free(&o);
+			if (r < 0)
+				return -1;
 		} else {
 			return err_set(e, MQ_EX_USAGE, "%s:%lu: unknown key '%s'", cfg->path, line,
 			               ks ? ks : "?");
 		}
 	}
 	return 0;
+}
+
+static int cfg_load(struct cfg *cfg, const char *spool, struct mq_err *e)
+{
+	char path[PATH_MAX];
+	strfmt(path, sizeof path, "%s/mq.yaml", spool);
+	return cfg_load_file(cfg, path, e);
 }
 
 static void cfg_free(struct cfg *cfg)
@@ -1227,6 +1324,163 @@ static int cfg_apply_meta(const char *path, struct qconf *c, struct mq_err *e)
 	if (r < 0)
 		e->code = MQ_EX_DATAERR; /* mq wrote it: damage, not a usage error */
 	return r;
+}
+
+/* A list of addresses: a YAML sequence, or one scalar of them separated
+ * by commas or blanks. */
+static int yaml_addrs(yaml_document_t *doc, yaml_node_t *v, const char *src,
+                      char (*out)[256], int max, int *n, struct mq_err *e)
+{
+	*n = 0;
+	yaml_node_item_t *it = NULL, *end = NULL;
+	if (v->type == YAML_SEQUENCE_NODE) {
+		it = v->data.sequence.items.start;
+		end = v->data.sequence.items.top;
+	}
+	for (const char *p = yaml_scalar(v); v->type == YAML_SCALAR_NODE || it < end;) {
+		char word[256];
+		size_t k;
+		if (v->type == YAML_SCALAR_NODE) {
+			p += strspn(p, ", \t");
+			if (!*p)
+				break;
+			k = strcspn(p, ", \t");
+		} else {
+			p = yaml_scalar(yaml_document_get_node(doc, *it++));
+			if (!p)
+				return err_set(e, MQ_EX_USAGE, "%s: each address must be a plain scalar", src);
+			k = strlen(p);
+		}
+		if (k == 0 || k >= sizeof word || *n == max)
+			return err_set(e, MQ_EX_USAGE, k ? "%s: at most %d addresses of under 256 "
+			               "bytes" : "%s: an empty address", src, max);
+		memcpy(word, p, k);
+		word[k] = 0;
+		if (!strchr(word, ':'))
+			return err_set(e, MQ_EX_USAGE, "%s: address '%s' is not HOST:PORT", src, word);
+		strfmt(out[(*n)++], 256, "%s", word);
+		if (v->type == YAML_SCALAR_NODE)
+			p += k;
+	}
+	return 0;
+}
+
+/* One entry of "tokens:": NAME: {secret: S, read: PATTERNS, write: PATTERNS}. */
+static int srvconf_token(yaml_document_t *doc, yaml_node_t *k, yaml_node_t *v,
+                         const char *file, struct srv_opts *o, struct mq_err *e)
+{
+	const char *name = yaml_scalar(k);
+	unsigned long line = (unsigned long)k->start_mark.line + 1;
+	if (!name || !name_valid(name) || strlen(name) >= sizeof o->tok[0].name)
+		return err_set(e, MQ_EX_USAGE, "%s:%lu: bad token name '%s' (letters, digits, "
+		               "'.', '_', '-')", file, line, name ? name : "?");
+	if (v->type != YAML_MAPPING_NODE)
+		return err_set(e, MQ_EX_USAGE, "%s:%lu: token '%s' must be a mapping of secret, "
+		               "read and write", file, line, name);
+	if (!(o->tok = realloc(o->tok, (size_t)(o->ntok + 1) * sizeof *o->tok)))
+		abort();
+	struct srv_token *t = &o->tok[o->ntok++];
+	memset(t, 0, sizeof *t);
+	strfmt(t->name, sizeof t->name, "%s", name);
+	for (yaml_node_pair_t *p = v->data.mapping.pairs.start; p < v->data.mapping.pairs.top; p++) {
+		yaml_node_t *kk = yaml_document_get_node(doc, p->key);
+		const char *ks = yaml_scalar(kk), *vs = yaml_scalar(yaml_document_get_node(doc, p->value));
+		unsigned long l2 = (unsigned long)kk->start_mark.line + 1;
+		char **dst = ks && !strcmp(ks, "secret") ? &t->secret : ks && !strcmp(ks, "read")
+		             ? &t->read : ks && !strcmp(ks, "write") ? &t->write : NULL;
+		if (!dst)
+			return err_set(e, MQ_EX_USAGE, "%s:%lu: unknown key '%s' in token '%s' (secret, "
+			               "read, write)", file, l2, ks ? ks : "?", name);
+		if (!vs)
+			return err_set(e, MQ_EX_USAGE, "%s:%lu: '%s' must be a plain scalar", file, l2, ks);
+		free(*dst);
+		if (!(*dst = strdup(vs)))
+			abort();
+	}
+	if (!t->secret || strlen(t->secret) < 16)
+		return err_set(e, MQ_EX_USAGE, "%s:%lu: token '%s' needs a secret of at least 16 "
+		               "characters", file, line, name);
+	for (int i = 0; i < o->ntok - 1; i++)
+		if (!strcmp(o->tok[i].name, name))
+			return err_set(e, MQ_EX_USAGE, "%s:%lu: token '%s' given twice", file, line, name);
+	return 0;
+}
+
+/*
+ * The "server:" section over o.  Keys: listen, spool, metrics-listen,
+ * idle-timeout, request-timeout, max-connections, nameservers,
+ * register-interval, advertise, role, tokens.
+ */
+static int srvconf_parse(yaml_document_t *doc, yaml_node_t *map, const char *file,
+                         struct srv_opts *o, struct mq_err *e)
+{
+	const char *empty = yaml_scalar(map);
+	if (empty && (!*empty || !strcmp(empty, "~") || !strcmp(empty, "null")))
+		return 0;
+	if (map->type != YAML_MAPPING_NODE)
+		return err_set(e, MQ_EX_USAGE, "%s:%lu: 'server' must be a mapping", file,
+		               (unsigned long)map->start_mark.line + 1);
+	for (yaml_node_pair_t *p = map->data.mapping.pairs.start; p < map->data.mapping.pairs.top; p++) {
+		yaml_node_t *k = yaml_document_get_node(doc, p->key);
+		yaml_node_t *v = yaml_document_get_node(doc, p->value);
+		const char *ks = yaml_scalar(k), *vs = yaml_scalar(v);
+		char src[PATH_MAX + 32];
+		strfmt(src, sizeof src, "%s:%lu", file, (unsigned long)k->start_mark.line + 1);
+		if (!ks)
+			return err_set(e, MQ_EX_USAGE, "%s: keys must be plain scalars", src);
+		if (!strcmp(ks, "listen") || !strcmp(ks, "nameservers")) {
+			int *n = ks[0] == 'l' ? &o->nlisten : &o->nns;
+			if (yaml_addrs(doc, v, src, ks[0] == 'l' ? o->listen : o->ns, 8, n, e) < 0)
+				return -1;
+			continue;
+		}
+		if (!strcmp(ks, "tokens")) {
+			if (vs && !*vs)
+				continue;
+			if (v->type != YAML_MAPPING_NODE)
+				return err_set(e, MQ_EX_USAGE, "%s: 'tokens' must map names to tokens", src);
+			for (yaml_node_pair_t *q = v->data.mapping.pairs.start;
+			     q < v->data.mapping.pairs.top; q++)
+				if (srvconf_token(doc, yaml_document_get_node(doc, q->key),
+				                  yaml_document_get_node(doc, q->value), file, o, e) < 0)
+					return -1;
+			continue;
+		}
+		if (!vs || !*vs)
+			return err_set(e, MQ_EX_USAGE, "%s: '%s' needs a plain scalar value", src, ks);
+		int64_t ms;
+		uint64_t u;
+		if (!strcmp(ks, "spool") || !strcmp(ks, "metrics-listen") || !strcmp(ks, "advertise")) {
+			char *dst = ks[0] == 's' ? o->spool : ks[0] == 'm' ? o->metrics : o->advertise;
+			size_t cap = ks[0] == 's' ? sizeof o->spool : 256;
+			if (strlen(vs) >= cap - (ks[0] == 's' ? 300 : 0) || (ks[0] != 's' && !strchr(vs, ':')))
+				return err_set(e, MQ_EX_USAGE, "%s: bad value '%s' for '%s'", src, vs, ks);
+			strfmt(dst, cap, "%s", vs);
+		} else if (!strcmp(ks, "idle-timeout") || !strcmp(ks, "request-timeout") ||
+		           !strcmp(ks, "register-interval")) {
+			if (parse_duration_ms(vs, &ms) < 0 || ms <= 0)
+				return err_set(e, MQ_EX_USAGE, "%s: bad duration '%s' for '%s'", src, vs, ks);
+			*(ks[0] == 'i' ? &o->idle_ms : ks[2] == 'q' ? &o->request_ms : &o->register_ms) = ms;
+		} else if (!strcmp(ks, "max-connections")) {
+			if (parse_u64(vs, &u) < 0 || u == 0 || u > INT_MAX)
+				return err_set(e, MQ_EX_USAGE, "%s: bad number '%s' for '%s'", src, vs, ks);
+			o->max_conns = (int)u;
+		} else if (!strcmp(ks, "role")) {
+			if (strcmp(vs, "master") && strcmp(vs, "follower"))
+				return err_set(e, MQ_EX_USAGE, "%s: role must be master or follower", src);
+			strfmt(o->role, sizeof o->role, "%s", vs);
+		} else {
+			return err_set(e, MQ_EX_USAGE, "%s: unknown key '%s' in 'server'", src, ks);
+		}
+	}
+	return 0;
+}
+
+/* The "server:" section of a loaded configuration over o. */
+static int cfg_server(struct cfg *cfg, struct srv_opts *o, struct mq_err *e)
+{
+	yaml_node_t *n = cfg_section(cfg, "server");
+	return n ? srvconf_parse(&cfg->doc, n, cfg->path, o, e) : 0;
 }
 
 /* ===================================================================
@@ -6033,16 +6287,6 @@ out:
 #ifdef __linux__
 enum { EV_LISTEN = 1, EV_CONN, EV_WATCH };
 
-struct srv_opts {
-	char listen[8][256];
-	int nlisten;
-	int64_t idle_ms;    /* close a client silent this long (no request pending) */
-	int64_t request_ms; /* drop a client whose request stalls this long */
-	size_t out_max;     /* unsent answer bytes past which a client is not read */
-	size_t in_chunk;    /* bytes read from one client per round */
-	int max_conns;
-};
-
 struct srv;
 struct conn;
 
@@ -6115,6 +6359,8 @@ struct conn {
 	int eof, dead;
 	int quit;              /* QUIT or a refused request: parse nothing more */
 	struct preq fr;        /* frame headers, parsed (kept to save allocations) */
+	int tok;               /* the token it showed (index in s->o.tok), or -1 */
+	int http;              /* a metrics client: one HTTP request, then close */
 	char peer[80];
 	struct conn *prev, *next;
 };
@@ -6122,14 +6368,19 @@ struct conn {
 struct lsn {
 	int kind; /* EV_LISTEN */
 	int fd;
+	int http; /* the metrics-listen address */
 };
 
 struct srv {
 	struct spool *sp;
 	struct srv_opts o;
 	int ep;
-	struct lsn l[8];
+	struct lsn l[9];
 	int nl;
+	const struct verb *verbs; /* the broker's, or the nameserver's */
+	size_t nverbs;
+	char bound[300];          /* the first address listened on, port resolved */
+	int ready;                /* systemd was told */
 	struct conn *conns;
 	int nconns;
 	struct sq *queues;
@@ -6464,17 +6715,91 @@ static void srv_send(struct srv *s, struct conn *c)
 
 /* ----- the verbs ----- */
 
+/* What a verb needs when the server has tokens: nothing, any token, or a
+ * token that may read or write the queue(s) it names. */
+enum { NEED_NONE, NEED_AUTH, NEED_READ, NEED_WRITE };
+
 struct verb {
 	const char *name;
 	int (*fn)(struct srv *s, struct conn *c, struct preq *r, struct ticket *t, struct mq_err *e);
 	int min_pos, max_pos; /* positional arguments; -1: no limit */
+	int need;
+	int all_pos;          /* every positional argument is a queue (RM, PURGE) */
 };
+
+/* Compare a shown secret with a configured one in time that depends only
+ * on the shown one's length. */
+static int ct_equal(const char *want, const char *got, size_t glen)
+{
+	size_t wlen = strlen(want);
+	unsigned char d = wlen != glen;
+	for (size_t i = 0; i < glen; i++)
+		d |= (unsigned char)((unsigned char)got[i] ^ (unsigned char)want[wlen ? i % wlen : 0]);
+	return d == 0;
+}
+
+/* Does a space- or comma-separated list of name patterns match q? */
+static int acl_match(const char *pats, const char *q)
+{
+	char pat[256];
+	for (const char *p = pats ? pats : ""; *p;) {
+		p += strspn(p, ", \t");
+		size_t k = strcspn(p, ", \t");
+		if (k && k < sizeof pat) {
+			memcpy(pat, p, k);
+			pat[k] = 0;
+			if (fnmatch(pat, q, 0) == 0)
+				return 1;
+		}
+		p += k;
+	}
+	return 0;
+}
+
+/* May c do what `need` asks to queue q (NULL: no particular queue)? */
+static int srv_allowed(struct srv *s, struct conn *c, int need, const char *q,
+                       struct mq_err *e)
+{
+	if (!s->o.ntok || need == NEED_NONE)
+		return 0;
+	if (c->tok < 0)
+		return err_set(e, MQ_EX_NOPERM, "this server needs a token: send AUTH TOKEN first "
+		               "(mq reads it from $MQ_TOKEN)");
+	const struct srv_token *t = &s->o.tok[c->tok];
+	if (need == NEED_AUTH || !q || acl_match(need == NEED_READ ? t->read : t->write, q))
+		return 0;
+	return err_set(e, MQ_EX_NOPERM, "token '%s' may not %s queue '%s'", t->name,
+	               need == NEED_READ ? "read" : "write", q);
+}
 
 static int v_hello(struct srv *s, struct conn *c, struct preq *r, struct ticket *t,
                    struct mq_err *e)
 {
 	(void)s, (void)c, (void)r, (void)e;
 	buf_printf(&t->resp, "OK mq %d %s\n", MQ_PROTO_VERSION, MQ_VERSION);
+	return 0;
+}
+
+/* AUTH SECRET: every token is compared, whichever matches. */
+static int v_auth(struct srv *s, struct conn *c, struct preq *r, struct ticket *t,
+                  struct mq_err *e)
+{
+	const char *got = preq_pos(r, 0);
+	int found = -1;
+	for (int i = 0; i < s->o.ntok; i++)
+		if (ct_equal(s->o.tok[i].secret, got, strlen(got)) && found < 0)
+			found = i;
+	if (!s->o.ntok) {
+		buf_adds(&t->resp, "OK\n"); /* no tokens: none needed */
+		return 0;
+	}
+	if (found < 0) {
+		srv_log(s, "level=warn event=auth-failed peer=%s", c->peer);
+		c->eof = c->quit = 1; /* nothing more from this one */
+		return err_set(e, MQ_EX_NOPERM, "bad token");
+	}
+	c->tok = found;
+	buf_printf(&t->resp, "OK %s\n", s->o.tok[found].name);
 	return 0;
 }
 
@@ -6549,6 +6874,8 @@ static int v_put(struct srv *s, struct conn *c, struct preq *r, struct ticket *t
 	c->psq = NULL;
 	c->progress_ms = mono_ms();
 	t->offsets = preq_opt(r, "offsets") && !strcmp(preq_opt(r, "offsets"), "1");
+	if (srv_allowed(s, c, NEED_WRITE, name, &t->err) < 0)
+		return 0; /* its frames are skipped unread */
 	struct kv set[3];
 	int nset = ropt_settings(r, set);
 	if (ropt_u64(r, "partition", 0, &part, &t->err) < 0 || ropt_u64(r, "at", 0, &at, &t->err) < 0 ||
@@ -6971,12 +7298,19 @@ static int v_ls(struct srv *s, struct conn *c, struct preq *r, struct ticket *t,
 {
 	char **names;
 	size_t n;
-	(void)c, (void)r;
+	(void)r;
 	if (q_list(s->sp, &names, &n, e) < 0)
 		return -1;
-	for (size_t i = 0; i < n; i++)
+	size_t shown = 0;
+	for (size_t i = 0; i < n; i++) {
+		struct mq_err ignored;
+		if (srv_allowed(s, c, NEED_READ, names[i], &ignored) < 0 &&
+		    srv_allowed(s, c, NEED_WRITE, names[i], &ignored) < 0)
+			continue; /* a queue this token may neither read nor write */
 		buf_printf(&t->resp, "QUEUE %s\n", names[i]);
-	buf_printf(&t->resp, "OK %zu\n", n);
+		shown++;
+	}
+	buf_printf(&t->resp, "OK %zu\n", shown);
 	names_free(names, n);
 	return 0;
 }
@@ -7153,12 +7487,15 @@ static int v_stats(struct srv *s, struct conn *c, struct preq *r, struct ticket 
 }
 
 static const struct verb verbs[] = {
-	{"HELLO", v_hello, 0, 1},   {"PING", v_ping, 0, 0},     {"QUIT", v_quit, 0, 0},
-	{"PUT", v_put, 2, 2},       {"GET", v_get, 1, 1},       {"ACK", v_ack, 2, -1},
-	{"NACK", v_ack, 2, -1},     {"PEEK", v_peek, 1, 1},     {"LS", v_ls, 0, 0},
-	{"STAT", v_stat, 1, 1},     {"GROUPS", v_stat, 1, 1},   {"SEEK", v_seek, 1, 1},
-	{"CREATE", v_create, 1, 1}, {"RM", v_rm, 1, -1},        {"PURGE", v_rm, 1, -1},
-	{"DELGROUP", v_delgroup, 2, 2}, {"STATS", v_stats, 0, 0},
+	{"HELLO", v_hello, 0, 1, NEED_NONE, 0},    {"AUTH", v_auth, 1, 1, NEED_NONE, 0},
+	{"PING", v_ping, 0, 0, NEED_NONE, 0},      {"QUIT", v_quit, 0, 0, NEED_NONE, 0},
+	{"PUT", v_put, 2, 2, NEED_WRITE, 0},       {"GET", v_get, 1, 1, NEED_READ, 0},
+	{"ACK", v_ack, 2, -1, NEED_READ, 0},       {"NACK", v_ack, 2, -1, NEED_READ, 0},
+	{"PEEK", v_peek, 1, 1, NEED_READ, 0},      {"LS", v_ls, 0, 0, NEED_AUTH, 0},
+	{"STAT", v_stat, 1, 1, NEED_READ, 0},      {"GROUPS", v_stat, 1, 1, NEED_READ, 0},
+	{"SEEK", v_seek, 1, 1, NEED_READ, 0},      {"CREATE", v_create, 1, 1, NEED_WRITE, 0},
+	{"RM", v_rm, 1, -1, NEED_WRITE, 1},        {"PURGE", v_rm, 1, -1, NEED_WRITE, 1},
+	{"DELGROUP", v_delgroup, 2, 2, NEED_READ, 0}, {"STATS", v_stats, 0, 0, NEED_AUTH, 0},
 };
 
 /* Run one request line (NUL-terminated). */
@@ -7169,9 +7506,9 @@ static void srv_request(struct srv *s, struct conn *c, char *line)
 	struct mq_err e = {0};
 	const struct verb *v = NULL;
 	int rc = proto_parse(line, &r, &e);
-	for (size_t i = 0; rc == 0 && i < sizeof verbs / sizeof *verbs && !v; i++)
-		if (!strcasecmp(r.t[0].val, verbs[i].name))
-			v = &verbs[i];
+	for (size_t i = 0; rc == 0 && i < s->nverbs && !v; i++)
+		if (!strcasecmp(r.t[0].val, s->verbs[i].name))
+			v = &s->verbs[i];
 	if (rc == 0 && !v)
 		rc = err_set(&e, MQ_EX_USAGE, "unknown command '%.40s'", r.t[0].val);
 	int np = rc == 0 ? preq_npos(&r) : 0;
@@ -7183,6 +7520,8 @@ static void srv_request(struct srv *s, struct conn *c, char *line)
 		c->eof = c->dead = 1; /* frames would follow that cannot be told from requests */
 		rc = err_set(&e, MQ_EX_USAGE, "use PUT QUEUE COUNT [OPTIONS], then COUNT frames");
 	}
+	for (int i = 0; rc == 0 && v->fn != v_put && i < (v->all_pos ? np : 1); i++)
+		rc = srv_allowed(s, c, v->need, preq_pos(&r, i), &e); /* a put checks in v_put */
 	if (rc == 0)
 		rc = v->fn(s, c, &r, t, &e);
 	if (rc < 0)
@@ -7216,9 +7555,103 @@ static void srv_refuse(struct srv *s, struct conn *c, const char *fmt, ...)
 	c->ipos = c->in.len;
 }
 
+/* ----- metrics over HTTP (metrics-listen) ----- */
+
+static void prom(struct buf *b, const char *name, const char *type, const char *help, double v)
+{
+	buf_printf(b, "# HELP %s %s\n# TYPE %s %s\n%s %.17g\n", name, help, name, type, name, v);
+}
+
+/* The Prometheus text exposition of the server and of every queue's groups. */
+static void srv_metrics(struct srv *s, struct buf *b)
+{
+	int nq = 0;
+	for (struct sq *q = s->queues; q; q = q->next)
+		nq++;
+	prom(b, "mq_uptime_seconds", "gauge", "Seconds since the server started.",
+	     (double)(mono_ms() - s->started_ms) / 1000);
+	prom(b, "mq_connections", "gauge", "Clients connected now.", s->nconns);
+	prom(b, "mq_connections_accepted_total", "counter", "Clients accepted.", (double)s->accepted);
+	prom(b, "mq_connections_refused_total", "counter", "Clients refused (max-connections).",
+	     (double)s->refused);
+	prom(b, "mq_messages_in_total", "counter", "Messages stored by puts.", (double)s->msgs_in);
+	prom(b, "mq_messages_out_total", "counter", "Messages delivered by gets.", (double)s->msgs_out);
+	prom(b, "mq_bytes_in_total", "counter", "Bytes received from clients.", (double)s->bytes_in);
+	prom(b, "mq_bytes_out_total", "counter", "Bytes sent to clients.", (double)s->bytes_out);
+	prom(b, "mq_commits_total", "counter", "Group commits (producer flushes).", (double)s->commits);
+	prom(b, "mq_open_queues", "gauge", "Queues the server holds open.", nq);
+	prom(b, "mq_fsync_failures_total", "counter", "fsync and fdatasync calls that failed.",
+	     (double)fsync_stats.failed);
+	buf_adds(b, "# HELP mq_fsync_seconds Time taken by fsync and fdatasync.\n"
+	            "# TYPE mq_fsync_seconds histogram\n");
+	for (size_t i = 0; i < NFSYNC_BOUNDS; i++)
+		buf_printf(b, "mq_fsync_seconds_bucket{le=\"%g\"} %" PRIu64 "\n", fsync_bounds[i],
+		           fsync_stats.le[i]);
+	buf_printf(b, "mq_fsync_seconds_bucket{le=\"+Inf\"} %" PRIu64 "\nmq_fsync_seconds_sum %.9f\n"
+	           "mq_fsync_seconds_count %" PRIu64 "\n", fsync_stats.n, fsync_stats.sum, fsync_stats.n);
+	char **names;
+	size_t n;
+	struct mq_err e;
+	if (q_list(s->sp, &names, &n, &e) < 0)
+		return;
+	buf_adds(b, "# HELP mq_queue_messages Messages stored in a queue.\n"
+	            "# TYPE mq_queue_messages gauge\n");
+	struct buf lag = {0};
+	buf_adds(&lag, "# HELP mq_group_lag Messages a consumer group has not consumed yet.\n"
+	               "# TYPE mq_group_lag gauge\n");
+	for (size_t i = 0; i < n; i++) {
+		struct sq *sq = srv_queue(s, names[i], 0, &e);
+		struct qstat st;
+		if (!sq || q_stat(sq->q, &st, &e) < 0) {
+			if (sq)
+				q_stat_free(&st);
+			continue;
+		}
+		buf_printf(b, "mq_queue_messages{queue=\"%s\"} %" PRIu64 "\n", names[i], st.messages);
+		for (size_t g = 0; g < st.ngroups; g++) /* group names are [A-Za-z0-9._-] */
+			buf_printf(&lag, "mq_group_lag{queue=\"%s\",group=\"%s\"} %" PRIu64 "\n",
+			           names[i], st.g[g].name, st.g[g].lag);
+		q_stat_free(&st);
+	}
+	buf_add(b, lag.p, lag.len);
+	buf_free(&lag);
+	names_free(names, n);
+}
+
+/* A metrics client: once the request head is in, answer it and close. */
+static void srv_http(struct srv *s, struct conn *c)
+{
+	char *p = c->in.p ? c->in.p : "";
+	size_t n = c->in.len;
+	if (!memmem(p, n, "\r\n\r\n", 4) && !memmem(p, n, "\n\n", 2)) {
+		if (n > 16384)
+			c->dead = 1;
+		return;
+	}
+	struct buf body = {0};
+	const char *status = "200 OK";
+	if (!strncmp(p, "GET /metrics ", 13) || !strncmp(p, "GET /metrics?", 13))
+		srv_metrics(s, &body);
+	else if (!strncmp(p, "GET / ", 6))
+		buf_adds(&body, "mq: metrics at /metrics\n");
+	else
+		status = "404 Not Found", buf_adds(&body, "not found: try /metrics\n");
+	buf_printf(&c->out, "HTTP/1.0 %s\r\nContent-Type: text/plain; version=0.0.4; "
+	           "charset=utf-8\r\nContent-Length: %zu\r\nConnection: close\r\n\r\n", status,
+	           body.len);
+	buf_add(&c->out, body.p, body.len);
+	buf_free(&body);
+	c->ipos = c->in.len = 0;
+	c->eof = c->quit = 1;
+}
+
 /* Parse and run what c sent, as far as it is complete and allowed. */
 static void srv_parse(struct srv *s, struct conn *c)
 {
+	if (c->http) {
+		srv_http(s, c);
+		return;
+	}
 	while (!c->dead && !c->waiting && !c->quit) {
 		char *p = c->in.p + c->ipos;
 		size_t avail = c->in.len - c->ipos;
@@ -7362,6 +7795,8 @@ static void srv_accept(struct srv *s, struct lsn *l)
 			abort();
 		c->kind = EV_CONN;
 		c->fd = fd;
+		c->tok = -1;
+		c->http = l->http;
 		c->last_ms = c->progress_ms = mono_ms();
 		char host[64] = "?", port[16] = "?";
 		getnameinfo((struct sockaddr *)&sa, sl, host, sizeof host, port, sizeof port,
@@ -7386,11 +7821,11 @@ static void srv_accept(struct srv *s, struct lsn *l)
 }
 
 /* Bind one listening address; logs the address it got (port 0 picks one). */
-static int srv_listen(struct srv *s, const char *addr, struct mq_err *e)
+static int srv_listen(struct srv *s, const char *addr, int http, struct mq_err *e)
 {
 	char host[256], port[32];
 	struct addrinfo hints = {0}, *res = NULL;
-	if (s->nl == 8)
+	if (s->nl == 9)
 		return err_set(e, MQ_EX_USAGE, "at most 8 listen addresses");
 	if (net_split(addr, host, sizeof host, port, sizeof port, e) < 0)
 		return -1;
@@ -7420,12 +7855,15 @@ static int srv_listen(struct srv *s, const char *addr, struct mq_err *e)
 	getsockname(fd, (struct sockaddr *)&sa, &sl);
 	getnameinfo((struct sockaddr *)&sa, sl, h, sizeof h, p, sizeof p,
 	            NI_NUMERICHOST | NI_NUMERICSERV);
-	s->l[s->nl] = (struct lsn){EV_LISTEN, fd};
+	s->l[s->nl] = (struct lsn){EV_LISTEN, fd, http};
 	struct epoll_event ev = {EPOLLIN, {.ptr = &s->l[s->nl]}};
 	epoll_ctl(s->ep, EPOLL_CTL_ADD, fd, &ev);
 	s->nl++;
-	srv_log(s, strchr(h, ':') ? "level=info event=listen addr=[%s]:%s" :
-	        "level=info event=listen addr=%s:%s", h, p);
+	char at[300];
+	strfmt(at, sizeof at, strchr(h, ':') ? "[%s]:%s" : "%s:%s", h, p);
+	if (!http && !s->bound[0])
+		strfmt(s->bound, sizeof s->bound, "%s", at);
+	srv_log(s, "level=info event=%s addr=%s", http ? "metrics-listen" : "listen", at);
 	return 0;
 }
 
@@ -7453,6 +7891,8 @@ static int srv_init(struct srv *s, struct spool *sp, const struct srv_opts *o, s
 	memset(s, 0, sizeof *s);
 	s->sp = sp;
 	s->o = *o;
+	s->verbs = verbs;
+	s->nverbs = sizeof verbs / sizeof *verbs;
 	s->started_ms = s->tick_ms = mono_ms();
 	s->ep = epoll_create1(EPOLL_CLOEXEC);
 	if (s->ep < 0)
@@ -7481,25 +7921,61 @@ static void srv_timers(struct srv *s)
 }
 
 /*
- * Serve until *stop is set (SIGTERM, SIGINT): then take no more requests,
- * commit and answer what was received, and return.  SIGHUP (*stop ==
- * SIGHUP) only lets go of the open queues, so settings changed in mq.yaml
- * apply.  Returns 0, or -1 if the loop itself failed.
+ * New settings (SIGHUP): o's tokens replace the old ones, and a client
+ * keeps its token only if one of that name and secret is still there.
+ * Idle queues are let go, so changed queue settings apply when they are
+ * opened again.  Addresses to listen on and the spool need a restart.
+ */
+static void srv_reconf(struct srv *s, struct srv_opts *o)
+{
+	srv_commit(s);
+	int same = o->nlisten == s->o.nlisten && !strcmp(o->metrics, s->o.metrics) &&
+	           !strcmp(o->spool, s->o.spool);
+	for (int i = 0; same && i < o->nlisten; i++)
+		same = !strcmp(o->listen[i], s->o.listen[i]);
+	if (!same)
+		srv_log(s, "level=warn event=reload msg=\"listen, metrics-listen and spool change "
+		        "only with a restart\"");
+	for (struct conn *c = s->conns; c; c = c->next) {
+		int keep = -1;
+		for (int i = 0; c->tok >= 0 && i < o->ntok && keep < 0; i++)
+			if (!strcmp(o->tok[i].name, s->o.tok[c->tok].name) &&
+			    !strcmp(o->tok[i].secret, s->o.tok[c->tok].secret))
+				keep = i;
+		c->tok = keep;
+	}
+	struct srv_opts old = s->o;
+	memcpy(o->listen, old.listen, sizeof o->listen);
+	o->nlisten = old.nlisten;
+	memcpy(o->metrics, old.metrics, sizeof o->metrics);
+	memcpy(o->spool, old.spool, sizeof o->spool);
+	s->o = *o;
+	srvconf_free(&old);
+	for (struct sq *q = s->queues, *nq; q; q = nq) {
+		nq = q->next;
+		if (!sq_busy(s, q))
+			sq_close(s, q);
+	}
+	srv_log(s, "level=info event=reload tokens=%d nameservers=%d", s->o.ntok, s->o.nns);
+}
+
+/*
+ * Serve until *stop is set: SIGTERM or SIGINT return 0, and then the
+ * caller calls srv_free(), which answers what was received.  SIGHUP
+ * returns 1, for the caller to read the settings again (srv_reconf) and
+ * call srv_run once more.  -1 if the loop itself failed.
  */
 static int srv_run(struct srv *s, volatile sig_atomic_t *stop, struct mq_err *e)
 {
 	struct epoll_event evs[256];
-	srv_notify("READY=1");
+	if (!s->ready) {
+		srv_notify("READY=1");
+		s->ready = 1;
+	}
 	while (!*stop || *stop == SIGHUP) {
 		if (*stop == SIGHUP) {
 			*stop = 0;
-			srv_commit(s);
-			srv_log(s, "level=info event=reload");
-			for (struct sq *q = s->queues, *nq; q; q = nq) {
-				nq = q->next;
-				if (!sq_busy(s, q))
-					sq_close(s, q);
-			}
+			return 1;
 		}
 		int64_t due = 1000 - (mono_ms() - s->tick_ms);
 		for (struct sq *q = s->queues; q; q = q->next) {
@@ -8196,10 +8672,20 @@ static int rmt_open(struct args *a, struct rconn *c, struct mq_err *e)
 	char *line;
 	if (rc_open(c, a->server, e) < 0)
 		return -1;
-	static const char hello[] = "HELLO 1\n";
-	int k = rc_send(c, hello, sizeof hello - 1, e) < 0 ? -1 : rc_next(c, &line, e);
+	const char *tok = getenv("MQ_TOKEN");
+	struct buf b = {0};
+	buf_adds(&b, "HELLO 1\n");
+	if (tok && *tok) { /* sent along, answered second */
+		buf_adds(&b, "AUTH ");
+		proto_esc(&b, tok, strlen(tok));
+		buf_add(&b, "\n", 1);
+	}
+	int k = rc_send(c, b.p, b.len, e) < 0 ? -1 : rc_next(c, &line, e);
+	buf_free(&b);
 	if (k == 0 && strncmp(line, "mq ", 3))
 		k = err_set(e, MQ_EX_UNAVAILABLE, "'%s' is not an mq server", a->server);
+	if (k == 0 && tok && *tok)
+		k = rc_next(c, &line, e);
 	if (k != 0) {
 		if (k > 0)
 			err_set(e, MQ_EX_UNAVAILABLE, "'%s' is not an mq server", a->server);
@@ -9838,40 +10324,99 @@ static void serve_notice(void *ctx, const char *msg)
 	serve_log(ctx, line);
 }
 
+/*
+ * mq serve's settings: built-in defaults, then the "server:" section of
+ * --config FILE (else of SPOOL/mq.yaml), then the flags.  cfg gets the
+ * whole file: with --config it stands in for SPOOL/mq.yaml.
+ */
+static int serve_load(struct args *a, struct cfg *cfg, struct srv_opts *o, struct mq_err *e)
+{
+	const char *file = opt_val(a, "config");
+	char path[PATH_MAX];
+	srvconf_defaults(o);
+	strfmt(path, sizeof path, file ? "%s" : "%s/mq.yaml", file ? file : a->sp.dir);
+	if (cfg_load_file(cfg, path, e) < 0 || cfg_server(cfg, o, e) < 0)
+		goto fail;
+	if (file && !cfg->loaded) {
+		err_set(e, MQ_EX_NOINPUT, "config file '%s' does not exist", file);
+		goto fail;
+	}
+	static const char *const durs[] = {"idle-timeout", "request-timeout"};
+	int64_t *targets[] = {&o->idle_ms, &o->request_ms};
+	for (size_t i = 0; i < 2; i++) {
+		const char *v = opt_val(a, durs[i]);
+		if (v && (parse_duration_ms(v, targets[i]) < 0 || *targets[i] == 0)) {
+			err_set(e, MQ_EX_USAGE, "bad duration '%s' for --%s", v, durs[i]);
+			goto fail;
+		}
+	}
+	const char *v = opt_val(a, "max-connections");
+	uint64_t mc = 0;
+	if (v && (parse_u64(v, &mc) < 0 || mc == 0 || mc > INT_MAX)) {
+		err_set(e, MQ_EX_USAGE, "bad number '%s' for --max-connections", v);
+		goto fail;
+	}
+	if (v)
+		o->max_conns = (int)mc;
+	if ((v = opt_val(a, "metrics-listen")))
+		strfmt(o->metrics, sizeof o->metrics, "%s", v);
+	int k = opt_index(a, "listen");
+	if (opt_has(a, "listen"))
+		o->nlisten = 0;
+	for (int i = 0; i < a->nall; i++)
+		if (a->all[i].i == k) {
+			if (o->nlisten == 8) {
+				err_set(e, MQ_EX_USAGE, "at most 8 listen addresses");
+				goto fail;
+			}
+			strfmt(o->listen[o->nlisten++], sizeof o->listen[0], "%s", a->all[i].v);
+		}
+	if (o->nlisten == 0)
+		strfmt(o->listen[o->nlisten++], sizeof o->listen[0], "127.0.0.1:%s", MQ_DEFAULT_PORT);
+	return 0;
+fail:
+	cfg_free(cfg);
+	srvconf_free(o);
+	return -1;
+}
+
 static int cmd_serve(struct args *a)
 {
 #ifdef __linux__
 	struct mq_err e = {0};
-	struct srv_opts o = {.idle_ms = 300000, .request_ms = 30000, .out_max = 4u << 20,
-	                     .in_chunk = 256u << 10, .max_conns = 100000};
-	static const char *const durs[] = {"idle-timeout", "request-timeout"};
-	int64_t *targets[] = {&o.idle_ms, &o.request_ms};
-	for (size_t i = 0; i < 2; i++) {
-		const char *v = opt_val(a, durs[i]);
-		if (v && (parse_duration_ms(v, targets[i]) < 0 || *targets[i] == 0))
-			return usage_error(a->cmd, "bad duration '%s' for --%s", v, durs[i]);
-	}
-	uint64_t mc;
-	if (opt_u64(a, "max-connections", 100000, &mc) < 0)
-		return MQ_EX_USAGE;
-	if (mc == 0 || mc > INT_MAX)
-		return usage_error(a->cmd, "--max-connections must be at least 1");
-	o.max_conns = (int)mc;
-	int k = opt_index(a, "listen");
-	for (int i = 0; i < a->nall; i++)
-		if (a->all[i].i == k) {
-			if (o.nlisten == 8)
-				return usage_error(a->cmd, "at most 8 listen addresses");
-			strfmt(o.listen[o.nlisten++], sizeof o.listen[0], "%s", a->all[i].v);
+	struct srv_opts o;
+	struct cfg cfg;
+	const char *file = opt_val(a, "config");
+	if (file) { /* the spool may be named there: find it first */
+		strfmt(a->sp.dir, sizeof a->sp.dir, ".");
+		if (serve_load(a, &cfg, &o, &e) < 0)
+			return fail(a, &e);
+		if (o.spool[0] && !opt_has(a, "spool")) {
+			int si = opt_index(a, "spool");
+			a->val[si] = o.spool;
+			a->count[si] = 1;
 		}
-	if (o.nlisten == 0)
-		strfmt(o.listen[o.nlisten++], sizeof o.listen[0], "127.0.0.1:%s", MQ_DEFAULT_PORT);
-	if (spool_init(a, 1, &e) < 0)
+	}
+	if (spool_init(a, 1, &e) < 0) {
+		if (file) {
+			cfg_free(&cfg);
+			srvconf_free(&o);
+		}
 		return fail(a, &e);
+	}
+	if (file) {
+		cfg_free(&a->sp.cfg);
+		a->sp.cfg = cfg; /* the file stands in for SPOOL/mq.yaml */
+	} else if (cfg_free(&a->sp.cfg), serve_load(a, &a->sp.cfg, &o, &e) < 0) {
+		return fail(a, &e);
+	}
+	strfmt(o.spool, sizeof o.spool, "%s", a->sp.dir);
 	a->sp.notice = serve_notice; /* recoveries and warnings as log lines */
 	struct srv s;
-	if (srv_init(&s, &a->sp, &o, &e) < 0)
+	if (srv_init(&s, &a->sp, &o, &e) < 0) {
+		srvconf_free(&o);
 		return fail(a, &e);
+	}
 	s.log = serve_log;
 	struct sigaction sa;
 	memset(&sa, 0, sizeof sa);
@@ -9881,12 +10426,29 @@ static int cmd_serve(struct args *a)
 	sigaction(SIGHUP, &sa, NULL);
 	int rc = 0;
 	for (int i = 0; i < o.nlisten && rc == 0; i++)
-		rc = srv_listen(&s, o.listen[i], &e);
+		rc = srv_listen(&s, o.listen[i], 0, &e);
+	if (rc == 0 && o.metrics[0])
+		rc = srv_listen(&s, o.metrics, 1, &e);
 	if (rc == 0) {
-		srv_log(&s, "level=info event=ready spool=%s pid=%ld", a->sp.dir, (long)getpid());
-		rc = srv_run(&s, &stop_flag, &e);
+		srv_log(&s, "level=info event=ready spool=%s pid=%ld tokens=%d", a->sp.dir,
+		        (long)getpid(), s.o.ntok);
+		while ((rc = srv_run(&s, &stop_flag, &e)) == 1) {
+			struct cfg nc;
+			struct srv_opts no;
+			struct mq_err re;
+			if (serve_load(a, &nc, &no, &re) < 0) {
+				srv_log(&s, "level=error event=reload error=\"%s\" msg=\"kept the old "
+				        "settings\"", re.msg);
+				continue;
+			}
+			cfg_free(&a->sp.cfg);
+			a->sp.cfg = nc;
+			strfmt(no.spool, sizeof no.spool, "%s", a->sp.dir);
+			srv_reconf(&s, &no);
+		}
 	}
 	srv_free(&s);
+	srvconf_free(&s.o);
 	return rc < 0 ? fail(a, &e) : MQ_EX_OK;
 #else
 	return usage_error(a->cmd, "mq serve needs Linux (epoll) for now");
@@ -10414,7 +10976,11 @@ static const struct opt verify_opts[] = {
 static const struct opt no_opts[] = {{0, NULL, 0, NULL, NULL}};
 
 static const struct opt serve_opts[] = {
+	{'c', "config", A_REQ, "FILE", "settings from FILE instead of SPOOL/mq.yaml "
+	 "(man mq.yaml(5))"},
 	{'l', "listen", A_REQ, "ADDR:PORT", "listen here (repeatable; default 127.0.0.1:7411)"},
+	{0, "metrics-listen", A_REQ, "ADDR:PORT", "serve Prometheus metrics at "
+	 "http://ADDR:PORT/metrics"},
 	{0, "idle-timeout", A_REQ, "DURATION", "close a client silent this long (default 5m)"},
 	{0, "request-timeout", A_REQ, "DURATION", "drop a client whose request stalls this long "
 	 "(default 30s)"},
@@ -10463,11 +11029,11 @@ static const struct cmd cmds[] = {
 	 "metadata in MQ_* variables; commit when CMD exits 0.  A failed run's messages\n"
 	 "come again after the backoff, and go to QUEUE.dlq after the last retry.",
 	 consume_opts, 2, -1, 0},
-	{"serve", cmd_serve, "[-l ADDR:PORT]... [--idle-timeout DURATION] "
-	 "[--request-timeout DURATION] [--max-connections N]",
+	{"serve", cmd_serve, "[-c FILE] [-l ADDR:PORT]... [--metrics-listen ADDR:PORT] "
+	 "[--idle-timeout DURATION] [--request-timeout DURATION] [--max-connections N]",
 	 "Serve the spool over TCP (man mq-protocol(7)); every other command runs\n"
 	 "there with -s HOST:PORT or $MQ_SERVER.  SIGTERM finishes what clients sent,\n"
-	 "commits, answers and exits 0; SIGHUP lets go of open queues (mq.yaml changes).",
+	 "commits, answers and exits 0; SIGHUP reads the settings again.",
 	 serve_opts, 0, 0, 0},
 	{"ls", cmd_ls, "[--json]", "List the queues of the spool.", json_opts, 0, 0, 1},
 	{"stat", cmd_stat, "[--json] [QUEUE...]",

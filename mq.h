@@ -283,6 +283,7 @@
  * --------------------------------------------------------------------- */
 #define MQ_PROTO_VERSION 1
 #define MQ_DEFAULT_PORT "7411"        /* mq serve listens on 127.0.0.1:7411 */
+#define MQ_NAMESRV_PORT "7412"        /* mq nameserver listens on 127.0.0.1:7412 */
 #define MQ_LINE_MAX 65536             /* longest request or frame-header line */
 #define MQ_ANSWER_MAX (4u << 20)      /* a GET or PEEK answer stops growing here */
 #define MQ_ANSWER_MSGS 10000          /* ... or at this many messages */
@@ -298,7 +299,8 @@ enum mq_exit {
 	MQ_EX_NOINPUT = 66,     /* no such queue */
 	MQ_EX_UNAVAILABLE = 69, /* server unavailable */
 	MQ_EX_IOERR = 74,       /* I/O error: full disk, failed fsync */
-	MQ_EX_TEMPFAIL = 75     /* try again: locked, busy */
+	MQ_EX_TEMPFAIL = 75,    /* try again: locked, busy */
+	MQ_EX_NOPERM = 77       /* the server wants a token, or this one may not */
 };
 
 #endif /* MQ_H */
