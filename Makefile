@@ -11,7 +11,7 @@ WARN     = -std=c11 -Wall -Wextra -Werror
 CFLAGS  ?= -O2 -g
 PKGS     = yaml-0.1 zlib
 PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
-PKG_LIBS   = $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -lyaml -lz)
+PKG_LIBS   = $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -lyaml -lz) -pthread
 SAN      = -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
 
 BATS_FILES = $(sort $(wildcard tests/*.bats))

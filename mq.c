@@ -2071,6 +2071,16 @@ static void hook_vsay(void (*fn)(void *ctx, const char *line), void *ctx, const 
 		fn(ctx, line);
 }
 
+static void hook_say(void (*fn)(void *ctx, const char *line), void *ctx, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+static void hook_say(void (*fn)(void *ctx, const char *line), void *ctx, const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	hook_vsay(fn, ctx, fmt, ap);
+	va_end(ap);
+}
+
 static void sp_notice(struct spool *sp, const char *fmt, ...)
 {
 	va_list ap;
@@ -6065,7 +6075,9 @@ struct rconn {
 	char addr[256];
 };
 
-static int rc_open(struct rconn *c, const char *addr, struct mq_err *e)
+/* Connect; with ms > 0, give up on the connect and on every later send
+ * or receive after ms milliseconds. */
+static int rc_open(struct rconn *c, const char *addr, int ms, struct mq_err *e)
 {
 	char host[256], port[32];
 	struct addrinfo hints = {0}, *res = NULL;
@@ -6081,8 +6093,25 @@ static int rc_open(struct rconn *c, const char *addr, struct mq_err *e)
 		               gai_strerror(k));
 	int sys = 0;
 	for (struct addrinfo *ai = res; ai && c->fd < 0; ai = ai->ai_next) {
-		c->fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
-		if (c->fd >= 0 && connect(c->fd, ai->ai_addr, ai->ai_addrlen) < 0) {
+		c->fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC |
+		               (ms > 0 ? SOCK_NONBLOCK : 0), ai->ai_protocol);
+		int r = c->fd < 0 ? -1 : connect(c->fd, ai->ai_addr, ai->ai_addrlen);
+		if (r < 0 && c->fd >= 0 && ms > 0 && errno == EINPROGRESS) {
+			struct pollfd pfd = {c->fd, POLLOUT, 0};
+			int err = ETIMEDOUT;
+			socklen_t el = sizeof err;
+			if (poll(&pfd, 1, ms) == 1)
+				getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &el);
+			r = err ? -1 : 0;
+			errno = err;
+		}
+		if (r == 0 && ms > 0) {
+			struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
+			fcntl(c->fd, F_SETFL, fcntl(c->fd, F_GETFL) & ~O_NONBLOCK);
+			setsockopt(c->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+			setsockopt(c->fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+		}
+		if (c->fd >= 0 && r < 0) {
 			sys = errno;
 			close(c->fd);
 			c->fd = -1;
@@ -6381,6 +6410,9 @@ struct srv {
 	size_t nverbs;
 	char bound[300];          /* the first address listened on, port resolved */
 	int ready;                /* systemd was told */
+	struct reg *reg;          /* a broker's registering thread, once started */
+	int64_t reg_next;         /* monotonic ms: the next registration round */
+	struct nsreg *nsr;        /* a nameserver's registry (mq nameserver) */
 	struct conn *conns;
 	int nconns;
 	struct sq *queues;
@@ -7886,6 +7918,339 @@ static void srv_notify(const char *state)
 	close(fd);
 }
 
+/* ----- registering with the nameservers -----
+ *
+ * A thread sends each round's REGISTER lines to every nameserver, so a
+ * nameserver that is down or slow never stalls the loop; the loop only
+ * builds the lines.  On the way out it sends UNREGISTER. */
+
+struct reg {
+	pthread_t th;
+	pthread_mutex_t mu;
+	int stop;              /* under mu */
+	uint64_t gen;          /* under mu: bumped with each new msg */
+	struct buf msg;        /* under mu: the newest round's lines */
+	int nlines;
+	char ns[8][256];       /* under mu */
+	int nns;
+	char addr[300];        /* under mu */
+	void (*log)(void *ctx, const char *line);
+	void *log_ctx;
+};
+
+/* Send lines (n of them) to one nameserver and read an answer to each. */
+static int reg_send(const char *ns, const struct buf *msg, int n, struct mq_err *e)
+{
+	struct rconn c;
+	char *line;
+	if (rc_open(&c, ns, 2000, e) < 0)
+		return -1;
+	int k = rc_send(&c, msg->p, msg->len, e);
+	for (int i = 0; k == 0 && i < n; i++)
+		while ((k = rc_next(&c, &line, e)) == 1)
+			;
+	rc_close(&c);
+	return k < 0 ? -1 : 0;
+}
+
+static void *reg_main(void *arg)
+{
+	struct reg *r = arg;
+	uint64_t sent = 0;
+	int state[8] = {0}; /* 1 registered, -1 failing: log only changes */
+	for (;;) {
+		struct buf msg = {0};
+		char ns[8][256], addr[300];
+		pthread_mutex_lock(&r->mu);
+		int stop = r->stop, nns = r->nns, n = r->nlines;
+		uint64_t gen = r->gen;
+		memcpy(ns, r->ns, sizeof ns);
+		memcpy(addr, r->addr, sizeof addr);
+		if (!stop && gen != sent)
+			buf_add(&msg, r->msg.p, r->msg.len);
+		pthread_mutex_unlock(&r->mu);
+		if (stop && sent) {
+			buf_printf(&msg, "UNREGISTER %s\n", addr);
+			n = 1;
+		}
+		for (int i = 0; msg.len && i < nns; i++) {
+			struct mq_err e;
+			int ok = reg_send(ns[i], &msg, n, &e) == 0;
+			if (ok && state[i] != 1 && !stop)
+				hook_say(r->log, r->log_ctx, "level=info event=registered nameserver=%s as=%s",
+				         ns[i], addr);
+			else if (!ok && state[i] != -1)
+				hook_say(r->log, r->log_ctx, "level=warn event=register nameserver=%s "
+				         "error=\"%s\"", ns[i], e.msg);
+			state[i] = ok ? 1 : -1;
+		}
+		buf_free(&msg);
+		if (stop)
+			return NULL;
+		sent = gen;
+		poll(NULL, 0, 50);
+	}
+}
+
+/* Each register-interval: this broker's address, role and queues with
+ * their partitions, as REGISTER lines of under MQ_LINE_MAX bytes. */
+static void srv_register(struct srv *s)
+{
+	if (!s->o.nns || mono_ms() < s->reg_next)
+		return;
+	s->reg_next = mono_ms() + s->o.register_ms;
+	if (!s->reg) {
+		struct reg *r = calloc(1, sizeof *r);
+		if (!r)
+			abort();
+		pthread_mutex_init(&r->mu, NULL);
+		r->log = s->log;
+		r->log_ctx = s->log_ctx;
+		if (pthread_create(&r->th, NULL, reg_main, r)) {
+			srv_log(s, "level=error event=register error=\"cannot start a thread\"");
+			pthread_mutex_destroy(&r->mu);
+			free(r);
+			return;
+		}
+		s->reg = r;
+	}
+	const char *addr = s->o.advertise[0] ? s->o.advertise : s->bound;
+	struct buf b = {0}, line = {0};
+	char **names = NULL;
+	size_t n = 0;
+	struct mq_err e;
+	int nl = 0;
+	if (q_list(s->sp, &names, &n, &e) < 0)
+		srv_log(s, "level=error event=register error=\"%s\"", e.msg);
+	for (size_t i = 0; i <= n; i++) {
+		struct qconf qc;
+		if (i < n && q_conf(s->sp, names[i], NULL, 0, &qc, &e) < 0)
+			continue;
+		if (i < n)
+			buf_printf(&line, " %s:%" PRId64, names[i], qc.partitions);
+		if (i == n || line.len > MQ_LINE_MAX / 2) {
+			buf_printf(&b, "REGISTER %s role=%s part=%d%s%.*s\n", addr, s->o.role, nl,
+			           i < n ? " more=1" : "", (int)line.len, line.p ? line.p : "");
+			line.len = 0;
+			nl++;
+		}
+	}
+	names_free(names, n);
+	buf_free(&line);
+	pthread_mutex_lock(&s->reg->mu);
+	buf_free(&s->reg->msg);
+	s->reg->msg = b;
+	s->reg->nlines = nl;
+	s->reg->gen++;
+	memcpy(s->reg->ns, s->o.ns, sizeof s->reg->ns);
+	s->reg->nns = s->o.nns;
+	strfmt(s->reg->addr, sizeof s->reg->addr, "%s", addr);
+	pthread_mutex_unlock(&s->reg->mu);
+}
+
+/* Stop the registering thread; it unregisters first. */
+static void srv_unregister(struct srv *s)
+{
+	if (!s->reg)
+		return;
+	pthread_mutex_lock(&s->reg->mu);
+	s->reg->stop = 1;
+	pthread_mutex_unlock(&s->reg->mu);
+	pthread_join(s->reg->th, NULL);
+	pthread_mutex_destroy(&s->reg->mu);
+	buf_free(&s->reg->msg);
+	free(s->reg);
+	s->reg = NULL;
+}
+
+/* ----- the nameserver: brokers, their queues, and routes ----- */
+
+struct nsq {
+	char *name;
+	int parts;
+};
+
+struct broker {
+	char addr[256];
+	char role[16];
+	int64_t seen_ms;       /* monotonic: last complete registration */
+	int64_t created_ms;
+	struct nsq *q, *pq;    /* queues; pq: a registration still arriving */
+	size_t nq, npq, cpq;
+	struct broker *next;
+};
+
+struct nsreg {
+	struct broker *b;
+	int nb;
+	int64_t scan_ms, expire_ms, scanned_ms;
+};
+
+static void nsq_free(struct nsq *q, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		free(q[i].name);
+	free(q);
+}
+
+static void broker_free(struct broker *b)
+{
+	nsq_free(b->q, b->nq);
+	nsq_free(b->pq, b->npq);
+	free(b);
+}
+
+static struct broker **ns_find(struct nsreg *ns, const char *addr)
+{
+	struct broker **p = &ns->b;
+	while (*p && strcmp((*p)->addr, addr))
+		p = &(*p)->next;
+	return p;
+}
+
+/* REGISTER ADDR role=R part=K [more=1] QUEUE:PARTITIONS...: part 0 starts
+ * a registration, the line without more=1 completes it. */
+static int v_register(struct srv *s, struct conn *c, struct preq *r, struct ticket *t,
+                      struct mq_err *e)
+{
+	const char *addr = preq_pos(r, 0), *role = preq_opt(r, "role");
+	uint64_t part = 0, more = 0;
+	(void)c;
+	if (strlen(addr) >= sizeof s->nsr->b->addr || !strchr(addr, ':'))
+		return err_set(e, MQ_EX_USAGE, "bad broker address '%.80s'", addr);
+	if (role && strcmp(role, "master") && strcmp(role, "follower"))
+		return err_set(e, MQ_EX_USAGE, "bad role '%.20s' (master, follower)", role);
+	if (ropt_u64(r, "part", 0, &part, e) < 0 || ropt_u64(r, "more", 0, &more, e) < 0)
+		return -1;
+	struct broker **pb = ns_find(s->nsr, addr), *b = *pb;
+	if (!b) {
+		if (s->nsr->nb >= 4096)
+			return err_set(e, MQ_EX_TEMPFAIL, "too many brokers");
+		if (!(b = calloc(1, sizeof *b)))
+			abort();
+		strfmt(b->addr, sizeof b->addr, "%s", addr);
+		b->created_ms = mono_ms();
+		*pb = b;
+		s->nsr->nb++;
+	}
+	if (part == 0) {
+		nsq_free(b->pq, b->npq);
+		b->pq = NULL;
+		b->npq = b->cpq = 0;
+	}
+	for (int i = 1; i < preq_npos(r); i++) {
+		const char *qs = preq_pos(r, i), *colon = strrchr(qs, ':');
+		char name[256];
+		uint64_t np;
+		if (!colon || (size_t)(colon - qs) >= sizeof name || parse_u64(colon + 1, &np) < 0 ||
+		    np < 1 || np > MQ_MAX_PARTITIONS)
+			return err_set(e, MQ_EX_USAGE, "bad queue '%.80s' (QUEUE:PARTITIONS)", qs);
+		memcpy(name, qs, (size_t)(colon - qs));
+		name[colon - qs] = 0;
+		if (!name_valid(name))
+			return err_set(e, MQ_EX_USAGE, "bad queue name '%.80s'", name);
+		if (b->npq >= 1000000)
+			return err_set(e, MQ_EX_USAGE, "too many queues");
+		if (b->npq == b->cpq &&
+		    !(b->pq = realloc(b->pq, (b->cpq = b->cpq ? 2 * b->cpq : 64) * sizeof *b->pq)))
+			abort();
+		if (!(b->pq[b->npq].name = strdup(name)))
+			abort();
+		b->pq[b->npq++].parts = (int)np;
+	}
+	if (!more) {
+		int fresh = b->seen_ms == 0;
+		nsq_free(b->q, b->nq);
+		b->q = b->pq;
+		b->nq = b->npq;
+		b->pq = NULL;
+		b->npq = b->cpq = 0;
+		b->seen_ms = mono_ms();
+		strfmt(b->role, sizeof b->role, "%s", role ? role : "master");
+		if (fresh)
+			srv_log(s, "level=info event=register broker=%s role=%s queues=%zu", b->addr,
+			        b->role, b->nq);
+	}
+	buf_adds(&t->resp, "OK\n");
+	return 0;
+}
+
+static void ns_drop(struct srv *s, struct broker **pb, const char *why)
+{
+	struct broker *b = *pb;
+	srv_log(s, "level=info event=%s broker=%s", why, b->addr);
+	*pb = b->next;
+	broker_free(b);
+	s->nsr->nb--;
+}
+
+static int v_unregister(struct srv *s, struct conn *c, struct preq *r, struct ticket *t,
+                        struct mq_err *e)
+{
+	struct broker **pb = ns_find(s->nsr, preq_pos(r, 0));
+	(void)c, (void)e;
+	if (*pb)
+		ns_drop(s, pb, "unregister");
+	buf_adds(&t->resp, "OK\n");
+	return 0;
+}
+
+/* ROUTE QUEUE: "BROKER ADDR PARTITIONS ROLE" for each live broker that
+ * holds it, in the order they registered. */
+static int v_route(struct srv *s, struct conn *c, struct preq *r, struct ticket *t,
+                   struct mq_err *e)
+{
+	const char *q = preq_pos(r, 0);
+	int n = 0;
+	(void)c, (void)e;
+	for (struct broker *b = s->nsr->b; b; b = b->next)
+		for (size_t i = 0; b->seen_ms && i < b->nq; i++)
+			if (!strcmp(b->q[i].name, q)) {
+				buf_printf(&t->resp, "BROKER %s %d %s\n", b->addr, b->q[i].parts, b->role);
+				n++;
+			}
+	buf_printf(&t->resp, "OK %d\n", n);
+	return 0;
+}
+
+/* BROKERS: "BROKER ADDR QUEUES ROLE AGE_MS" for each live broker. */
+static int v_brokers(struct srv *s, struct conn *c, struct preq *r, struct ticket *t,
+                     struct mq_err *e)
+{
+	int n = 0;
+	(void)c, (void)r, (void)e;
+	for (struct broker *b = s->nsr->b; b; b = b->next)
+		if (b->seen_ms) {
+			buf_printf(&t->resp, "BROKER %s %zu %s %" PRId64 "\n", b->addr, b->nq, b->role,
+			           mono_ms() - b->seen_ms);
+			n++;
+		}
+	buf_printf(&t->resp, "OK %d\n", n);
+	return 0;
+}
+
+static const struct verb ns_verbs[] = {
+	{"HELLO", v_hello, 0, 1, NEED_NONE, 0},     {"PING", v_ping, 0, 0, NEED_NONE, 0},
+	{"QUIT", v_quit, 0, 0, NEED_NONE, 0},       {"REGISTER", v_register, 1, -1, NEED_NONE, 0},
+	{"UNREGISTER", v_unregister, 1, 1, NEED_NONE, 0},
+	{"ROUTE", v_route, 1, 1, NEED_NONE, 0},     {"BROKERS", v_brokers, 0, 0, NEED_NONE, 0},
+};
+
+/* Every scan-interval: forget brokers silent longer than expire. */
+static void ns_scan(struct srv *s)
+{
+	struct nsreg *ns = s->nsr;
+	int64_t now = mono_ms();
+	if (!ns || now - ns->scanned_ms < ns->scan_ms)
+		return;
+	ns->scanned_ms = now;
+	for (struct broker **pb = &ns->b; *pb;)
+		if (now - ((*pb)->seen_ms ? (*pb)->seen_ms : (*pb)->created_ms) > ns->expire_ms)
+			ns_drop(s, pb, "expire");
+		else
+			pb = &(*pb)->next;
+}
+
 static int srv_init(struct srv *s, struct spool *sp, const struct srv_opts *o, struct mq_err *e)
 {
 	memset(s, 0, sizeof *s);
@@ -7971,6 +8336,8 @@ static int srv_run(struct srv *s, volatile sig_atomic_t *stop, struct mq_err *e)
 	if (!s->ready) {
 		srv_notify("READY=1");
 		s->ready = 1;
+		if (s->sp)
+			srv_register(s);
 	}
 	while (!*stop || *stop == SIGHUP) {
 		if (*stop == SIGHUP) {
@@ -8019,6 +8386,9 @@ static int srv_run(struct srv *s, volatile sig_atomic_t *stop, struct mq_err *e)
 		if (tick) {
 			s->tick_ms = mono_ms();
 			srv_timers(s);
+			if (s->sp)
+				srv_register(s);
+			ns_scan(s);
 		}
 	}
 	return 0;
@@ -8031,6 +8401,7 @@ static void srv_free(struct srv *s)
 	srv_notify("STOPPING=1");
 	for (int i = 0; i < s->nl; i++)
 		close(s->l[i].fd);
+	srv_unregister(s);
 	for (struct ticket *t = s->waiting, *n; t; t = n) {
 		n = t->wnext;
 		buf_adds(&t->resp, "OK 0\n");
@@ -8054,6 +8425,8 @@ static void srv_free(struct srv *s)
 		srv_close(s, s->conns, "shutdown");
 	while (s->queues)
 		sq_close(s, s->queues);
+	while (s->nsr && s->nsr->b)
+		ns_drop(s, &s->nsr->b, "shutdown");
 	close(s->ep);
 	srv_log(s, "level=info event=stop");
 }
@@ -8101,6 +8474,7 @@ struct args {
 	struct spool sp;
 	const char *queue; /* for error messages */
 	const char *server; /* -s HOST:PORT or $MQ_SERVER: run it there */
+	const char *namesrv; /* -n HOST:PORT,... or $MQ_NAMESRV: route through them */
 };
 
 static const struct opt common_opts[] = {
@@ -8670,7 +9044,7 @@ static int opt_partition(struct args *a, const struct queue *q, int *part)
 static int rmt_open(struct args *a, struct rconn *c, struct mq_err *e)
 {
 	char *line;
-	if (rc_open(c, a->server, e) < 0)
+	if (rc_open(c, a->server, 0, e) < 0)
 		return -1;
 	const char *tok = getenv("MQ_TOKEN");
 	struct buf b = {0};
@@ -10324,6 +10698,17 @@ static void serve_notice(void *ctx, const char *msg)
 	serve_log(ctx, line);
 }
 
+/* What mq serve and mq nameserver do alike with signals. */
+static void serve_signals(void)
+{
+	struct sigaction sa;
+	memset(&sa, 0, sizeof sa);
+	sa.sa_handler = SIG_IGN;
+	sigaction(SIGPIPE, &sa, NULL);
+	sigaction(SIGINT, NULL, &sa); /* the handler main() set: it sets stop_flag */
+	sigaction(SIGHUP, &sa, NULL);
+}
+
 /*
  * mq serve's settings: built-in defaults, then the "server:" section of
  * --config FILE (else of SPOOL/mq.yaml), then the flags.  cfg gets the
@@ -10418,12 +10803,7 @@ static int cmd_serve(struct args *a)
 		return fail(a, &e);
 	}
 	s.log = serve_log;
-	struct sigaction sa;
-	memset(&sa, 0, sizeof sa);
-	sa.sa_handler = SIG_IGN;
-	sigaction(SIGPIPE, &sa, NULL);
-	sigaction(SIGINT, NULL, &sa); /* the handler main() set: it sets stop_flag */
-	sigaction(SIGHUP, &sa, NULL);
+	serve_signals();
 	int rc = 0;
 	for (int i = 0; i < o.nlisten && rc == 0; i++)
 		rc = srv_listen(&s, o.listen[i], 0, &e);
@@ -10453,6 +10833,165 @@ static int cmd_serve(struct args *a)
 #else
 	return usage_error(a->cmd, "mq serve needs Linux (epoll) for now");
 #endif
+}
+
+/* ----- mq nameserver, mq route ----- */
+
+static int cmd_nameserver(struct args *a)
+{
+#ifdef __linux__
+	struct mq_err e = {0};
+	struct srv_opts o;
+	struct nsreg ns = {.scan_ms = 10000, .expire_ms = 120000, .scanned_ms = mono_ms()};
+	static const char *const durs[] = {"scan-interval", "expire"};
+	int64_t *targets[] = {&ns.scan_ms, &ns.expire_ms};
+	for (size_t i = 0; i < 2; i++) {
+		const char *v = opt_val(a, durs[i]);
+		if (v && (parse_duration_ms(v, targets[i]) < 0 || *targets[i] == 0))
+			return usage_error(a->cmd, "bad duration '%s' for --%s", v, durs[i]);
+	}
+	srvconf_defaults(&o);
+	int k = opt_index(a, "listen");
+	for (int i = 0; i < a->nall; i++)
+		if (a->all[i].i == k) {
+			if (o.nlisten == 8)
+				return usage_error(a->cmd, "at most 8 listen addresses");
+			strfmt(o.listen[o.nlisten++], sizeof o.listen[0], "%s", a->all[i].v);
+		}
+	if (o.nlisten == 0)
+		strfmt(o.listen[o.nlisten++], sizeof o.listen[0], "127.0.0.1:%s", MQ_NAMESRV_PORT);
+	struct srv s;
+	if (srv_init(&s, NULL, &o, &e) < 0)
+		return fail(a, &e);
+	s.verbs = ns_verbs;
+	s.nverbs = sizeof ns_verbs / sizeof *ns_verbs;
+	s.nsr = &ns;
+	s.log = serve_log;
+	serve_signals();
+	int rc = 0;
+	for (int i = 0; i < o.nlisten && rc == 0; i++)
+		rc = srv_listen(&s, o.listen[i], 0, &e);
+	if (rc == 0) {
+		srv_log(&s, "level=info event=ready role=nameserver pid=%ld scan_ms=%" PRId64
+		        " expire_ms=%" PRId64, (long)getpid(), ns.scan_ms, ns.expire_ms);
+		while ((rc = srv_run(&s, &stop_flag, &e)) == 1)
+			srv_log(&s, "level=info event=reload msg=\"a nameserver has no settings to read\"");
+	}
+	srv_free(&s);
+	return rc < 0 ? fail(a, &e) : MQ_EX_OK;
+#else
+	return usage_error(a->cmd, "mq nameserver needs Linux (epoll) for now");
+#endif
+}
+
+/* A route: the brokers holding a queue (or every live broker). */
+struct rbroker {
+	char addr[256];
+	int parts;             /* of the queue; for BROKERS, the number of queues */
+	char role[16];
+	int64_t age_ms;        /* BROKERS: since the last registration */
+};
+
+struct route {
+	struct rbroker b[64];
+	int n;
+};
+
+static int route_line(void *ctx, char *line, struct mq_err *e)
+{
+	struct route *rt = ctx;
+	struct preq r = {0};
+	uint64_t parts;
+	if (proto_parse(line, &r, e) < 0)
+		return -1;
+	int np = preq_npos(&r);
+	if (!strcmp(r.t[0].val, "BROKER") && np >= 3 && rt->n < 64 &&
+	    parse_u64(preq_pos(&r, 1), &parts) == 0 && parts <= INT_MAX) {
+		struct rbroker *b = &rt->b[rt->n++];
+		strfmt(b->addr, sizeof b->addr, "%s", preq_pos(&r, 0));
+		b->parts = (int)parts;
+		strfmt(b->role, sizeof b->role, "%s", preq_pos(&r, 2));
+		b->age_ms = np >= 4 ? strtoll(preq_pos(&r, 3), NULL, 10) : 0;
+	}
+	preq_free(&r);
+	return 0;
+}
+
+/* Ask the nameservers of list (comma-separated), starting at a random one,
+ * until one answers: ROUTE q, or BROKERS when q is NULL. */
+static int ns_ask(const char *list, const char *q, struct route *rt, struct mq_err *e)
+{
+	char ns[8][256];
+	int n = 0;
+	for (const char *p = list; *p && n < 8;) {
+		size_t k = strcspn(p, ", ");
+		if (k && k < sizeof ns[0]) {
+			memcpy(ns[n], p, k);
+			ns[n++][k] = 0;
+		}
+		p += k + (p[k] != 0);
+	}
+	if (!n)
+		return err_set(e, MQ_EX_USAGE, "no nameserver in '%s'", list);
+	int start = (int)((unsigned)getpid() % (unsigned)n);
+	for (int i = 0; i < n; i++) {
+		struct rconn c;
+		struct buf b = {0};
+		rt->n = 0;
+		if (rc_open(&c, ns[(start + i) % n], 2000, e) < 0)
+			continue;
+		if (q) {
+			buf_adds(&b, "ROUTE ");
+			proto_esc(&b, q, strlen(q));
+		} else {
+			buf_adds(&b, "BROKERS");
+		}
+		int k = rmt_call(&c, &b, route_line, rt, NULL, e);
+		buf_free(&b);
+		rc_close(&c);
+		if (k == 0)
+			return 0;
+	}
+	return err_set(e, MQ_EX_UNAVAILABLE, "no nameserver answers (%s): %s", list, e->msg);
+}
+
+/* The brokers a command through nameservers may run on: those holding
+ * the queue, else every live one; a rotation starting at a random one. */
+static int ns_brokers(const char *list, const char *q, struct route *rt, struct mq_err *e)
+{
+	if ((q && ns_ask(list, q, rt, e) < 0) || ((!q || !rt->n) && ns_ask(list, NULL, rt, e) < 0))
+		return -1;
+	if (!rt->n)
+		return err_set(e, MQ_EX_UNAVAILABLE, "no live broker is registered with %s", list);
+	struct route tmp = *rt;
+	int start = (int)(((unsigned)getpid() ^ (unsigned)now_ms()) % (unsigned)rt->n);
+	for (int i = 0; i < rt->n; i++)
+		rt->b[i] = tmp.b[(start + i) % rt->n];
+	return 0;
+}
+
+static int cmd_route(struct args *a)
+{
+	struct mq_err e = {0};
+	struct route rt;
+	const char *q = a->npos ? a->pos[0] : NULL;
+	if (!a->namesrv)
+		return usage_error(a->cmd, "route needs nameservers: -n HOST:PORT[,...] or $MQ_NAMESRV");
+	if (q && !name_valid(q))
+		return usage_error(a->cmd, "bad queue name '%s'", q);
+	if (ns_ask(a->namesrv, q, &rt, &e) < 0)
+		return fail(a, &e);
+	if (q && !rt.n) {
+		err_set(&e, MQ_EX_NOINPUT, "no live broker holds queue '%s'", q);
+		return fail(a, &e);
+	}
+	for (int i = 0; i < rt.n; i++)
+		if (q)
+			printf("%s\t%d\t%s\n", rt.b[i].addr, rt.b[i].parts, rt.b[i].role);
+		else
+			printf("%s\t%d\t%s\t%" PRId64 "\n", rt.b[i].addr, rt.b[i].parts, rt.b[i].role,
+			       rt.b[i].age_ms / 1000);
+	return fflush(stdout) == 0 ? MQ_EX_OK : MQ_EX_IOERR;
 }
 
 /* ----- mq ls, mq stat ----- */
@@ -10987,6 +11526,12 @@ static const struct opt serve_opts[] = {
 	{0, "max-connections", A_REQ, "N", "refuse clients past N at once (default 100000)"},
 	{0, NULL, 0, NULL, NULL}};
 
+static const struct opt nameserver_opts[] = {
+	{'l', "listen", A_REQ, "ADDR:PORT", "listen here (repeatable; default 127.0.0.1:7412)"},
+	{0, "scan-interval", A_REQ, "DURATION", "look for silent brokers this often (default 10s)"},
+	{0, "expire", A_REQ, "DURATION", "forget a broker silent this long (default 2m)"},
+	{0, NULL, 0, NULL, NULL}};
+
 static const struct cmd cmds[] = {
 	{"put", cmd_put, "[-0 | --whole] [-k KEY | -K DELIM] [-t TAG] [-H NAME=VALUE]... "
 	 "[-p N] [--fsync MODE] [--print-offsets] [--no-create] [--id ID] "
@@ -11035,6 +11580,16 @@ static const struct cmd cmds[] = {
 	 "there with -s HOST:PORT or $MQ_SERVER.  SIGTERM finishes what clients sent,\n"
 	 "commits, answers and exits 0; SIGHUP reads the settings again.",
 	 serve_opts, 0, 0, 0},
+	{"nameserver", cmd_nameserver, "[-l ADDR:PORT]... [--scan-interval DURATION] "
+	 "[--expire DURATION]",
+	 "Keep the registry of brokers: each mq serve with nameservers: set registers\n"
+	 "its queues there, and mq -n asks it where a queue lives.",
+	 nameserver_opts, 0, 0, 0},
+	{"route", cmd_route, "[QUEUE]",
+	 "Print the brokers holding QUEUE (address, partitions, role), as the\n"
+	 "nameservers of -n or $MQ_NAMESRV see them; without QUEUE, every live\n"
+	 "broker (address, queues, role, seconds since it registered).",
+	 no_opts, 0, 1, 0},
 	{"ls", cmd_ls, "[--json]", "List the queues of the spool.", json_opts, 0, 0, 1},
 	{"stat", cmd_stat, "[--json] [QUEUE...]",
 	 "Show messages, bytes, segments and per-group lag and oldest unconsumed age.",
@@ -11117,7 +11672,39 @@ static void on_signal(int sig)
 }
 
 /* Run one command with its arguments (argv[0] is the command name). */
-static int mq_run(int argc, char **argv, const char *spool, const char *server)
+/* Commands that print nothing and exit 1 on a broker with nothing for
+ * them: through nameservers, the next broker is asked. */
+static int cmd_get(struct args *a);
+static int cmd_peek(struct args *a);
+static int cmd_tail(struct args *a);
+
+/* Run c through nameservers: on each broker the route gives, until one
+ * is reachable (and, for get, peek and tail, has something). */
+static int ns_run(const struct cmd *c, struct args *a)
+{
+	struct route rt;
+	struct mq_err e = {0};
+	const char *q = a->npos && c->fn != cmd_ls ? a->pos[0] : NULL;
+	if (q && !name_valid(q))
+		q = NULL; /* the command says what is wrong with it */
+	if (ns_brokers(a->namesrv, q, &rt, &e) < 0) {
+		fprintf(stderr, "%s: %s: %s\n", progname, c->name, e.msg);
+		return e.code;
+	}
+	int rc = MQ_EX_UNAVAILABLE, waits = opt_has(a, "wait");
+	for (int i = 0; i < rt.n; i++) {
+		a->server = rt.b[i].addr;
+		rc = c->fn(a);
+		if (rc != MQ_EX_UNAVAILABLE && (rc != MQ_EX_EMPTY || waits ||
+		    (c->fn != cmd_get && c->fn != cmd_peek && c->fn != cmd_tail)))
+			break;
+	}
+	a->server = NULL;
+	return rc;
+}
+
+static int mq_run(int argc, char **argv, const char *spool, const char *server,
+                  const char *namesrv)
 {
 	const struct cmd *c = cmd_find(argv[0]);
 	if (!c) {
@@ -11134,7 +11721,10 @@ static int mq_run(int argc, char **argv, const char *spool, const char *server)
 	}
 	/* -d names a local spool: it wins over $MQ_SERVER */
 	a.server = server && *server && c->fn != cmd_serve && !opt_has(&a, "spool") ? server : NULL;
-	if (rc == 0 && a.server && !c->remote && c->fn != cmd_help && !opt_has(&a, "help")) {
+	a.namesrv = namesrv && c->fn != cmd_serve && !opt_has(&a, "spool") && !a.server ? namesrv
+	            : NULL;
+	if (rc == 0 && (a.server || a.namesrv) && !c->remote && c->fn != cmd_help &&
+	    c->fn != cmd_route && !opt_has(&a, "help")) {
 		fprintf(stderr, "%s: %s does not work through a server yet (unset MQ_SERVER, or "
 		        "drop -s)\n", progname, c->name);
 		rc = MQ_EX_USAGE;
@@ -11143,6 +11733,8 @@ static int mq_run(int argc, char **argv, const char *spool, const char *server)
 		help_cmd(stdout, c);
 	} else if (rc == 0 && (a.npos < c->min_pos || (c->max_pos >= 0 && a.npos > c->max_pos))) {
 		rc = usage_error(c, a.npos < c->min_pos ? "missing arguments" : "too many arguments");
+	} else if (rc == 0 && a.namesrv && c->fn != cmd_route && c->fn != cmd_put) {
+		rc = ns_run(c, &a);
 	} else if (rc == 0) {
 		rc = c->fn(&a);
 	}
@@ -11153,7 +11745,7 @@ static int mq_run(int argc, char **argv, const char *spool, const char *server)
 
 int main(int argc, char **argv)
 {
-	const char *spool = NULL, *server = getenv("MQ_SERVER");
+	const char *spool = NULL, *server = NULL, *namesrv = NULL;
 	int i = 1;
 	dur_fault_init();
 	/* A closed stdin/stdout/stderr would be reused by the next open() and
@@ -11182,6 +11774,10 @@ int main(int argc, char **argv)
 			server = argv[++i];
 		} else if (!strncmp(s, "--server=", 9)) {
 			server = s + 9;
+		} else if ((!strcmp(s, "-n") || !strcmp(s, "--namesrv")) && i + 1 < argc) {
+			namesrv = argv[++i];
+		} else if (!strncmp(s, "--namesrv=", 10)) {
+			namesrv = s + 10;
 		} else if (!strncmp(s, "--spool=", 8)) {
 			spool = s + 8;
 		} else if (!strncmp(s, "-d", 2) && s[2]) {
@@ -11195,8 +11791,16 @@ int main(int argc, char **argv)
 		help_main(stderr);
 		return MQ_EX_USAGE;
 	}
+	/* flags before the environment; -d names a local spool, -s one
+	 * server, -n nameservers that know the servers */
+	if (!spool && !server && !namesrv) {
+		server = getenv("MQ_SERVER");
+		namesrv = server && *server ? NULL : getenv("MQ_NAMESRV");
+	}
+	if (spool || (server && *server))
+		namesrv = NULL;
 	if (spool)
-		server = NULL; /* -d names a local spool: it wins over $MQ_SERVER */
-	return mq_run(argc - i, argv + i, spool, server);
+		server = NULL;
+	return mq_run(argc - i, argv + i, spool, server, namesrv && *namesrv ? namesrv : NULL);
 }
 #endif
