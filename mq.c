@@ -9106,13 +9106,111 @@ static void rmt_retry_opts(struct args *a, struct buf *b)
 		proto_opt(b, set[i].k, set[i].v, strlen(set[i].v));
 }
 
+/* ----- routes from the nameservers ----- */
+
+/* A route: the brokers holding a queue (or every live broker). */
+struct rbroker {
+	char addr[256];
+	int parts;             /* of the queue; for BROKERS, the number of queues */
+	char role[16];
+	int64_t age_ms;        /* BROKERS: since the last registration */
+};
+
+struct route {
+	struct rbroker b[64];
+	int n;
+};
+
+static int route_line(void *ctx, char *line, struct mq_err *e)
+{
+	struct route *rt = ctx;
+	struct preq r = {0};
+	uint64_t parts;
+	if (proto_parse(line, &r, e) < 0)
+		return -1;
+	int np = preq_npos(&r);
+	if (!strcmp(r.t[0].val, "BROKER") && np >= 3 && rt->n < 64 &&
+	    parse_u64(preq_pos(&r, 1), &parts) == 0 && parts <= INT_MAX) {
+		struct rbroker *b = &rt->b[rt->n++];
+		strfmt(b->addr, sizeof b->addr, "%s", preq_pos(&r, 0));
+		b->parts = (int)parts;
+		strfmt(b->role, sizeof b->role, "%s", preq_pos(&r, 2));
+		b->age_ms = np >= 4 ? strtoll(preq_pos(&r, 3), NULL, 10) : 0;
+	}
+	preq_free(&r);
+	return 0;
+}
+
+/* Ask the nameservers of list (comma-separated), starting at a random one,
+ * until one answers: ROUTE q, or BROKERS when q is NULL. */
+static int ns_ask(const char *list, const char *q, struct route *rt, struct mq_err *e)
+{
+	char ns[8][256];
+	int n = 0;
+	for (const char *p = list; *p && n < 8;) {
+		size_t k = strcspn(p, ", ");
+		if (k && k < sizeof ns[0]) {
+			memcpy(ns[n], p, k);
+			ns[n++][k] = 0;
+		}
+		p += k + (p[k] != 0);
+	}
+	if (!n)
+		return err_set(e, MQ_EX_USAGE, "no nameserver in '%s'", list);
+	int start = (int)((unsigned)getpid() % (unsigned)n);
+	for (int i = 0; i < n; i++) {
+		struct rconn c;
+		struct buf b = {0};
+		rt->n = 0;
+		if (rc_open(&c, ns[(start + i) % n], 2000, e) < 0)
+			continue;
+		if (q) {
+			buf_adds(&b, "ROUTE ");
+			proto_esc(&b, q, strlen(q));
+		} else {
+			buf_adds(&b, "BROKERS");
+		}
+		int k = rmt_call(&c, &b, route_line, rt, NULL, e);
+		buf_free(&b);
+		rc_close(&c);
+		if (k == 0)
+			return 0;
+	}
+	return err_set(e, MQ_EX_UNAVAILABLE, "no nameserver answers (%s): %s", list, e->msg);
+}
+
+/* The brokers a command through nameservers may run on: those holding
+ * the queue, else every live one; a rotation starting at a random one. */
+static int ns_brokers(const char *list, const char *q, struct route *rt, struct mq_err *e)
+{
+	if ((q && ns_ask(list, q, rt, e) < 0) || ((!q || !rt->n) && ns_ask(list, NULL, rt, e) < 0))
+		return -1;
+	if (!rt->n)
+		return err_set(e, MQ_EX_UNAVAILABLE, "no live broker is registered with %s", list);
+	struct route tmp = *rt;
+	int start = (int)(((unsigned)getpid() ^ (unsigned)now_ms()) % (unsigned)rt->n);
+	for (int i = 0; i < rt->n; i++)
+		rt->b[i] = tmp.b[(start + i) % rt->n];
+	return 0;
+}
+
 /* put's messages on their way to the server: frames gathered into PUT
  * requests of up to RPUT_CHUNK bytes, with at most RPUT_AHEAD of them
  * unanswered, so the pipe streams without waiting for each ack. */
 enum { RPUT_CHUNK = 256 << 10, RPUT_AHEAD = 16 };
 
+/* A PUT request kept until answered (put through nameservers). */
+struct rkept {
+	struct buf head, frames;
+	int sent;
+};
+
 struct rput {
 	struct rconn c;
+	int keep;            /* keep requests until answered, to send elsewhere */
+	struct rkept *kept;  /* oldest first: sent ones, then unsent ones */
+	size_t nkept, ckept;
+	const char *suffix;  /* --print-offsets: "@BROKER" after each offset */
 	struct buf opts;     /* the PUT line's options */
 	struct buf frames;   /* frames of the request being built */
 	uint64_t nframes;
@@ -9130,6 +9228,8 @@ static int rput_offset(void *ctx, char *line, struct mq_err *e)
 	(void)e;
 	if (rp->out) {
 		out_add(rp->out, line, strlen(line));
+		if (rp->suffix)
+			out_add(rp->out, rp->suffix, strlen(rp->suffix));
 		out_add(rp->out, "\n", 1);
 	}
 	return 0;
@@ -9142,9 +9242,16 @@ static int rput_answer(struct rput *rp, struct mq_err *e)
 	int k;
 	while ((k = rc_next(&rp->c, &line, e)) == 1)
 		rput_offset(rp, line, e);
-	rp->ahead--;
 	if (k < 0)
-		return -1;
+		return -1; /* kept: the caller may send it elsewhere */
+	rp->ahead--;
+	if (rp->keep) { /* answered: forget the oldest, keep its memory */
+		struct rkept done = rp->kept[0];
+		memmove(rp->kept, rp->kept + 1, (rp->nkept - 1) * sizeof *rp->kept);
+		done.head.len = done.frames.len = 0;
+		done.sent = 0;
+		rp->kept[--rp->nkept] = done;
+	}
 	uint64_t n = strtoull(line, NULL, 10);
 	const char *d = strstr(line, "duplicate=");
 	if (d)
@@ -9155,9 +9262,69 @@ static int rput_answer(struct rput *rp, struct mq_err *e)
 	return 0;
 }
 
+/* Send the kept requests not sent yet, in order. */
+static int rput_pump(struct rput *rp, struct mq_err *e)
+{
+	for (size_t i = 0; i < rp->nkept; i++) {
+		struct rkept *k = &rp->kept[i];
+		if (k->sent)
+			continue;
+		if (rc_send(&rp->c, k->head.p, k->head.len, e) < 0 ||
+		    rc_send(&rp->c, k->frames.p, k->frames.len, e) < 0)
+			return -1;
+		k->sent = 1;
+		rp->ahead++;
+		while (rp->ahead > RPUT_AHEAD)
+			if (rput_answer(rp, e) < 0)
+				return -1;
+	}
+	return 0;
+}
+
+/* Take a request to send (and keep) later: the gathered frames, or a
+ * request another broker failed to answer. */
+static struct rkept *rput_keep(struct rput *rp)
+{
+	if (rp->nkept == rp->ckept) {
+		size_t n = rp->ckept ? 2 * rp->ckept : RPUT_AHEAD + 2;
+		if (!(rp->kept = realloc(rp->kept, n * sizeof *rp->kept)))
+			abort();
+		memset(rp->kept + rp->ckept, 0, (n - rp->ckept) * sizeof *rp->kept);
+		rp->ckept = n;
+	}
+	return &rp->kept[rp->nkept++];
+}
+
+static void rput_free(struct rput *rp)
+{
+	if (rp->c.fd >= 0)
+		rc_close(&rp->c);
+	for (size_t i = 0; i < rp->ckept; i++) {
+		buf_free(&rp->kept[i].head);
+		buf_free(&rp->kept[i].frames);
+	}
+	free(rp->kept);
+	buf_free(&rp->frames);
+}
+
 /* Send the frames gathered; with wait, also read every answer due. */
 static int rput_flush(struct rput *rp, int wait, struct mq_err *e)
 {
+	if (rp->nframes && rp->keep) {
+		struct rkept *k = rput_keep(rp);
+		buf_adds(&k->head, "PUT ");
+		proto_esc(&k->head, rp->queue, strlen(rp->queue));
+		buf_printf(&k->head, " %" PRIu64, rp->nframes);
+		buf_add(&k->head, rp->opts.p, rp->opts.len);
+		buf_add(&k->head, "\n", 1);
+		struct buf t = k->frames; /* the frames move; no copy */
+		k->frames = rp->frames;
+		rp->frames = t;
+		rp->frames.len = 0;
+		rp->nframes = 0;
+		if (rput_pump(rp, e) < 0)
+			return -1;
+	}
 	if (rp->nframes) {
 		struct buf head = {0};
 		buf_adds(&head, "PUT ");
@@ -9201,6 +9368,215 @@ static int64_t rput_due(const struct rput *rp)
 	return 0; /* send as soon as the input pauses */
 }
 
+/* ----- put through nameservers -----
+ *
+ * One pipelined rput per broker of the queue's route.  A keyed message
+ * goes to the broker that owns hash(key) among all the brokers'
+ * partitions; others go a request (256 KiB) at a time to each broker in
+ * turn, in proportion to its partitions.  Requests are kept until
+ * answered: when a broker fails, its unanswered ones and its unsent
+ * frames go to another broker (at least once: some may be stored twice),
+ * and the failed one is left out for RSET_BACKOFF_MS.  The route is asked
+ * again every RSET_REFRESH_MS. */
+enum { RSET_BACKOFF_MS = 30000, RSET_REFRESH_MS = 30000, RSET_IO_MS = 10000 };
+
+struct rbk {
+	struct rput rp;
+	char addr[256];
+	char suffix[260];
+	int parts;
+	int64_t down_until;    /* monotonic ms; left out until then */
+};
+
+struct rset {
+	struct args *a;
+	struct rput tmpl;      /* what every broker's rput starts from */
+	struct rbk b[64];
+	int n;
+	int cur;               /* the broker unkeyed messages go to now */
+	uint64_t slot;         /* turns of unkeyed requests, over all partitions */
+	const char *id;        /* put --id: chooses the broker like a key */
+	int64_t refreshed;
+};
+
+static int rset_live(const struct rset *rs, int i)
+{
+	return rs->b[i].down_until <= mono_ms();
+}
+
+/* The live broker owning partition slot h (of all live brokers'), or -1. */
+static int rset_owner(const struct rset *rs, uint64_t h)
+{
+	uint64_t total = 0;
+	for (int i = 0; i < rs->n; i++)
+		total += rset_live(rs, i) ? (uint64_t)rs->b[i].parts : 0;
+	if (!total)
+		return -1;
+	h %= total;
+	for (int i = 0; i < rs->n; i++) {
+		uint64_t p = rset_live(rs, i) ? (uint64_t)rs->b[i].parts : 0;
+		if (h < p)
+			return i;
+		h -= p;
+	}
+	return -1;
+}
+
+/* Add the brokers of the route that are new to rs. */
+static void rset_merge(struct rset *rs, const struct route *rt)
+{
+	for (int i = 0; i < rt->n && rs->n < 64; i++) {
+		int known = 0;
+		for (int j = 0; j < rs->n && !known; j++)
+			known = !strcmp(rs->b[j].addr, rt->b[i].addr);
+		if (known)
+			continue;
+		struct rbk *b = &rs->b[rs->n++];
+		memset(b, 0, sizeof *b);
+		strfmt(b->addr, sizeof b->addr, "%s", rt->b[i].addr);
+		strfmt(b->suffix, sizeof b->suffix, "@%s", b->addr);
+		b->parts = rt->b[i].parts > 0 ? rt->b[i].parts : 1;
+		b->rp = rs->tmpl;
+		b->rp.c.fd = -1;
+		b->rp.frames = (struct buf){0};
+		b->rp.keep = 1;
+		b->rp.suffix = b->suffix;
+	}
+}
+
+/* Connect broker i if it is not. */
+static int rset_conn(struct rset *rs, int i, struct mq_err *e)
+{
+	struct rbk *b = &rs->b[i];
+	if (b->rp.c.fd >= 0)
+		return 0;
+	const char *was = rs->a->server;
+	rs->a->server = b->addr;
+	int r = rmt_open(rs->a, &b->rp.c, e);
+	rs->a->server = was;
+	if (r == 0) {
+		struct timeval tv = {RSET_IO_MS / 1000, 0};
+		setsockopt(b->rp.c.fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+		setsockopt(b->rp.c.fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+	}
+	return r;
+}
+
+/* A broker's trouble, not the request's: another broker may do. */
+static int rset_retryable(const struct mq_err *e)
+{
+	return e->code == MQ_EX_UNAVAILABLE || e->code == MQ_EX_IOERR || e->code == MQ_EX_TEMPFAIL;
+}
+
+/*
+ * Broker i failed with e: leave it out for a while, and move its
+ * unanswered requests and unsent frames to the next live broker (and on,
+ * if that one fails too).  -1 with e when no broker is left.
+ */
+static int rset_fail(struct rset *rs, int i, struct mq_err *e)
+{
+	for (;;) {
+		struct rbk *b = &rs->b[i];
+		fprintf(stderr, "%s: put: %s: broker %s failed (%s); left out for %ds\n", progname,
+		        rs->tmpl.queue, b->addr, e->msg, RSET_BACKOFF_MS / 1000);
+		b->down_until = mono_ms() + RSET_BACKOFF_MS;
+		if (b->rp.c.fd >= 0)
+			rc_close(&b->rp.c);
+		b->rp.c.fd = -1;
+		b->rp.ahead = 0;
+		int j = rset_owner(rs, ++rs->slot);
+		if (j < 0)
+			return err_set(e, MQ_EX_UNAVAILABLE, "no broker of queue '%s' is left (the last "
+			               "error: %s)", rs->tmpl.queue, e->msg);
+		struct rbk *to = &rs->b[j];
+		for (size_t k = 0; k < b->rp.nkept; k++) { /* in order, as unsent */
+			struct rkept *d = rput_keep(&to->rp), s2 = b->rp.kept[k];
+			b->rp.kept[k] = *d;
+			*d = s2;
+			d->sent = 0;
+		}
+		b->rp.nkept = 0;
+		buf_add(&to->rp.frames, b->rp.frames.p, b->rp.frames.len);
+		to->rp.nframes += b->rp.nframes;
+		b->rp.frames.len = 0;
+		b->rp.nframes = 0;
+		rs->cur = j;
+		if (rset_conn(rs, j, e) == 0 && rput_pump(&to->rp, e) == 0)
+			return 0;
+		if (!rset_retryable(e))
+			return -1;
+		i = j;
+	}
+}
+
+/* Every RSET_REFRESH_MS: brokers that joined the route. */
+static void rset_refresh(struct rset *rs)
+{
+	struct route rt;
+	struct mq_err e;
+	if (mono_ms() - rs->refreshed < RSET_REFRESH_MS)
+		return;
+	rs->refreshed = mono_ms();
+	if (ns_ask(rs->a->namesrv, rs->tmpl.queue, &rt, &e) == 0)
+		rset_merge(rs, &rt);
+}
+
+static int rset_add(struct rset *rs, const struct rec_msg *m, struct mq_err *e)
+{
+	const void *key = m->has_key ? (const void *)m->key : rs->id;
+	size_t klen = m->has_key ? m->klen : rs->id ? strlen(rs->id) : 0;
+	int i = key ? rset_owner(rs, fnv1a(key, klen)) : rs->cur;
+	if (!key && !rset_live(rs, i))
+		i = rs->cur = rset_owner(rs, ++rs->slot);
+	if (i < 0)
+		return err_set(e, MQ_EX_UNAVAILABLE, "no broker of queue '%s' is up", rs->tmpl.queue);
+	if (rset_conn(rs, i, e) < 0) {
+		if (!rset_retryable(e) || rset_fail(rs, i, e) < 0)
+			return -1;
+		return rset_add(rs, m, e); /* i is left out now */
+	}
+	int r = rput_add(&rs->b[i].rp, m, e);
+	if (r < 0)
+		return rset_retryable(e) && rset_fail(rs, i, e) == 0 ? 1 : -1;
+	if (r == 1 && !key)
+		rs->cur = rset_owner(rs, ++rs->slot);
+	if (r == 1)
+		rset_refresh(rs);
+	return r;
+}
+
+/* Flush every broker (as rput_flush); a failing one hands its work on. */
+static int rset_flush(struct rset *rs, int wait, struct mq_err *e)
+{
+	for (int again = 1; again;) {
+		again = 0;
+		for (int i = 0; i < rs->n; i++) {
+			struct rbk *b = &rs->b[i];
+			if (b->rp.c.fd < 0 && !b->rp.nframes && !b->rp.nkept)
+				continue;
+			if (i == rs->cur && b->rp.nframes) /* the next request goes to the next one */
+				rs->cur = rset_owner(rs, ++rs->slot);
+			if ((b->rp.c.fd < 0 && rset_conn(rs, i, e) < 0) || rput_flush(&b->rp, wait, e) < 0) {
+				if (!rset_retryable(e) || rset_fail(rs, i, e) < 0)
+					return -1;
+				again = 1; /* what moved must be flushed where it went */
+			}
+		}
+	}
+	return 0;
+}
+
+static int64_t rset_due(const struct rset *rs)
+{
+	int64_t due = -1;
+	for (int i = 0; i < rs->n; i++) {
+		int64_t d = rput_due(&rs->b[i].rp);
+		if (d >= 0 && (due < 0 || d < due))
+			due = d;
+	}
+	return due;
+}
+
 /* ----- mq put ----- */
 
 struct putctx {
@@ -9216,6 +9592,7 @@ struct putctx {
 	uint64_t n;          /* messages accepted so far */
 	size_t limit;        /* longest message read, bytes */
 	struct rput *rp;     /* through a server: messages go there, not to pr */
+	struct rset *rs;     /* through nameservers: to the brokers of the route */
 };
 
 static void put_acked(void *ctx, int part, uint64_t off)
@@ -9245,7 +9622,8 @@ static int put_one(struct putctx *pc, const char *p, size_t n, int64_t ts, struc
 		}
 	}
 	pc->n++;
-	int r = pc->rp ? rput_add(pc->rp, &m, e) : prod_add(&pc->pr, &m, e);
+	int r = pc->rs ? rset_add(pc->rs, &m, e) : pc->rp ? rput_add(pc->rp, &m, e)
+	        : prod_add(&pc->pr, &m, e);
 	if (r < 0) {
 		if (e->code == MQ_EX_DATAERR) {
 			char msg[sizeof e->msg];
@@ -9275,7 +9653,7 @@ static int put_stdin(struct putctx *pc, int whole, char delim, struct mq_err *e)
 	if (!in)
 		abort();
 	while (!stop_flag) { /* SIGINT/SIGTERM: stop reading, keep what was read */
-		int64_t due = pc->rp ? rput_due(pc->rp) : prod_due(&pc->pr);
+		int64_t due = pc->rs ? rset_due(pc->rs) : pc->rp ? rput_due(pc->rp) : prod_due(&pc->pr);
 		struct pollfd pfd = {0, POLLIN, 0};
 		int pr = due == 0 ? 0 : poll(&pfd, 1, due < 0 ? -1 : (int)(due > INT_MAX ? INT_MAX : due));
 		if (pr < 0 && errno != EINTR) {
@@ -9283,7 +9661,8 @@ static int put_stdin(struct putctx *pc, int whole, char delim, struct mq_err *e)
 			break;
 		}
 		if (pr <= 0) {
-			if ((rc = pc->rp ? rput_flush(pc->rp, 0, e) : prod_flush(&pc->pr, 0, e)) < 0)
+			if ((rc = pc->rs ? rset_flush(pc->rs, 0, e) : pc->rp ? rput_flush(pc->rp, 0, e)
+			     : prod_flush(&pc->pr, 0, e)) < 0)
 				break;
 			if (out_flush(&pc->out) < 0) {
 				rc = err_set(e, MQ_EX_IOERR, "cannot write offsets: %s", strerror(pc->out.err));
@@ -9401,9 +9780,26 @@ static int put_remote(struct args *a, struct putctx *pc, int64_t due)
 	if (opt_has(a, "no-create"))
 		buf_adds(&rp.opts, " create=0");
 	rp.frame_keys = pc->kdelim != NULL;
-	pc->rp = &rp;
+	rp.c.fd = -1;
 	pc->limit = MQ_REMOTE_MSG_MAX; /* the server holds the queue's own limit */
-	if (rmt_open(a, &rp.c, &e) < 0) {
+	struct rset *rs = NULL;
+	struct route rt;
+	if (a->namesrv) {
+		if (!(rs = calloc(1, sizeof *rs)))
+			abort();
+		rs->a = a;
+		rs->tmpl = rp;
+		rs->id = opt_val(a, "id");
+		rs->refreshed = mono_ms();
+		pc->rs = rs;
+		if (ns_brokers(a->namesrv, rp.queue, &rt, &e) == 0)
+			rset_merge(rs, &rt);
+		else
+			rc = -1;
+	} else {
+		pc->rp = &rp;
+	}
+	if (rc < 0 || (!rs && rmt_open(a, &rp.c, &e) < 0)) {
 		rc = -1;
 	} else if (a->npos > 1) {
 		int64_t ts = now_ms();
@@ -9415,7 +9811,14 @@ static int put_remote(struct args *a, struct putctx *pc, int64_t due)
 	}
 	/* what was read before an error still goes, and is answered */
 	struct mq_err fe = {0};
-	int fr = rp.c.fd >= 0 ? rput_flush(&rp, 1, &fe) : 0;
+	int fr = rs ? rset_flush(rs, 1, &fe) : rp.c.fd >= 0 ? rput_flush(&rp, 1, &fe) : 0;
+	for (int i = 0; rs && i < rs->n; i++) {
+		rp.stored += rs->b[i].rp.stored;
+		if (rs->b[i].rp.dup[0])
+			strfmt(rp.dup, sizeof rp.dup, "%s", rs->b[i].rp.dup);
+		rput_free(&rs->b[i].rp);
+	}
+	free(rs);
 	if (out_flush(&pc->out) < 0 && fr == 0)
 		fr = err_set(&fe, MQ_EX_IOERR, "cannot write offsets: %s", strerror(pc->out.err));
 	if (rc < 0)
@@ -9428,9 +9831,8 @@ static int put_remote(struct args *a, struct putctx *pc, int64_t due)
 		fprintf(stderr, "%s: put: %s: id '%s' is already stored (partition:offset %s, within "
 		        "the dedupe window): nothing stored\n", progname, rp.queue, opt_val(a, "id"),
 		        rp.dup);
-	rc_close(&rp.c);
+	rput_free(&rp);
 	buf_free(&rp.opts);
-	buf_free(&rp.frames);
 	return rc;
 }
 
@@ -9475,7 +9877,9 @@ static int cmd_put(struct args *a)
 		return usage_error(a->cmd, "--id needs a non-empty ID and excludes -K, --delay and --at");
 	if ((rc = put_headers(a, &hb)) != 0)
 		return rc;
-	if (a->server) {
+	if (a->namesrv && opt_has(a, "partition"))
+		return usage_error(a->cmd, "-p names a partition of one broker: use -s, not -n");
+	if (a->server || a->namesrv) {
 		pc.kdelim = kd;
 		pc.kdlen = kd ? strlen(kd) : 0;
 		rc = put_remote(a, &pc, due);
@@ -10882,92 +11286,6 @@ static int cmd_nameserver(struct args *a)
 #else
 	return usage_error(a->cmd, "mq nameserver needs Linux (epoll) for now");
 #endif
-}
-
-/* A route: the brokers holding a queue (or every live broker). */
-struct rbroker {
-	char addr[256];
-	int parts;             /* of the queue; for BROKERS, the number of queues */
-	char role[16];
-	int64_t age_ms;        /* BROKERS: since the last registration */
-};
-
-struct route {
-	struct rbroker b[64];
-	int n;
-};
-
-static int route_line(void *ctx, char *line, struct mq_err *e)
-{
-	struct route *rt = ctx;
-	struct preq r = {0};
-	uint64_t parts;
-	if (proto_parse(line, &r, e) < 0)
-		return -1;
-	int np = preq_npos(&r);
-	if (!strcmp(r.t[0].val, "BROKER") && np >= 3 && rt->n < 64 &&
-	    parse_u64(preq_pos(&r, 1), &parts) == 0 && parts <= INT_MAX) {
-		struct rbroker *b = &rt->b[rt->n++];
-		strfmt(b->addr, sizeof b->addr, "%s", preq_pos(&r, 0));
-		b->parts = (int)parts;
-		strfmt(b->role, sizeof b->role, "%s", preq_pos(&r, 2));
-		b->age_ms = np >= 4 ? strtoll(preq_pos(&r, 3), NULL, 10) : 0;
-	}
-	preq_free(&r);
-	return 0;
-}
-
-/* Ask the nameservers of list (comma-separated), starting at a random one,
- * until one answers: ROUTE q, or BROKERS when q is NULL. */
-static int ns_ask(const char *list, const char *q, struct route *rt, struct mq_err *e)
-{
-	char ns[8][256];
-	int n = 0;
-	for (const char *p = list; *p && n < 8;) {
-		size_t k = strcspn(p, ", ");
-		if (k && k < sizeof ns[0]) {
-			memcpy(ns[n], p, k);
-			ns[n++][k] = 0;
-		}
-		p += k + (p[k] != 0);
-	}
-	if (!n)
-		return err_set(e, MQ_EX_USAGE, "no nameserver in '%s'", list);
-	int start = (int)((unsigned)getpid() % (unsigned)n);
-	for (int i = 0; i < n; i++) {
-		struct rconn c;
-		struct buf b = {0};
-		rt->n = 0;
-		if (rc_open(&c, ns[(start + i) % n], 2000, e) < 0)
-			continue;
-		if (q) {
-			buf_adds(&b, "ROUTE ");
-			proto_esc(&b, q, strlen(q));
-		} else {
-			buf_adds(&b, "BROKERS");
-		}
-		int k = rmt_call(&c, &b, route_line, rt, NULL, e);
-		buf_free(&b);
-		rc_close(&c);
-		if (k == 0)
-			return 0;
-	}
-	return err_set(e, MQ_EX_UNAVAILABLE, "no nameserver answers (%s): %s", list, e->msg);
-}
-
-/* The brokers a command through nameservers may run on: those holding
- * the queue, else every live one; a rotation starting at a random one. */
-static int ns_brokers(const char *list, const char *q, struct route *rt, struct mq_err *e)
-{
-	if ((q && ns_ask(list, q, rt, e) < 0) || ((!q || !rt->n) && ns_ask(list, NULL, rt, e) < 0))
-		return -1;
-	if (!rt->n)
-		return err_set(e, MQ_EX_UNAVAILABLE, "no live broker is registered with %s", list);
-	struct route tmp = *rt;
-	int start = (int)(((unsigned)getpid() ^ (unsigned)now_ms()) % (unsigned)rt->n);
-	for (int i = 0; i < rt->n; i++)
-		rt->b[i] = tmp.b[(start + i) % rt->n];
-	return 0;
 }
 
 static int cmd_route(struct args *a)
