@@ -1435,7 +1435,7 @@ static int srvconf_parse(yaml_document_t *doc, yaml_node_t *map, const char *fil
 			continue;
 		}
 		if (!strcmp(ks, "tokens")) {
-			if (vs && !*vs)
+			if (vs && (!*vs || !strcmp(vs, "~") || !strcmp(vs, "null")))
 				continue;
 			if (v->type != YAML_MAPPING_NODE)
 				return err_set(e, MQ_EX_USAGE, "%s: 'tokens' must map names to tokens", src);
@@ -6061,7 +6061,7 @@ static int net_split(const char *addr, char *host, size_t hn, char *port, size_t
 	}
 	if (hl >= hn || (colon && strlen(colon + 1) >= pn) || (colon && !colon[1]))
 		return err_set(e, MQ_EX_USAGE, "bad address '%s' (use HOST:PORT or [V6]:PORT)", addr);
-	strfmt(host, hn, "%.*s", (int)hl, hl ? h : "127.0.0.1");
+	strfmt(host, hn, "%.*s", hl ? (int)hl : 9, hl ? h : "127.0.0.1");
 	strfmt(port, pn, "%s", colon ? colon + 1 : MQ_DEFAULT_PORT);
 	return 0;
 }
@@ -6816,10 +6816,13 @@ static int v_hello(struct srv *s, struct conn *c, struct preq *r, struct ticket 
 static int v_auth(struct srv *s, struct conn *c, struct preq *r, struct ticket *t,
                   struct mq_err *e)
 {
-	const char *got = preq_pos(r, 0);
+	const struct ptok *k = NULL; /* the secret, as decoded (%00 included) */
 	int found = -1;
+	for (int i = 1; i < r->n && !k; i++)
+		if (!r->t[i].name)
+			k = &r->t[i];
 	for (int i = 0; i < s->o.ntok; i++)
-		if (ct_equal(s->o.tok[i].secret, got, strlen(got)) && found < 0)
+		if (ct_equal(s->o.tok[i].secret, k->val, k->len) && found < 0)
 			found = i;
 	if (!s->o.ntok) {
 		buf_adds(&t->resp, "OK\n"); /* no tokens: none needed */
@@ -7591,7 +7594,7 @@ static void srv_refuse(struct srv *s, struct conn *c, const char *fmt, ...)
 
 static void prom(struct buf *b, const char *name, const char *type, const char *help, double v)
 {
-	buf_printf(b, "# HELP %s %s\n# TYPE %s %s\n%s %.17g\n", name, help, name, type, name, v);
+	buf_printf(b, "# HELP %s %s\n# TYPE %s %s\n%s %.15g\n", name, help, name, type, name, v);
 }
 
 /* The Prometheus text exposition of the server and of every queue's groups. */
@@ -7632,11 +7635,18 @@ static void srv_metrics(struct srv *s, struct buf *b)
 	buf_adds(&lag, "# HELP mq_group_lag Messages a consumer group has not consumed yet.\n"
 	               "# TYPE mq_group_lag gauge\n");
 	for (size_t i = 0; i < n; i++) {
-		struct sq *sq = srv_queue(s, names[i], 0, &e);
+		struct sq *sq = NULL; /* an open queue, else opened for this */
+		for (sq = s->queues; sq && strcmp(sq->q->name, names[i]); sq = sq->next)
+			;
+		struct queue *q = sq ? sq->q : NULL;
 		struct qstat st;
-		if (!sq || q_stat(sq->q, &st, &e) < 0) {
-			if (sq)
-				q_stat_free(&st);
+		if (!q && q_open(s->sp, names[i], 0, NULL, 0, &q, &e) < 0)
+			continue;
+		int r = q_stat(q, &st, &e);
+		if (!sq)
+			q_close(q);
+		if (r < 0) {
+			q_stat_free(&st);
 			continue;
 		}
 		buf_printf(b, "mq_queue_messages{queue=\"%s\"} %" PRIu64 "\n", names[i], st.messages);
@@ -7815,7 +7825,7 @@ static void srv_accept(struct srv *s, struct lsn *l)
 				srv_log(s, "level=warn event=accept error=\"%s\"", strerror(errno));
 			return;
 		}
-		if (s->nconns >= s->o.max_conns) {
+		if (s->nconns >= s->o.max_conns && !l->http) {
 			static const char msg[] = "ERR 75 too many connections\n";
 			(void)!write(fd, msg, sizeof msg - 1);
 			close(fd);
@@ -8785,10 +8795,23 @@ struct dlv {
 	uint32_t lease; /* 0: not leased */
 };
 
+/* Through nameservers, the broker a get runs on: receipts name it
+ * ("...@HOST:PORT") so that ack -n knows where to send them. */
+static const char *receipt_broker;
+
 static void fmt_receipt(struct out *o, const struct dlv *d, int part, const struct rec_msg *m)
 {
 	if (!d || !d->lease)
 		return;
+	if (receipt_broker) { /* after the receipt proper, below */
+		const char *b = receipt_broker;
+		receipt_broker = NULL;
+		fmt_receipt(o, d, part, m);
+		receipt_broker = b;
+		out_add(o, "@", 1);
+		out_add(o, b, strlen(b));
+		return;
+	}
 	out_add(o, d->group, strlen(d->group));
 	out_add(o, ":", 1);
 	out_u64(o, (uint64_t)part);
@@ -10675,16 +10698,26 @@ static int cmd_ack(struct args *a)
 	}
 	size_t nr = 0, cap = 16;
 	struct receipt *rs = malloc(cap * sizeof *rs);
+	const char **at = malloc(cap * sizeof *at); /* "@BROKER" of each, or NULL */
 	char *save = NULL, *w = in.p ? strtok_r(in.p, " \t\r\n", &save) : NULL;
-	if (!rs)
+	if (!rs || !at)
 		abort();
 	for (int i = 1; a->npos > 1 ? i < a->npos : w != NULL; i++) {
-		const char *text = a->npos > 1 ? a->pos[i] : w;
-		if (nr == cap && !(rs = realloc(rs, (cap *= 2) * sizeof *rs)))
+		char *text = a->npos > 1 ? a->pos[i] : w, *sign = strchr(text, '@');
+		if (nr == cap && (!(rs = realloc(rs, (cap * 2) * sizeof *rs)) ||
+		                  !(at = realloc(at, (cap * 2) * sizeof *at))))
 			abort();
-		if (receipt_parse(text, &rs[nr]) < 0) {
-			rc = usage_error(a->cmd, "bad receipt '%s' (GROUP:PARTITION:OFFSET:LEASE, as get "
-			                 "--lease -f '%%r' prints)", text);
+		if (nr == cap)
+			cap *= 2;
+		at[nr] = sign ? sign + 1 : NULL;
+		if (sign)
+			*sign = 0; /* (and put back below, for messages) */
+		int bad = receipt_parse(text, &rs[nr]) < 0 || (a->namesrv && (!sign || !sign[1]));
+		if (sign)
+			*sign = '@';
+		if (bad) {
+			rc = usage_error(a->cmd, "bad receipt '%s' (GROUP:PARTITION:OFFSET:LEASE%s, as get "
+			                 "--lease -f '%%r' prints)", text, a->namesrv ? "@BROKER" : "");
 			goto out;
 		}
 		nr++;
@@ -10697,7 +10730,33 @@ static int cmd_ack(struct args *a)
 	}
 	if (nr == 0) /* an empty stdin: nothing to answer (get | ack when drained) */
 		goto out;
-	if (a->server) {
+	if (a->namesrv) { /* to each receipt's broker, those of one broker together */
+		struct receipt *sub = malloc(nr * sizeof *sub);
+		size_t *idx = malloc(nr * sizeof *idx);
+		if (!sub || !idx)
+			abort();
+		for (size_t i = 0; i < nr && rc == MQ_EX_OK; i++) {
+			size_t n = 0;
+			if (i && at[i] == NULL)
+				continue; /* done with an earlier broker */
+			for (size_t k = i; k < nr; k++)
+				if (at[k] && !strcmp(at[k], at[i])) {
+					sub[n] = rs[k];
+					idx[n++] = k;
+				}
+			a->server = at[i];
+			if (ack_remote(a, sub, n, nack, delay, &e) < 0)
+				rc = fail(a, &e);
+			a->server = NULL;
+			for (size_t k = 0; k < n; k++) {
+				rs[idx[k]].result = sub[k].result;
+				if (idx[k] != i)
+					at[idx[k]] = NULL;
+			}
+		}
+		free(sub);
+		free(idx);
+	} else if (a->server) {
 		if (ack_remote(a, rs, nr, nack, delay, &e) < 0)
 			rc = fail(a, &e);
 	} else if (spool_init(a, 0, &e) < 0 ||
@@ -10725,6 +10784,7 @@ static int cmd_ack(struct args *a)
 	}
 out:
 	free(rs);
+	free(at);
 	buf_free(&in);
 	q_close(q);
 	return rc;
@@ -11199,7 +11259,6 @@ static int cmd_serve(struct args *a)
 	} else if (cfg_free(&a->sp.cfg), serve_load(a, &a->sp.cfg, &o, &e) < 0) {
 		return fail(a, &e);
 	}
-	strfmt(o.spool, sizeof o.spool, "%s", a->sp.dir);
 	a->sp.notice = serve_notice; /* recoveries and warnings as log lines */
 	struct srv s;
 	if (srv_init(&s, &a->sp, &o, &e) < 0) {
@@ -11227,7 +11286,6 @@ static int cmd_serve(struct args *a)
 			}
 			cfg_free(&a->sp.cfg);
 			a->sp.cfg = nc;
-			strfmt(no.spool, sizeof no.spool, "%s", a->sp.dir);
 			srv_reconf(&s, &no);
 		}
 	}
@@ -11417,16 +11475,19 @@ static int cmd_stat(struct args *a)
 	size_t total = a->npos ? (size_t)a->npos : n;
 	if (json && (a->npos != 1))
 		printf("[");
+	size_t shown = 0;
 	for (size_t i = 0; i < total && rc == 0; i++) {
 		struct queue *q;
 		struct qstat st;
 		a->queue = a->npos ? a->pos[i] : names[i];
 		if (a->server ? rmt_stat(&c, a->queue, &st, &e) < 0
 		              : q_open(&a->sp, a->queue, 0, NULL, 0, &q, &e) < 0 || q_stat(q, &st, &e) < 0) {
+			if (!a->npos && a->server && e.code == MQ_EX_NOPERM)
+				continue; /* listed for a token that may write it, not read it */
 			rc = fail(a, &e);
 			break;
 		}
-		stat_print(a->queue, &st, json, i == 0);
+		stat_print(a->queue, &st, json, shown++ == 0);
 		q_stat_free(&st);
 		if (!a->server)
 			q_close(q);
@@ -11961,7 +12022,7 @@ static void help_main(FILE *f)
 		fputc('\n', f);
 	}
 	fprintf(f, "\nexit status: 0 ok, 1 nothing to get, 64 usage, 65 bad data, 66 no such queue,\n"
-	           "69 unavailable, 74 I/O error, 75 try again.  See mq(1).\n");
+	           "69 unavailable, 74 I/O error, 75 try again, 77 not permitted.  See mq(1).\n");
 }
 
 static int cmd_help(struct args *a)
@@ -12009,10 +12070,11 @@ static int ns_run(const struct cmd *c, struct args *a)
 		fprintf(stderr, "%s: %s: %s\n", progname, c->name, e.msg);
 		return e.code;
 	}
-	int rc = MQ_EX_UNAVAILABLE, waits = opt_has(a, "wait");
+	int rc = MQ_EX_UNAVAILABLE, waits = c->fn == cmd_get && opt_has(a, "wait");
 	for (int i = 0; i < rt.n; i++) {
-		a->server = rt.b[i].addr;
+		a->server = receipt_broker = rt.b[i].addr;
 		rc = c->fn(a);
+		receipt_broker = NULL;
 		if (rc != MQ_EX_UNAVAILABLE && (rc != MQ_EX_EMPTY || waits ||
 		    (c->fn != cmd_get && c->fn != cmd_peek && c->fn != cmd_tail)))
 			break;
@@ -12051,7 +12113,8 @@ static int mq_run(int argc, char **argv, const char *spool, const char *server,
 		help_cmd(stdout, c);
 	} else if (rc == 0 && (a.npos < c->min_pos || (c->max_pos >= 0 && a.npos > c->max_pos))) {
 		rc = usage_error(c, a.npos < c->min_pos ? "missing arguments" : "too many arguments");
-	} else if (rc == 0 && a.namesrv && c->fn != cmd_route && c->fn != cmd_put) {
+	} else if (rc == 0 && a.namesrv && c->fn != cmd_route && c->fn != cmd_put &&
+	           c->fn != cmd_ack) { /* put and ack find their brokers themselves */
 		rc = ns_run(c, &a);
 	} else if (rc == 0) {
 		rc = c->fn(&a);
