@@ -6073,6 +6073,7 @@ struct rconn {
 	size_t pos;
 	struct buf line; /* the last line read, NUL-terminated */
 	char addr[256];
+	int broken;      /* a send or receive failed: no answer is coming */
 };
 
 /* Connect; with ms > 0, give up on the connect and on every later send
@@ -6140,8 +6141,10 @@ static int rc_send(struct rconn *c, const void *p, size_t n, struct mq_err *e)
 		ssize_t k = send(c->fd, s, n, MSG_NOSIGNAL);
 		if (k < 0 && errno == EINTR)
 			continue;
-		if (k < 0)
+		if (k < 0) {
+			c->broken = 1;
 			return err_sys(e, MQ_EX_UNAVAILABLE, "cannot send to server '%s'", c->addr);
+		}
 		s += k;
 		n -= (size_t)k;
 	}
@@ -6158,6 +6161,8 @@ static int rc_fill(struct rconn *c, struct mq_err *e)
 		ssize_t k = recv(c->fd, c->in.p + c->in.len, c->in.cap - c->in.len, 0);
 		if (k < 0 && errno == EINTR)
 			continue;
+		if (k <= 0)
+			c->broken = 1;
 		if (k < 0)
 			return err_sys(e, MQ_EX_UNAVAILABLE, "cannot read from server '%s'", c->addr);
 		if (k == 0)
@@ -7207,7 +7212,9 @@ static void srv_wake(struct srv *s, int tick)
 		char *line = strdup(t->line);
 		if (!line)
 			abort();
-		int k = proto_parse(line, &r, &e) < 0 ? -1 : srv_get(s, t, &r, &e);
+		int k = proto_parse(line, &r, &e) < 0 ||
+		        srv_allowed(s, t->c, NEED_READ, preq_pos(&r, 0), &e) < 0 /* a reload */
+		        ? -1 : srv_get(s, t, &r, &e);
 		free(line);
 		preq_free(&r);
 		if (k == 1)
@@ -8331,6 +8338,9 @@ static void srv_reconf(struct srv *s, struct srv_opts *o)
 		if (!sq_busy(s, q))
 			sq_close(s, q);
 	}
+	for (struct sq *q = s->queues; q; q = q->next)
+		q->changed = 1; /* waiting gets look again, and meet the new tokens */
+	s->reg_next = 0; /* tell the nameservers (perhaps new ones) at once */
 	srv_log(s, "level=info event=reload tokens=%d nameservers=%d", s->o.ntok, s->o.nns);
 }
 
@@ -8485,6 +8495,7 @@ struct args {
 	const char *queue; /* for error messages */
 	const char *server; /* -s HOST:PORT or $MQ_SERVER: run it there */
 	const char *namesrv; /* -n HOST:PORT,... or $MQ_NAMESRV: route through them */
+	const char *cfg_file; /* serve --config: read in place of SPOOL/mq.yaml */
 };
 
 static const struct opt common_opts[] = {
@@ -9028,7 +9039,8 @@ static int spool_init(struct args *a, int create, struct mq_err *e)
 	a->sp.notice = notice_stderr;
 	if (create && mkdirs(a->sp.dir, e) < 0)
 		return -1;
-	return cfg_load(&a->sp.cfg, a->sp.dir, e);
+	return a->cfg_file ? cfg_load_file(&a->sp.cfg, a->cfg_file, e)
+	                   : cfg_load(&a->sp.cfg, a->sp.dir, e);
 }
 
 /* Parse a count option: a non-negative integer. */
@@ -9265,8 +9277,10 @@ static int rput_answer(struct rput *rp, struct mq_err *e)
 	int k;
 	while ((k = rc_next(&rp->c, &line, e)) == 1)
 		rput_offset(rp, line, e);
-	if (k < 0)
-		return -1; /* kept: the caller may send it elsewhere */
+	if (k < 0 && (rp->c.broken || (rp->keep && (e->code == MQ_EX_UNAVAILABLE ||
+	                                            e->code == MQ_EX_IOERR ||
+	                                            e->code == MQ_EX_TEMPFAIL))))
+		return -1; /* not stored: a kept request may go to another broker */
 	rp->ahead--;
 	if (rp->keep) { /* answered: forget the oldest, keep its memory */
 		struct rkept done = rp->kept[0];
@@ -9275,6 +9289,8 @@ static int rput_answer(struct rput *rp, struct mq_err *e)
 		done.sent = 0;
 		rp->kept[--rp->nkept] = done;
 	}
+	if (k < 0)
+		return -1;
 	uint64_t n = strtoull(line, NULL, 10);
 	const char *d = strstr(line, "duplicate=");
 	if (d)
@@ -11245,20 +11261,16 @@ static int cmd_serve(struct args *a)
 			a->val[si] = o.spool;
 			a->count[si] = 1;
 		}
+		cfg_free(&cfg);
+		a->cfg_file = file; /* it stands in for SPOOL/mq.yaml */
 	}
 	if (spool_init(a, 1, &e) < 0) {
-		if (file) {
-			cfg_free(&cfg);
+		if (file)
 			srvconf_free(&o);
-		}
 		return fail(a, &e);
 	}
-	if (file) {
-		cfg_free(&a->sp.cfg);
-		a->sp.cfg = cfg; /* the file stands in for SPOOL/mq.yaml */
-	} else if (cfg_free(&a->sp.cfg), serve_load(a, &a->sp.cfg, &o, &e) < 0) {
+	if (!file && (cfg_free(&a->sp.cfg), serve_load(a, &a->sp.cfg, &o, &e) < 0))
 		return fail(a, &e);
-	}
 	a->sp.notice = serve_notice; /* recoveries and warnings as log lines */
 	struct srv s;
 	if (srv_init(&s, &a->sp, &o, &e) < 0) {
