@@ -10565,6 +10565,132 @@ static int consume_pass_more(void *ctx, int64_t total)
 	return !stop_flag && (c->max == 0 || c->done < c->max);
 }
 
+/* One leased batch of a consume through a server: the bodies for the
+ * command's stdin, the first message's metadata, and the receipts. */
+struct rbatch {
+	struct rconn *c;
+	struct consume *cs;
+	struct out o;
+	struct runmeta rm;
+	struct buf receipts, hb;
+	uint64_t n;
+};
+
+static int rbatch_line(void *ctx, char *line, struct mq_err *e)
+{
+	struct rbatch *b = ctx;
+	struct rec_msg m;
+	int part;
+	unsigned attempt;
+	uint32_t lease;
+	static const struct msgfmt f = {0, "%s\n"};
+	if (rc_msg(b->c, line, &m, &part, &attempt, &lease, &b->hb, e) < 0)
+		return -1;
+	if (b->n++ == 0) {
+		b->rm = (struct runmeta){part, attempt, m.offset, 0, m.ts, b->rm.key, b->rm.tag,
+		                         m.has_key, m.has_tag};
+		b->rm.key.len = b->rm.tag.len = 0;
+		buf_add(&b->rm.key, m.key, m.klen);
+		buf_addc0(&b->rm.key);
+		buf_add(&b->rm.tag, m.tag, m.tlen);
+		buf_addc0(&b->rm.tag);
+	}
+	if (attempt > b->rm.attempt)
+		b->rm.attempt = attempt;
+	b->rm.count = b->n;
+	fmt_msg(&b->o, &f, b->cs->q ? b->cs->q->name : "", part, &m, NULL);
+	buf_printf(&b->receipts, " %s:%d:%" PRIu64 ":%" PRIu32, b->cs->group, part, m.offset, lease);
+	return 0;
+}
+
+/*
+ * consume through a server: GET a batch with a lease (--timeout plus a
+ * minute, else an hour), run the command, then ACK the batch on exit 0
+ * or NACK it (the server applies the backoff and the dead letters).  One
+ * run at a time: --parallel and --ordered need the local spool.
+ */
+static int consume_remote(struct args *a, struct consume *cs, int64_t wait_ms)
+{
+	struct mq_err e = {0};
+	struct rconn c;
+	struct rbatch b = {&c, cs, {-1, {0}, 0}, {0}, {0}, {0}, 0};
+	struct buf req = {0};
+	struct queue fake = {0}; /* only its name, for MQ_QUEUE */
+	int64_t lease = (cs->timeout_ms >= 0 ? cs->timeout_ms : 3600000) + 60000;
+	int rc = 0;
+	strfmt(fake.name, sizeof fake.name, "%s", a->queue);
+	cs->q = &fake;
+	if (rmt_open(a, &c, &e) < 0)
+		return fail(a, &e);
+	signal(SIGPIPE, SIG_IGN);
+	while (!stop_flag && (cs->max == 0 || cs->done + cs->failed < cs->max)) {
+		uint64_t want = cs->batch;
+		if (cs->max && cs->max - cs->done - cs->failed < want)
+			want = cs->max - cs->done - cs->failed;
+		req.len = b.o.b.len = b.receipts.len = 0;
+		b.n = 0;
+		buf_adds(&req, "GET ");
+		proto_esc(&req, a->queue, strlen(a->queue));
+		proto_opt(&req, "group", cs->group, strlen(cs->group));
+		buf_printf(&req, " count=%" PRIu64, want);
+		if (wait_ms != -2)
+			rmt_ms(&req, "wait", wait_ms < 0 ? 0 : wait_ms ? wait_ms : 1);
+		rmt_ms(&req, "lease", lease);
+		if (opt_val(a, "tag"))
+			proto_opt(&req, "tag", opt_val(a, "tag"), strlen(opt_val(a, "tag")));
+		rmt_retry_opts(a, &req);
+		if ((rc = rmt_call(&c, &req, rbatch_line, &b, NULL, &e)) < 0)
+			break;
+		if (b.n == 0)
+			break; /* empty (after the wait, if any) */
+		pid_t pid = consume_start(cs, &b.rm, &b.o.b, &e);
+		if (pid < 0) {
+			rc = -1;
+			break;
+		}
+		int st = 0, killed = 0;
+		int64_t deadline = cs->timeout_ms >= 0 ? mono_ms() + cs->timeout_ms : INT64_MAX;
+		for (;;) {
+			pid_t k = waitpid(pid, &st, cs->timeout_ms >= 0 ? WNOHANG : 0);
+			if (k == pid || (k < 0 && errno != EINTR))
+				break;
+			if (k == 0 && !killed && mono_ms() >= deadline) {
+				kill(pid, SIGKILL);
+				killed = 1;
+			}
+			if (k == 0)
+				poll(NULL, 0, 5);
+		}
+		int ok = !killed && WIFEXITED(st) && WEXITSTATUS(st) == 0;
+		if (!ok) {
+			char w[64];
+			why_text(run_why(st, killed), w, sizeof w);
+			fprintf(stderr, "%s: '%s' failed on %s/%d offset %" PRIu64 " (%s, attempt %u); "
+			        "the server retries it after the backoff, or after the last retry moves it "
+			        "to %s.dlq\n", progname, cs->argv[0], a->queue, b.rm.part, b.rm.offset, w,
+			        b.rm.attempt, a->queue);
+		}
+		req.len = 0;
+		buf_adds(&req, ok ? "ACK " : "NACK ");
+		proto_esc(&req, a->queue, strlen(a->queue));
+		if (!ok)
+			rmt_retry_opts(a, &req);
+		buf_add(&req, b.receipts.p, b.receipts.len);
+		if ((rc = rmt_call(&c, &req, NULL, NULL, NULL, &e)) < 0)
+			break;
+		*(ok ? &cs->done : &cs->failed) += b.n;
+	}
+	rc_close(&c);
+	buf_free(&req);
+	buf_free(&b.o.b);
+	buf_free(&b.receipts);
+	buf_free(&b.hb);
+	buf_free(&b.rm.key);
+	buf_free(&b.rm.tag);
+	cs->q = NULL;
+	return rc < 0 ? fail(a, &e) : MQ_EX_OK;
+}
+
 static int cmd_consume(struct args *a)
 {
 	struct mq_err e = {0};
@@ -10603,6 +10729,15 @@ static int cmd_consume(struct args *a)
 	struct tagset tsbuf;
 	if (opt_tags(a, &tsbuf, &c.tags) < 0)
 		return MQ_EX_USAGE;
+	if (a->server) {
+		tagset_free(&tsbuf);
+		if (c.parallel > 1 || c.ordered)
+			return usage_error(a->cmd, "--parallel and --ordered need the spool: not through "
+			                   "a server yet");
+		if (q_check_name("group", c.group, &e) < 0)
+			return fail(a, &e);
+		return consume_remote(a, &c, wait_ms);
+	}
 	if (q_check_name("group", c.group, &e) < 0 || spool_init(a, 0, &e) < 0 ||
 	    q_open(&a->sp, a->queue, 0, set, nset, &c.q, &e) < 0) {
 		tagset_free(&tsbuf);
@@ -11964,7 +12099,7 @@ static const struct cmd cmds[] = {
 	 "Run CMD for each message (or --batch of them) with the body on stdin and its\n"
 	 "metadata in MQ_* variables; commit when CMD exits 0.  A failed run's messages\n"
 	 "come again after the backoff, and go to QUEUE.dlq after the last retry.",
-	 consume_opts, 2, -1, 0},
+	 consume_opts, 2, -1, 1},
 	{"serve", cmd_serve, "[-c FILE] [-l ADDR:PORT]... [--metrics-listen ADDR:PORT] "
 	 "[--idle-timeout DURATION] [--request-timeout DURATION] [--max-connections N]",
 	 "Serve the spool over TCP (man mq-protocol(7)); every other command runs\n"
