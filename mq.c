@@ -6043,8 +6043,8 @@ static void proto_msg(struct buf *b, int part, const struct rec_msg *m, unsigned
 
 /* Split "HOST:PORT", "[V6]:PORT", "HOST" or ":PORT" (the port defaults to
  * MQ_DEFAULT_PORT, the host to the loopback address). */
-static int net_split(const char *addr, char *host, size_t hn, char *port, size_t pn,
-                     struct mq_err *e)
+static int net_split(const char *addr, const char *defport, char *host, size_t hn, char *port,
+                     size_t pn, struct mq_err *e)
 {
 	const char *colon = strrchr(addr, ':'), *h = addr;
 	size_t hl = colon ? (size_t)(colon - addr) : strlen(addr);
@@ -6062,7 +6062,7 @@ static int net_split(const char *addr, char *host, size_t hn, char *port, size_t
 	if (hl >= hn || (colon && strlen(colon + 1) >= pn) || (colon && !colon[1]))
 		return err_set(e, MQ_EX_USAGE, "bad address '%s' (use HOST:PORT or [V6]:PORT)", addr);
 	strfmt(host, hn, "%.*s", hl ? (int)hl : 9, hl ? h : "127.0.0.1");
-	strfmt(port, pn, "%s", colon ? colon + 1 : MQ_DEFAULT_PORT);
+	strfmt(port, pn, "%s", colon ? colon + 1 : defport);
 	return 0;
 }
 
@@ -6076,16 +6076,17 @@ struct rconn {
 	int broken;      /* a send or receive failed: no answer is coming */
 };
 
-/* Connect; with ms > 0, give up on the connect and on every later send
- * or receive after ms milliseconds. */
-static int rc_open(struct rconn *c, const char *addr, int ms, struct mq_err *e)
+/* Connect (to port defport when addr names none); with ms > 0, give up
+ * on the connect after ms milliseconds. */
+static int rc_open(struct rconn *c, const char *addr, const char *defport, int ms,
+                   struct mq_err *e)
 {
 	char host[256], port[32];
 	struct addrinfo hints = {0}, *res = NULL;
 	memset(c, 0, sizeof *c);
 	c->fd = -1;
 	strfmt(c->addr, sizeof c->addr, "%s", addr);
-	if (net_split(addr, host, sizeof host, port, sizeof port, e) < 0)
+	if (net_split(addr, defport, host, sizeof host, port, sizeof port, e) < 0)
 		return -1;
 	hints.ai_socktype = SOCK_STREAM;
 	int k = getaddrinfo(host, port, &hints, &res);
@@ -6106,12 +6107,8 @@ static int rc_open(struct rconn *c, const char *addr, int ms, struct mq_err *e)
 			r = err ? -1 : 0;
 			errno = err;
 		}
-		if (r == 0 && ms > 0) {
-			struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
+		if (r == 0 && ms > 0)
 			fcntl(c->fd, F_SETFL, fcntl(c->fd, F_GETFL) & ~O_NONBLOCK);
-			setsockopt(c->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-			setsockopt(c->fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-		}
 		if (c->fd >= 0 && r < 0) {
 			sys = errno;
 			close(c->fd);
@@ -6125,6 +6122,14 @@ static int rc_open(struct rconn *c, const char *addr, int ms, struct mq_err *e)
 	int one = 1;
 	setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
 	return 0;
+}
+
+/* Fail any later send or receive that waits longer than ms. */
+static void rc_timeout(struct rconn *c, int ms)
+{
+	struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
+	setsockopt(c->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+	setsockopt(c->fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
 }
 
 static void rc_close(struct rconn *c)
@@ -7556,8 +7561,9 @@ static void srv_request(struct srv *s, struct conn *c, char *line)
 	int np = rc == 0 ? preq_npos(&r) : 0;
 	if (rc == 0 && (np < v->min_pos || (v->max_pos >= 0 && np > v->max_pos)) &&
 	    strcmp(v->name, "PUT"))
-		rc = err_set(&e, MQ_EX_USAGE, "%s takes %d%s arguments, not %d", v->name, v->min_pos,
-		             v->max_pos < 0 ? " or more" : v->max_pos > v->min_pos ? " or 1" : "", np);
+		rc = err_set(&e, MQ_EX_USAGE, "%s takes %d%s argument%s, not %d", v->name, v->min_pos,
+		             v->max_pos < 0 ? " or more" : v->max_pos > v->min_pos ? " or 1" : "",
+		             v->min_pos == 1 && v->max_pos == 1 ? "" : "s", np);
 	if (rc == 0 && v->fn == v_put && np != 2) {
 		c->eof = c->dead = 1; /* frames would follow that cannot be told from requests */
 		rc = err_set(&e, MQ_EX_USAGE, "use PUT QUEUE COUNT [OPTIONS], then COUNT frames");
@@ -7876,7 +7882,8 @@ static int srv_listen(struct srv *s, const char *addr, int http, struct mq_err *
 	struct addrinfo hints = {0}, *res = NULL;
 	if (s->nl == 9)
 		return err_set(e, MQ_EX_USAGE, "at most 8 listen addresses");
-	if (net_split(addr, host, sizeof host, port, sizeof port, e) < 0)
+	if (net_split(addr, s->nsr ? MQ_NAMESRV_PORT : MQ_DEFAULT_PORT, host, sizeof host, port,
+	              sizeof port, e) < 0)
 		return -1;
 	hints.ai_socktype = SOCK_STREAM;
 	hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
@@ -7960,8 +7967,9 @@ static int reg_send(const char *ns, const struct buf *msg, int n, struct mq_err 
 {
 	struct rconn c;
 	char *line;
-	if (rc_open(&c, ns, 2000, e) < 0)
+	if (rc_open(&c, ns, MQ_NAMESRV_PORT, 2000, e) < 0)
 		return -1;
+	rc_timeout(&c, 2000);
 	int k = rc_send(&c, msg->p, msg->len, e);
 	for (int i = 0; k == 0 && i < n; i++)
 		while ((k = rc_next(&c, &line, e)) == 1)
@@ -7997,8 +8005,8 @@ static void *reg_main(void *arg)
 				hook_say(r->log, r->log_ctx, "level=info event=registered nameserver=%s as=%s",
 				         ns[i], addr);
 			else if (!ok && state[i] != -1)
-				hook_say(r->log, r->log_ctx, "level=warn event=register nameserver=%s "
-				         "error=\"%s\"", ns[i], e.msg);
+				hook_say(r->log, r->log_ctx, "level=warn event=%s nameserver=%s "
+				         "error=\"%s\"", stop ? "unregister" : "register", ns[i], e.msg);
 			state[i] = ok ? 1 : -1;
 		}
 		buf_free(&msg);
@@ -8496,6 +8504,7 @@ struct args {
 	const char *server; /* -s HOST:PORT or $MQ_SERVER: run it there */
 	const char *namesrv; /* -n HOST:PORT,... or $MQ_NAMESRV: route through them */
 	const char *cfg_file; /* serve --config: read in place of SPOOL/mq.yaml */
+	int connect_ms;       /* give up connecting to a server after this (0: never) */
 };
 
 static const struct opt common_opts[] = {
@@ -9079,7 +9088,7 @@ static int opt_partition(struct args *a, const struct queue *q, int *part)
 static int rmt_open(struct args *a, struct rconn *c, struct mq_err *e)
 {
 	char *line;
-	if (rc_open(c, a->server, 0, e) < 0)
+	if (rc_open(c, a->server, MQ_DEFAULT_PORT, a->connect_ms, e) < 0)
 		return -1;
 	const char *tok = getenv("MQ_TOKEN");
 	struct buf b = {0};
@@ -9197,8 +9206,9 @@ static int ns_ask(const char *list, const char *q, struct route *rt, struct mq_e
 		struct rconn c;
 		struct buf b = {0};
 		rt->n = 0;
-		if (rc_open(&c, ns[(start + i) % n], 2000, e) < 0)
+		if (rc_open(&c, ns[(start + i) % n], MQ_NAMESRV_PORT, 2000, e) < 0)
 			continue;
+		rc_timeout(&c, 2000);
 		if (q) {
 			buf_adds(&b, "ROUTE ");
 			proto_esc(&b, q, strlen(q));
@@ -9211,15 +9221,23 @@ static int ns_ask(const char *list, const char *q, struct route *rt, struct mq_e
 		if (k == 0)
 			return 0;
 	}
-	return err_set(e, MQ_EX_UNAVAILABLE, "no nameserver answers (%s): %s", list, e->msg);
+	char last[sizeof e->msg];
+	strfmt(last, sizeof last, "%s", e->msg);
+	return err_set(e, MQ_EX_UNAVAILABLE, "no nameserver answers (%s): %s", list, last);
 }
 
 /* The brokers a command through nameservers may run on: those holding
  * the queue, else every live one; a rotation starting at a random one. */
 static int ns_brokers(const char *list, const char *q, struct route *rt, struct mq_err *e)
 {
-	if ((q && ns_ask(list, q, rt, e) < 0) || ((!q || !rt->n) && ns_ask(list, NULL, rt, e) < 0))
+	if (q && ns_ask(list, q, rt, e) < 0)
 		return -1;
+	if (!q || !rt->n) { /* every live broker, one partition each as far as we know */
+		if (ns_ask(list, NULL, rt, e) < 0)
+			return -1;
+		for (int i = 0; i < rt->n; i++)
+			rt->b[i].parts = 1;
+	}
 	if (!rt->n)
 		return err_set(e, MQ_EX_UNAVAILABLE, "no live broker is registered with %s", list);
 	struct route tmp = *rt;
@@ -9461,9 +9479,18 @@ static int rset_owner(const struct rset *rs, uint64_t h)
 	return -1;
 }
 
-/* Add the brokers of the route that are new to rs. */
-static void rset_merge(struct rset *rs, const struct route *rt)
+static int rbroker_cmp(const void *a, const void *b)
 {
+	return strcmp(((const struct rbroker *)a)->addr, ((const struct rbroker *)b)->addr);
+}
+
+/* Add the brokers of the route that are new to rs.  The first route is
+ * taken in address order, whatever order a nameserver keeps, so that a
+ * key (or an id) lands on the same broker in every put. */
+static void rset_merge(struct rset *rs, struct route *rt)
+{
+	if (!rs->n)
+		qsort(rt->b, (size_t)rt->n, sizeof *rt->b, rbroker_cmp);
 	for (int i = 0; i < rt->n && rs->n < 64; i++) {
 		int known = 0;
 		for (int j = 0; j < rs->n && !known; j++)
@@ -9491,13 +9518,11 @@ static int rset_conn(struct rset *rs, int i, struct mq_err *e)
 		return 0;
 	const char *was = rs->a->server;
 	rs->a->server = b->addr;
+	rs->a->connect_ms = RSET_IO_MS;
 	int r = rmt_open(rs->a, &b->rp.c, e);
 	rs->a->server = was;
-	if (r == 0) {
-		struct timeval tv = {RSET_IO_MS / 1000, 0};
-		setsockopt(b->rp.c.fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-		setsockopt(b->rp.c.fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-	}
+	if (r == 0)
+		rc_timeout(&b->rp.c, RSET_IO_MS);
 	return r;
 }
 
@@ -9524,9 +9549,12 @@ static int rset_fail(struct rset *rs, int i, struct mq_err *e)
 		b->rp.c.fd = -1;
 		b->rp.ahead = 0;
 		int j = rset_owner(rs, ++rs->slot);
-		if (j < 0)
+		if (j < 0) {
+			char last[sizeof e->msg];
+			strfmt(last, sizeof last, "%s", e->msg);
 			return err_set(e, MQ_EX_UNAVAILABLE, "no broker of queue '%s' is left (the last "
-			               "error: %s)", rs->tmpl.queue, e->msg);
+			               "error: %s)", rs->tmpl.queue, last);
+		}
 		struct rbk *to = &rs->b[j];
 		for (size_t k = 0; k < b->rp.nkept; k++) { /* in order, as unsent */
 			struct rkept *d = rput_keep(&to->rp), s2 = b->rp.kept[k];
@@ -9565,7 +9593,7 @@ static int rset_add(struct rset *rs, const struct rec_msg *m, struct mq_err *e)
 	const void *key = m->has_key ? (const void *)m->key : rs->id;
 	size_t klen = m->has_key ? m->klen : rs->id ? strlen(rs->id) : 0;
 	int i = key ? rset_owner(rs, fnv1a(key, klen)) : rs->cur;
-	if (!key && !rset_live(rs, i))
+	if (!key && (i < 0 || !rset_live(rs, i)))
 		i = rs->cur = rset_owner(rs, ++rs->slot);
 	if (i < 0)
 		return err_set(e, MQ_EX_UNAVAILABLE, "no broker of queue '%s' is up", rs->tmpl.queue);
@@ -9587,6 +9615,7 @@ static int rset_add(struct rset *rs, const struct rec_msg *m, struct mq_err *e)
 /* Flush every broker (as rput_flush); a failing one hands its work on. */
 static int rset_flush(struct rset *rs, int wait, struct mq_err *e)
 {
+	rset_refresh(rs);
 	for (int again = 1; again;) {
 		again = 0;
 		for (int i = 0; i < rs->n; i++) {
@@ -9831,10 +9860,14 @@ static int put_remote(struct args *a, struct putctx *pc, int64_t due)
 		rs->id = opt_val(a, "id");
 		rs->refreshed = mono_ms();
 		pc->rs = rs;
-		if (ns_brokers(a->namesrv, rp.queue, &rt, &e) == 0)
+		if (ns_brokers(a->namesrv, rp.queue, &rt, &e) == 0) {
 			rset_merge(rs, &rt);
-		else
+			/* unkeyed messages start at a random broker */
+			rs->slot = (uint64_t)getpid() ^ (uint64_t)now_ms();
+			rs->cur = rset_owner(rs, rs->slot);
+		} else {
 			rc = -1;
+		}
 	} else {
 		pc->rp = &rp;
 	}
@@ -10863,12 +10896,13 @@ static int cmd_ack(struct args *a)
 		at[nr] = sign ? sign + 1 : NULL;
 		if (sign)
 			*sign = 0; /* (and put back below, for messages) */
-		int bad = receipt_parse(text, &rs[nr]) < 0 || (a->namesrv && (!sign || !sign[1]));
+		int bad = receipt_parse(text, &rs[nr]) < 0 || (a->namesrv ? !sign || !sign[1] : !!sign);
 		if (sign)
 			*sign = '@';
 		if (bad) {
 			rc = usage_error(a->cmd, "bad receipt '%s' (GROUP:PARTITION:OFFSET:LEASE%s, as get "
-			                 "--lease -f '%%r' prints)", text, a->namesrv ? "@BROKER" : "");
+			                 "--lease -f '%%r' prints%s)", text, a->namesrv ? "@BROKER" : "",
+			                 sign && !a->namesrv ? "; @BROKER needs -n" : "");
 			goto out;
 		}
 		nr++;
@@ -10886,7 +10920,7 @@ static int cmd_ack(struct args *a)
 		size_t *idx = malloc(nr * sizeof *idx);
 		if (!sub || !idx)
 			abort();
-		for (size_t i = 0; i < nr && rc == MQ_EX_OK; i++) {
+		for (size_t i = 0; i < nr; i++) { /* a broker failing stops no other */
 			size_t n = 0;
 			if (i && at[i] == NULL)
 				continue; /* done with an earlier broker */
@@ -10896,7 +10930,7 @@ static int cmd_ack(struct args *a)
 					idx[n++] = k;
 				}
 			a->server = at[i];
-			if (ack_remote(a, sub, n, nack, delay, &e) < 0)
+			if (ack_remote(a, sub, n, nack, delay, &e) < 0 && rc == MQ_EX_OK)
 				rc = fail(a, &e);
 			a->server = NULL;
 			for (size_t k = 0; k < n; k++) {
@@ -11941,7 +11975,7 @@ static const struct opt put_opts[] = {
 	{'K', "key-delim", A_REQ, "DELIM", "each line is KEY DELIM BODY"},
 	{'t', "tag", A_REQ, "TAG", "tag of every message"},
 	{'H', "header", A_REQ, "NAME=VALUE", "add a header (repeatable)"},
-	{'p', "partition", A_REQ, "N", "write to partition N"},
+	{'p', "partition", A_REQ, "N", "write to partition N (not with -n)"},
 	{0, "fsync", A_REQ, "MODE", "always, batch, interval:MS or never (default: the queue's)"},
 	{0, "print-offsets", A_NONE, NULL, "print PARTITION:OFFSET of each message once durable"},
 	{0, "no-create", A_NONE, NULL, "fail (66) instead of creating a missing queue"},
@@ -12074,7 +12108,8 @@ static const struct cmd cmds[] = {
 	{"ack", cmd_ack, "QUEUE [RECEIPT...]",
 	 "Acknowledge leased messages by receipt (from the arguments, else stdin): they\n"
 	 "are done.  Exits 75 if a lease had expired and the message was handed out\n"
-	 "again, 65 for a receipt of a message never delivered.",
+	 "again, 65 for a receipt of a message never delivered.  Through nameservers\n"
+	 "(-n), each RECEIPT ends in @BROKER and goes to that broker.",
 	 ack_opts, 1, -1, 1},
 	{"nack", cmd_ack, "[--delay DURATION] [--retries N] [--backoff DELAYS] QUEUE [RECEIPT...]",
 	 "Give leased messages back: each comes again after DURATION (default: the\n"
@@ -12112,9 +12147,10 @@ static const struct cmd cmds[] = {
 	 "its queues there, and mq -n asks it where a queue lives.",
 	 nameserver_opts, 0, 0, 0},
 	{"route", cmd_route, "[QUEUE]",
-	 "Print the brokers holding QUEUE (address, partitions, role), as the\n"
-	 "nameservers of -n or $MQ_NAMESRV see them; without QUEUE, every live\n"
-	 "broker (address, queues, role, seconds since it registered).",
+	 "Print the brokers holding QUEUE (address, partitions, role), as the first\n"
+	 "nameserver of -n or $MQ_NAMESRV that answers sees them; without QUEUE, every\n"
+	 "live broker (address, queues, role, seconds since its last registration).\n"
+	 "Exits 66 if no live broker holds QUEUE.",
 	 no_opts, 0, 1, 0},
 	{"ls", cmd_ls, "[--json]", "List the queues of the spool.", json_opts, 0, 0, 1},
 	{"stat", cmd_stat, "[--json] [QUEUE...]",
@@ -12155,12 +12191,14 @@ static const struct cmd *cmd_find(const char *name)
 
 static void help_main(FILE *f)
 {
-	fprintf(f, "usage: mq [-d DIR | -s HOST:PORT] COMMAND [ARGS...]\n"
+	fprintf(f, "usage: mq [-d DIR | -s HOST:PORT | -n HOST:PORT[,...]] COMMAND [ARGS...]\n"
 	           "       mq --version | --help | help COMMAND\n\n"
 	           "mq keeps durable message queues in a spool directory; with -s (or\n"
-	           "$MQ_SERVER) the command runs on that mq serve instead.\n\ncommands:\n");
+	           "$MQ_SERVER) the command runs on that mq serve instead, and with -n (or\n"
+	           "$MQ_NAMESRV) on the brokers those nameservers name for its queue.\n\n"
+	           "commands:\n");
 	for (size_t i = 0; i < NCMDS; i++) { /* the first sentence of each summary */
-		fprintf(f, "  %-8s ", cmds[i].name);
+		fprintf(f, "  %-10s ", cmds[i].name);
 		for (const char *s = cmds[i].summary; *s; s++) {
 			fputc(*s == '\n' ? ' ' : *s, f);
 			if (*s == '.' && (s[1] == ' ' || s[1] == '\n' || !s[1]))
@@ -12211,6 +12249,8 @@ static int ns_run(const struct cmd *c, struct args *a)
 	struct route rt;
 	struct mq_err e = {0};
 	const char *q = a->npos && c->fn != cmd_ls ? a->pos[0] : NULL;
+	if (q && c->fn == cmd_groups && !strcmp(q, "rm"))
+		q = a->npos > 1 ? a->pos[1] : NULL; /* groups rm QUEUE GROUP */
 	if (q && !name_valid(q))
 		q = NULL; /* the command says what is wrong with it */
 	if (ns_brokers(a->namesrv, q, &rt, &e) < 0) {
@@ -12218,6 +12258,7 @@ static int ns_run(const struct cmd *c, struct args *a)
 		return e.code;
 	}
 	int rc = MQ_EX_UNAVAILABLE, waits = c->fn == cmd_get && opt_has(a, "wait");
+	a->connect_ms = 5000; /* a broker that does not answer: on to the next */
 	for (int i = 0; i < rt.n; i++) {
 		a->server = receipt_broker = rt.b[i].addr;
 		rc = c->fn(a);
@@ -12247,13 +12288,13 @@ static int mq_run(int argc, char **argv, const char *spool, const char *server,
 		a.count[k] = 1;
 	}
 	/* -d names a local spool: it wins over $MQ_SERVER */
-	a.server = server && *server && c->fn != cmd_serve && !opt_has(&a, "spool") ? server : NULL;
-	a.namesrv = namesrv && c->fn != cmd_serve && !opt_has(&a, "spool") && !a.server ? namesrv
-	            : NULL;
+	int here = c->fn == cmd_serve || c->fn == cmd_nameserver || c->fn == cmd_help;
+	a.server = server && *server && !here && !opt_has(&a, "spool") ? server : NULL;
+	a.namesrv = namesrv && !here && !opt_has(&a, "spool") && !a.server ? namesrv : NULL;
 	if (rc == 0 && (a.server || a.namesrv) && !c->remote && c->fn != cmd_help &&
 	    c->fn != cmd_route && !opt_has(&a, "help")) {
-		fprintf(stderr, "%s: %s does not work through a server yet (unset MQ_SERVER, or "
-		        "drop -s)\n", progname, c->name);
+		fprintf(stderr, "%s: %s does not work through a server or nameservers yet (unset "
+		        "MQ_SERVER and MQ_NAMESRV, drop -s and -n, or give -d)\n", progname, c->name);
 		rc = MQ_EX_USAGE;
 	}
 	if (rc == 0 && opt_has(&a, "help")) {
