@@ -9443,6 +9443,7 @@ struct rbk {
 	char suffix[260];
 	int parts;
 	int64_t down_until;    /* monotonic ms; left out until then */
+	uint64_t sent;         /* bytes of unkeyed messages given to it */
 };
 
 struct rset {
@@ -9452,7 +9453,7 @@ struct rset {
 	int n;
 	int cur;               /* the broker unkeyed messages go to now */
 	uint64_t slot;         /* turns of unkeyed requests, over all partitions */
-	const char *id;        /* put --id: chooses the broker like a key */
+	const char *id;        /* put -k KEY, else --id: chooses the broker of all */
 	int64_t refreshed;
 };
 
@@ -9482,6 +9483,20 @@ static int rset_owner(const struct rset *rs, uint64_t h)
 static int rbroker_cmp(const void *a, const void *b)
 {
 	return strcmp(((const struct rbroker *)a)->addr, ((const struct rbroker *)b)->addr);
+}
+
+/* The live broker that has had the fewest unkeyed bytes for its
+ * partitions, the first from rs->slot on among equals; -1 if none. */
+static int rset_next(struct rset *rs)
+{
+	int best = -1;
+	for (int k = 0; k < rs->n; k++) {
+		int i = (int)((rs->slot + (uint64_t)k) % (uint64_t)rs->n);
+		const struct rbk *b = &rs->b[i], *c = best >= 0 ? &rs->b[best] : NULL;
+		if (rset_live(rs, i) && (!c || (double)b->sent / b->parts < (double)c->sent / c->parts))
+			best = i;
+	}
+	return best;
 }
 
 /* Add the brokers of the route that are new to rs.  The first route is
@@ -9594,7 +9609,7 @@ static int rset_add(struct rset *rs, const struct rec_msg *m, struct mq_err *e)
 	size_t klen = m->has_key ? m->klen : rs->id ? strlen(rs->id) : 0;
 	int i = key ? rset_owner(rs, fnv1a(key, klen)) : rs->cur;
 	if (!key && (i < 0 || !rset_live(rs, i)))
-		i = rs->cur = rset_owner(rs, ++rs->slot);
+		i = rs->cur = rset_next(rs);
 	if (i < 0)
 		return err_set(e, MQ_EX_UNAVAILABLE, "no broker of queue '%s' is up", rs->tmpl.queue);
 	if (rset_conn(rs, i, e) < 0) {
@@ -9605,8 +9620,10 @@ static int rset_add(struct rset *rs, const struct rec_msg *m, struct mq_err *e)
 	int r = rput_add(&rs->b[i].rp, m, e);
 	if (r < 0)
 		return rset_retryable(e) && rset_fail(rs, i, e) == 0 ? 1 : -1;
+	if (!key)
+		rs->b[i].sent += m->blen + 16;
 	if (r == 1 && !key)
-		rs->cur = rset_owner(rs, ++rs->slot);
+		rs->cur = rset_next(rs);
 	if (r == 1)
 		rset_refresh(rs);
 	return r;
@@ -9622,8 +9639,11 @@ static int rset_flush(struct rset *rs, int wait, struct mq_err *e)
 			struct rbk *b = &rs->b[i];
 			if (b->rp.c.fd < 0 && !b->rp.nframes && !b->rp.nkept)
 				continue;
-			if (i == rs->cur && b->rp.nframes) /* the next request goes to the next one */
-				rs->cur = rset_owner(rs, ++rs->slot);
+			if (!rset_live(rs, i)) /* left out, with what nobody else could take */
+				return err_set(e, MQ_EX_UNAVAILABLE, "no broker of queue '%s' is left",
+				               rs->tmpl.queue);
+			if (i == rs->cur && b->rp.nframes) /* the next request: the least loaded */
+				rs->cur = rset_next(rs);
 			if ((b->rp.c.fd < 0 && rset_conn(rs, i, e) < 0) || rput_flush(&b->rp, wait, e) < 0) {
 				if (!rset_retryable(e) || rset_fail(rs, i, e) < 0)
 					return -1;
@@ -9857,14 +9877,14 @@ static int put_remote(struct args *a, struct putctx *pc, int64_t due)
 			abort();
 		rs->a = a;
 		rs->tmpl = rp;
-		rs->id = opt_val(a, "id");
+		rs->id = opt_val(a, "key") ? opt_val(a, "key") : opt_val(a, "id");
 		rs->refreshed = mono_ms();
 		pc->rs = rs;
 		if (ns_brokers(a->namesrv, rp.queue, &rt, &e) == 0) {
 			rset_merge(rs, &rt);
 			/* unkeyed messages start at a random broker */
 			rs->slot = (uint64_t)getpid() ^ (uint64_t)now_ms();
-			rs->cur = rset_owner(rs, rs->slot);
+			rs->cur = rset_next(rs);
 		} else {
 			rc = -1;
 		}
@@ -12259,6 +12279,17 @@ static int ns_run(const struct cmd *c, struct args *a)
 	}
 	int rc = MQ_EX_UNAVAILABLE, waits = c->fn == cmd_get && opt_has(a, "wait");
 	a->connect_ms = 5000; /* a broker that does not answer: on to the next */
+	if (c->fn == cmd_tail) { /* the last messages of each broker */
+		int ok = 0;
+		for (int i = 0; i < rt.n; i++) {
+			a->server = rt.b[i].addr;
+			int r = c->fn(a);
+			ok |= r == MQ_EX_OK;
+			rc = ok ? MQ_EX_OK : r;
+		}
+		a->server = NULL;
+		return rc;
+	}
 	for (int i = 0; i < rt.n; i++) {
 		a->server = receipt_broker = rt.b[i].addr;
 		rc = c->fn(a);
