@@ -5266,6 +5266,34 @@ static int verify_queue(struct queue *q, int repair, struct vrep *vr, struct mq_
 	return 0;
 }
 
+/* The effective settings (of queue q, else the defaults) as the lines
+ * `mq config` prints, each handed to line(). */
+static int conf_report(struct spool *sp, const char *q, void (*line)(void *ctx, const char *text),
+                       void *ctx, struct mq_err *e)
+{
+	struct qconf c;
+	char text[PATH_MAX + 64];
+	if (q ? q_check_name("queue", q, e) < 0 || q_conf(sp, q, NULL, 0, &c, e) < 0
+	      : cfg_queue(&sp->cfg, "", &c, e) < 0)
+		return -1;
+	strfmt(text, sizeof text, "# spool: %s", sp->dir);
+	line(ctx, text);
+	strfmt(text, sizeof text, "# config: %s%s", sp->cfg.path, sp->cfg.loaded ? "" : " (not present)");
+	line(ctx, text);
+	if (q) {
+		strfmt(text, sizeof text, "# queue: %s%s", q, q_exists(sp, q) ? "" : " (not created yet)");
+		line(ctx, text);
+	}
+	for (size_t i = 0; i < NSETTINGS; i++) {
+		char v[64], kv[128];
+		conf_format(&c, i, v, sizeof v);
+		strfmt(kv, sizeof kv, "%s: %s", settings[i].name, v);
+		strfmt(text, sizeof text, "%-32s # %s", kv, c.src[i]);
+		line(ctx, text);
+	}
+	return 0;
+}
+
 /* ===================================================================
  * 11. Delivery: claims, leases, acks, retries and dead letters
  *
@@ -7533,6 +7561,71 @@ static int v_stats(struct srv *s, struct conn *c, struct preq *r, struct ticket 
 	return 0;
 }
 
+/* A line of text as a "LINE TEXT" data line of an answer. */
+static void resp_line(void *ctx, const char *text)
+{
+	struct buf *b = ctx;
+	buf_adds(b, "LINE ");
+	proto_esc(b, text, strlen(text));
+	buf_add(b, "\n", 1);
+}
+
+/* CONFIG [QUEUE]: the lines `mq config` prints, as LINE lines. */
+static int v_config(struct srv *s, struct conn *c, struct preq *r, struct ticket *t,
+                    struct mq_err *e)
+{
+	(void)c;
+	if (conf_report(s->sp, preq_pos(r, 0), resp_line, &t->resp, e) < 0)
+		return -1;
+	buf_adds(&t->resp, "OK\n");
+	return 0;
+}
+
+/* VERIFY [QUEUE...] [repair=1]: what `mq verify` reports, as LINE lines,
+ * then "OK DAMAGED REPAIRED QUEUES PARTITIONS".  The loop waits for it:
+ * the server serves nobody else meanwhile. */
+static int v_verify(struct srv *s, struct conn *c, struct preq *r, struct ticket *t,
+                    struct mq_err *e)
+{
+	char **names = NULL;
+	size_t n = 0, parts = 0, checked = 0;
+	uint64_t repair = 0;
+	int np = preq_npos(r), rc = 0;
+	struct vrep vr = {resp_line, &t->resp, 0, 0, NULL};
+	if (ropt_u64(r, "repair", 0, &repair, e) < 0)
+		return -1;
+	if (np == 0 && q_list(s->sp, &names, &n, e) < 0)
+		return -1;
+	srv_commit(s); /* what the shared producers hold, on disk first */
+	size_t total = np ? (size_t)np : n;
+	for (size_t i = 0; i < total && rc == 0; i++) {
+		struct queue *q = NULL;
+		const char *name = np ? preq_pos(r, (int)i) : names[i];
+		struct mq_err ignored;
+		if (!np && srv_allowed(s, c, NEED_WRITE, name, &ignored) < 0)
+			continue; /* all queues: those this token may write */
+		struct sq *sq; /* the server's own handle would keep the writer's lock */
+		for (sq = s->queues; sq && strcmp(sq->q->name, name); sq = sq->next)
+			;
+		if (sq && sq_busy(s, sq) && repair) {
+			rc = err_set(e, MQ_EX_TEMPFAIL, "queue '%s' is in use on this server (a get waits "
+			             "or a put is arriving); try again", name);
+			break;
+		}
+		if (sq && !sq_busy(s, sq))
+			sq_close(s, sq);
+		rc = q_open(s->sp, name, 0, NULL, 0, &q, e) < 0 || verify_queue(q, (int)repair, &vr, e) < 0
+		     ? -1 : 0;
+		if (q)
+			parts += (size_t)q->nparts, checked++;
+		q_close(q);
+	}
+	names_free(names, n);
+	if (rc == 0)
+		buf_printf(&t->resp, "OK %d %d %zu %zu\n", vr.damaged, vr.repaired, checked, parts);
+	return rc;
+}
+
 static const struct verb verbs[] = {
 	{"HELLO", v_hello, 0, 1, NEED_NONE, 0},    {"AUTH", v_auth, 1, 1, NEED_NONE, 0},
 	{"PING", v_ping, 0, 0, NEED_NONE, 0},      {"QUIT", v_quit, 0, 0, NEED_NONE, 0},
@@ -7543,6 +7636,7 @@ static const struct verb verbs[] = {
 	{"SEEK", v_seek, 1, 1, NEED_READ, 0},      {"CREATE", v_create, 1, 1, NEED_WRITE, 0},
 	{"RM", v_rm, 1, -1, NEED_WRITE, 1},        {"PURGE", v_rm, 1, -1, NEED_WRITE, 1},
 	{"DELGROUP", v_delgroup, 2, 2, NEED_READ, 0}, {"STATS", v_stats, 0, 0, NEED_AUTH, 0},
+	{"CONFIG", v_config, 0, 1, NEED_READ, 0},  {"VERIFY", v_verify, 0, -1, NEED_WRITE, 1},
 };
 
 /* Run one request line (NUL-terminated). */
@@ -7568,7 +7662,7 @@ static void srv_request(struct srv *s, struct conn *c, char *line)
 		c->eof = c->dead = 1; /* frames would follow that cannot be told from requests */
 		rc = err_set(&e, MQ_EX_USAGE, "use PUT QUEUE COUNT [OPTIONS], then COUNT frames");
 	}
-	for (int i = 0; rc == 0 && v->fn != v_put && i < (v->all_pos ? np : 1); i++)
+	for (int i = 0; rc == 0 && v->fn != v_put && i < (v->all_pos && np ? np : 1); i++)
 		rc = srv_allowed(s, c, v->need, preq_pos(&r, i), &e); /* a put checks in v_put */
 	if (rc == 0)
 		rc = v->fn(s, c, &r, t, &e);
@@ -11255,6 +11349,42 @@ static int rmt_simple(struct args *a, const char *verb, int from, struct buf *op
 	return rc < 0 ? fail(a, &e) : MQ_EX_OK;
 }
 
+/* "LINE TEXT" data lines of an answer, printed as TEXT. */
+static int rlines_line(void *ctx, char *line, struct mq_err *e)
+{
+	(void)ctx, (void)e;
+	if (!strncmp(line, "LINE ", 5)) {
+		ssize_t n = proto_unesc(line + 5, strlen(line + 5));
+		fwrite(line + 5, 1, n < 0 ? 0 : (size_t)n, stdout);
+		putchar('\n');
+	}
+	return 0;
+}
+
+/* VERB QUEUE... OPTS whose answer is lines to print; *rest gets the OK
+ * line's rest (copied into rest[256]) when rest is not NULL. */
+static int rmt_lines(struct args *a, const char *verb, struct buf *opts, char *rest)
+{
+	struct mq_err e = {0};
+	struct rconn c;
+	struct buf b = {0};
+	char *r = NULL;
+	buf_adds(&b, verb);
+	for (int i = 0; i < a->npos; i++) {
+		buf_add(&b, " ", 1);
+		proto_esc(&b, a->pos[i], strlen(a->pos[i]));
+	}
+	if (opts)
+		buf_add(&b, opts->p, opts->len);
+	int rc = rmt_open(a, &c, &e) < 0 ? -1 : rmt_call(&c, &b, rlines_line, NULL, &r, &e);
+	if (rc == 0 && rest)
+		strfmt(rest, 256, "%s", r);
+	if (c.fd >= 0)
+		rc_close(&c);
+	buf_free(&b);
+	return rc < 0 ? fail(a, &e) : stdout_done(a);
+}
+
 struct rnames {
 	char **v;
 	size_t n;
@@ -11922,11 +12052,27 @@ static int cmd_verify(struct args *a)
 	int repair = opt_has(a, "repair");
 	struct progress pg = {isatty(2), 0, 0}; /* first frame at once */
 	struct vrep vr = {verify_line, &pg, 0, 0, verify_progress};
+	size_t total, parts = 0;
+	if (a->server) {
+		char rest[256] = "";
+		struct buf o = {0};
+		if (repair)
+			buf_adds(&o, " repair=1");
+		int rc = rmt_lines(a, "VERIFY", &o, rest);
+		buf_free(&o);
+		if (rc)
+			return rc;
+		if (sscanf(rest, "%d %d %zu %zu", &vr.damaged, &vr.repaired, &total, &parts) != 4) {
+			err_set(&e, MQ_EX_UNAVAILABLE, "server '%s' answered '%s'", a->server, rest);
+			return fail(a, &e);
+		}
+		goto summary;
+	}
 	if (spool_init(a, 0, &e) < 0)
 		return fail(a, &e);
 	if (a->npos == 0 && q_list(&a->sp, &names, &n, &e) < 0)
 		return fail(a, &e);
-	size_t total = a->npos ? (size_t)a->npos : n, parts = 0;
+	total = a->npos ? (size_t)a->npos : n;
 	for (size_t i = 0; i < total; i++) {
 		struct queue *q;
 		a->queue = a->npos ? a->pos[i] : names[i];
@@ -11943,6 +12089,7 @@ static int cmd_verify(struct args *a)
 	}
 	names_free(names, n);
 	progress_clear(&pg);
+summary:
 	if (vr.damaged == 0)
 		printf("ok: %zu queues, %zu partitions, no damage\n", total, parts);
 	else if (repair)
@@ -11957,30 +12104,20 @@ static int cmd_verify(struct args *a)
 
 /* ----- mq config ----- */
 
+static void print_line(void *ctx, const char *text)
+{
+	(void)ctx;
+	printf("%s\n", text);
+}
+
 static int cmd_config(struct args *a)
 {
 	struct mq_err e = {0};
-	struct qconf c;
-	if (spool_init(a, 0, &e) < 0)
+	a->queue = a->npos ? a->pos[0] : NULL;
+	if (a->server)
+		return rmt_lines(a, "CONFIG", NULL, NULL);
+	if (spool_init(a, 0, &e) < 0 || conf_report(&a->sp, a->queue, print_line, NULL, &e) < 0)
 		return fail(a, &e);
-	if (a->npos) {
-		a->queue = a->pos[0];
-		if (q_check_name("queue", a->pos[0], &e) < 0 ||
-		    q_conf(&a->sp, a->pos[0], NULL, 0, &c, &e) < 0)
-			return fail(a, &e);
-	} else if (cfg_queue(&a->sp.cfg, "", &c, &e) < 0) {
-		return fail(a, &e);
-	}
-	printf("# spool: %s\n# config: %s%s\n", a->sp.dir, a->sp.cfg.path,
-	       a->sp.cfg.loaded ? "" : " (not present)");
-	if (a->npos)
-		printf("# queue: %s%s\n", a->pos[0], q_exists(&a->sp, a->pos[0]) ? "" : " (not created yet)");
-	for (size_t i = 0; i < NSETTINGS; i++) {
-		char v[64], line[128];
-		conf_format(&c, i, v, sizeof v);
-		strfmt(line, sizeof line, "%s: %s", settings[i].name, v);
-		printf("%-32s # %s\n", line, c.src[i]);
-	}
 	return stdout_done(a);
 }
 
@@ -12194,9 +12331,9 @@ static const struct cmd cmds[] = {
 	 "their settings.", no_opts, 1, -1, 1},
 	{"verify", cmd_verify, "[--repair] [QUEUE...]",
 	 "Check every checksum, index, head and offset file; report damage by queue,\n"
-	 "partition and offset range.  Exits 65 if damage remains.", verify_opts, 0, -1, 0},
+	 "partition and offset range.  Exits 65 if damage remains.", verify_opts, 0, -1, 1},
 	{"config", cmd_config, "[QUEUE]",
-	 "Print the effective settings (of QUEUE) and where each one comes from.", no_opts, 0, 1, 0},
+	 "Print the effective settings (of QUEUE) and where each one comes from.", no_opts, 0, 1, 1},
 	{"help", cmd_help, "[COMMAND]", "Show help for mq or one command.", no_opts, 0, 1, 0},
 };
 #define NCMDS (sizeof cmds / sizeof cmds[0])

@@ -937,12 +937,21 @@ EOF2
 
 	serve_start
 	mq put q x
-	for cmd in "consume -g g -e q -- cat" "move q r" "verify" "config" "config q" "tail -F q"; do
+	for cmd in "move q r" "tail -F q"; do
 		run -64 --separate-stderr eval "mq $cmd"
 		assert_eq "$output" ""
 		[[ "$stderr" == *"through a server"* ]]
 	done
-	run -64 mq -s "$MQ_SERVER" verify
+	run -64 --separate-stderr mq consume -g g --parallel 2 -e q -- cat
+	[[ "$stderr" == *"not through a server"* ]]
+	run -64 mq -s "$MQ_SERVER" move q r
+	# verify, config and consume run on the server, as they do locally
+	run -0 mq verify
+	assert_eq "$output" "$("$MQ" -d "$MQ_SPOOL" verify)"
+	run -0 mq config q
+	assert_eq "$output" "$("$MQ" -d "$MQ_SPOOL" config q)"
+	run -0 mq consume -g g -e q -- cat
+	assert_eq "$output" x
 	# mq serve itself ignores $MQ_SERVER; a port in use is 69
 	run -69 --separate-stderr "$MQ" -d "$LOCAL" serve -l "127.0.0.1:$PORT"
 	[[ "$stderr" == *"cannot listen on '127.0.0.1:$PORT'"* ]]
