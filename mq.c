@@ -6375,8 +6375,9 @@ struct ticket {
 	int frames_done;
 	char dup[64];          /* put id=: "PARTITION:OFFSET" of the stored one */
 	struct mq_err err;     /* the first failure; err.code 0 if none */
-	/* TK_WAIT: a get waiting for messages */
+	/* TK_WAIT: a get (or a watch) waiting for messages */
 	char *line;            /* its request line, run again on a wake */
+	int (*rerun)(struct srv *s, struct ticket *t, struct preq *r, struct mq_err *e);
 	struct sq *wq;
 	int64_t deadline;      /* monotonic ms; -1 for ever */
 	struct ticket *wprev, *wnext;
@@ -7195,12 +7196,17 @@ static int srv_get(struct srv *s, struct ticket *t, struct preq *r, struct mq_er
 	return 0;
 }
 
-static int v_get(struct srv *s, struct conn *c, struct preq *r, struct ticket *t,
-                 struct mq_err *e)
+/* Run fn; when it returns 1 (nothing yet, and a wait= given), t waits
+ * and srv_wake runs fn again on the request line. */
+static int srv_get(struct srv *s, struct ticket *t, struct preq *r, struct mq_err *e);
+
+static int srv_waiting(struct srv *s, struct conn *c, struct preq *r, struct ticket *t,
+                       int (*fn)(struct srv *, struct ticket *, struct preq *, struct mq_err *),
+                       struct mq_err *e)
 {
 	char *copy = NULL;
-	/* the line is parsed in place: keep a copy in case the get waits */
-	if (preq_opt(r, "wait")) {
+	/* the line is parsed in place: keep a copy in case it waits */
+	if (preq_opt(r, "wait") || fn != srv_get) {
 		struct buf b = {0};
 		for (int i = 0; i < r->n; i++) {
 			if (i)
@@ -7214,9 +7220,10 @@ static int v_get(struct srv *s, struct conn *c, struct preq *r, struct ticket *t
 		buf_addc0(&b);
 		copy = b.p;
 	}
-	int k = srv_get(s, t, r, e);
+	int k = fn(s, t, r, e);
 	if (k == 1) {
 		t->kind = TK_WAIT;
+		t->rerun = fn;
 		t->line = copy;
 		t->wnext = s->waiting;
 		if (s->waiting)
@@ -7227,6 +7234,61 @@ static int v_get(struct srv *s, struct conn *c, struct preq *r, struct ticket *t
 	}
 	free(copy);
 	return k;
+}
+
+static int v_get(struct srv *s, struct conn *c, struct preq *r, struct ticket *t,
+                 struct mq_err *e)
+{
+	return srv_waiting(s, c, r, t, srv_get, e);
+}
+
+/* WATCH QUEUE NEXT,... [partition=P] [wait=MS]: "OK 1" once a partition
+ * (or partition P) holds messages at or past the NEXT offset given for it,
+ * "OK 0" when the wait runs out (wait=0: never). */
+static int srv_watch(struct srv *s, struct ticket *t, struct preq *r, struct mq_err *e)
+{
+	uint64_t part = 0, wait = 0;
+	if (ropt_u64(r, "partition", 0, &part, e) < 0 || ropt_u64(r, "wait", 0, &wait, e) < 0)
+		return -1;
+	struct sq *sq = srv_queue(s, preq_pos(r, 0), 0, e);
+	if (!sq)
+		return -1;
+	struct queue *q = sq->q;
+	int one = preq_opt(r, "partition") != NULL, moved = 0;
+	if (one && part >= (uint64_t)q->nparts)
+		return err_set(e, MQ_EX_USAGE, "partition %" PRIu64 " does not exist (the queue has %d)",
+		               part, q->nparts);
+	const char *p = preq_pos(r, 1);
+	for (int i = 0; i < q->nparts && !moved; i++) {
+		char *end;
+		errno = 0;
+		uint64_t next = strtoull(p, &end, 10);
+		if (!isdigit((unsigned char)*p) || errno || (*end && *end != ','))
+			return err_set(e, MQ_EX_USAGE, "give the next offset of each of the %d partitions, "
+			               "separated by commas", q->nparts);
+		p = *end ? end + 1 : end;
+		struct head h;
+		int v = one && (uint64_t)i != part ? 0 : head_read(&q->parts[i], &h, e);
+		if (v < 0)
+			return -1;
+		moved = v && h.next > next;
+	}
+	if (!moved) {
+		if (t->kind != TK_WAIT) {
+			t->deadline = wait ? mono_ms() + (int64_t)wait : -1;
+			t->wq = sq;
+		}
+		if (t->deadline < 0 || mono_ms() < t->deadline)
+			return 1;
+	}
+	buf_printf(&t->resp, "OK %d\n", moved);
+	return 0;
+}
+
+static int v_watch(struct srv *s, struct conn *c, struct preq *r, struct ticket *t,
+                   struct mq_err *e)
+{
+	return srv_waiting(s, c, r, t, srv_watch, e);
 }
 
 /* Run the waiting gets again: those whose queue changed, and all of them
@@ -7247,7 +7309,7 @@ static void srv_wake(struct srv *s, int tick)
 			abort();
 		int k = proto_parse(line, &r, &e) < 0 ||
 		        srv_allowed(s, t->c, NEED_READ, preq_pos(&r, 0), &e) < 0 /* a reload */
-		        ? -1 : srv_get(s, t, &r, &e);
+		        ? -1 : t->rerun(s, t, &r, &e);
 		free(line);
 		preq_free(&r);
 		if (k == 1)
@@ -7637,6 +7699,7 @@ static const struct verb verbs[] = {
 	{"RM", v_rm, 1, -1, NEED_WRITE, 1},        {"PURGE", v_rm, 1, -1, NEED_WRITE, 1},
 	{"DELGROUP", v_delgroup, 2, 2, NEED_READ, 0}, {"STATS", v_stats, 0, 0, NEED_AUTH, 0},
 	{"CONFIG", v_config, 0, 1, NEED_READ, 0},  {"VERIFY", v_verify, 0, -1, NEED_WRITE, 1},
+	{"WATCH", v_watch, 2, 2, NEED_READ, 0},
 };
 
 /* Run one request line (NUL-terminated). */
@@ -11182,12 +11245,13 @@ static int peek_remote(struct args *a, const struct msgfmt *f, uint64_t n, uint6
 	struct out o = {1, {0}, 0};
 	struct rmsgs r = {&c, &o, f, a->pos[0], NULL, 0, {0}, {0}, 0, 0};
 	struct buf b = {0};
-	uint64_t part = 0, printed = 0;
-	int rc = 0, nparts = 1, one = opt_has(a, "partition");
+	uint64_t part = 0, printed = 0, *nx = NULL; /* -F: the next offset of each partition */
+	int rc = 0, nparts = 1, one = opt_has(a, "partition"), follow = tail && opt_has(a, "follow");
 	if (one && opt_u64(a, "partition", 0, &part) < 0)
 		return MQ_EX_USAGE;
 	if (rmt_open(a, &c, &e) < 0)
 		return fail(a, &e);
+again:
 	for (int p = one ? (int)part : 0; p < (one ? (int)part + 1 : nparts) && rc == 0; p++) {
 		for (int req = 0; rc == 0 && (n == 0 || printed < n); req++) {
 			char *rest, *x;
@@ -11199,7 +11263,9 @@ static int peek_remote(struct args *a, const struct msgfmt *f, uint64_t n, uint6
 				buf_printf(&b, " from=%" PRIu64, req ? r.next : from);
 			if (since != INT64_MIN)
 				rmt_ms(&b, "since", since);
-			if (!req && (tail || opt_has(a, "last")))
+			if (!req && nx) /* following: from where the last round ended */
+				buf_printf(&b, " from=%" PRIu64, nx[p]);
+			else if (!req && (tail || opt_has(a, "last")))
 				buf_printf(&b, " last=%" PRIu64, last);
 			if (opt_val(a, "tag"))
 				proto_opt(&b, "tag", opt_val(a, "tag"), strlen(opt_val(a, "tag")));
@@ -11210,6 +11276,10 @@ static int peek_remote(struct args *a, const struct msgfmt *f, uint64_t n, uint6
 				r.next = strtoull(x + 5, NULL, 10);
 			if ((x = strstr(rest, "partitions=")))
 				nparts = atoi(x + 11);
+			if (follow && !nx && !(nx = calloc((size_t)nparts, sizeof *nx)))
+				abort();
+			if (nx && p < nparts)
+				nx[p] = r.next;
 			printed += r.n;
 			if (out_flush(&o) < 0)
 				rc = err_set(&e, MQ_EX_IOERR, "cannot write to stdout: %s", strerror(o.err));
@@ -11217,6 +11287,22 @@ static int peek_remote(struct args *a, const struct msgfmt *f, uint64_t n, uint6
 				break;
 		}
 	}
+	/* -F: wait on the server until a partition grows, a second at a time
+	 * (so a signal is seen), then print what came */
+	while (follow && rc == 0 && !stop_flag) {
+		char *rest;
+		b.len = 0;
+		buf_adds(&b, "WATCH ");
+		proto_esc(&b, a->pos[0], strlen(a->pos[0]));
+		for (int p = 0; p < nparts; p++)
+			buf_printf(&b, "%c%" PRIu64, p ? ',' : ' ', nx[p]);
+		if (one)
+			buf_printf(&b, " partition=%" PRIu64, part);
+		buf_adds(&b, " wait=1000");
+		if ((rc = rmt_call(&c, &b, NULL, NULL, &rest, &e)) == 0 && !strcmp(rest, "1"))
+			goto again;
+	}
+	free(nx);
 	rc_close(&c);
 	buf_free(&b);
 	buf_free(&o.b);
@@ -11257,8 +11343,6 @@ static int peek_run(struct args *a, int tail)
 		return MQ_EX_USAGE;
 	if (a->server) {
 		tagset_free(&tsbuf);
-		if (tail && opt_has(a, "follow"))
-			return usage_error(a->cmd, "-F does not work through a server yet");
 		return peek_remote(a, &f, n, from, last, since, tail);
 	}
 	if (spool_init(a, 0, &e) < 0 || q_open(&a->sp, a->pos[0], 0, NULL, 0, &q, &e) < 0) {
@@ -12416,6 +12500,8 @@ static int ns_run(const struct cmd *c, struct args *a)
 	}
 	int rc = MQ_EX_UNAVAILABLE, waits = c->fn == cmd_get && opt_has(a, "wait");
 	a->connect_ms = 5000; /* a broker that does not answer: on to the next */
+	if (c->fn == cmd_tail && opt_has(a, "follow"))
+		return usage_error(c, "-F follows one server: use -s HOST:PORT, not -n");
 	if (c->fn == cmd_tail) { /* the last messages of each broker */
 		int ok = 0;
 		for (int i = 0; i < rt.n; i++) {

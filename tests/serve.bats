@@ -229,6 +229,26 @@ skip_if_tail_bug() {
 	assert_eq "$output" ""
 }
 
+@test "serve: tail -F through the server follows every partition, or one with -p, and exits 0 on SIGTERM" {
+	serve_start
+	mq create --partitions 3 q
+	mq put q old1 old2
+	bg "$MQ" tail -F -n 5 q >"$BATS_TEST_TMPDIR/all"
+	local all=$!
+	bg "$MQ" tail -F -n 0 -p 2 q >"$BATS_TEST_TMPDIR/two"
+	local two=$!
+	wait_for "[ -s '$BATS_TEST_TMPDIR/all' ]"
+	mq put -p 0 q a
+	mq put -p 2 q b
+	mq put -p 1 q c
+	wait_for "grep -qx c '$BATS_TEST_TMPDIR/all' && grep -qx b '$BATS_TEST_TMPDIR/two'"
+	kill -TERM "$all" "$two"
+	wait "$all"
+	wait "$two"
+	assert_eq "$(sort "$BATS_TEST_TMPDIR/all")" "$(printf 'a\nb\nc\nold1\nold2' | sort)"
+	assert_eq "$(cat "$BATS_TEST_TMPDIR/two")" b
+}
+
 @test "serve: get, leases, ack and nack through the server match local runs" {
 	local_spool
 	serve_start
