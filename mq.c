@@ -6102,6 +6102,7 @@ struct rconn {
 	struct buf line; /* the last line read, NUL-terminated */
 	char addr[256];
 	int broken;      /* a send or receive failed: no answer is coming */
+	volatile sig_atomic_t *stop; /* set by a signal: a wait is given up */
 };
 
 /* Connect (to port defport when addr names none); with ms > 0, give up
@@ -6191,7 +6192,12 @@ static int rc_fill(struct rconn *c, struct mq_err *e)
 		c->pos = c->in.len = 0;
 	buf_reserve(&c->in, 65536);
 	for (;;) {
-		ssize_t k = recv(c->fd, c->in.p + c->in.len, c->in.cap - c->in.len, 0);
+		ssize_t k = c->stop && *c->stop ? -1 : recv(c->fd, c->in.p + c->in.len,
+		                                            c->in.cap - c->in.len, 0);
+		if (c->stop && *c->stop) { /* the signal came before the recv, or during it */
+			c->broken = 1;
+			return err_set(e, MQ_EX_TEMPFAIL, "interrupted");
+		}
 		if (k < 0 && errno == EINTR)
 			continue;
 		if (k <= 0)
@@ -10384,6 +10390,7 @@ static int get_remote(struct args *a, const char *g, uint64_t want, int64_t wait
 	int rc = 0, first = opt_has(a, "commit-first");
 	if (rmt_open(a, &c, &e) < 0)
 		return fail(a, &e);
+	c.stop = &stop_flag; /* SIGINT, SIGTERM: give up a wait, as locally */
 	do {
 		b.len = 0;
 		r.n = 0;
@@ -10433,6 +10440,8 @@ static int get_remote(struct args *a, const char *g, uint64_t want, int64_t wait
 	buf_free(&o.b);
 	buf_free(&r.receipts);
 	buf_free(&r.hb);
+	if (rc < 0 && stop_flag && c.broken && r.n == 0) /* a signal ended the wait, as locally */
+		return total > 0 ? MQ_EX_OK : MQ_EX_EMPTY;
 	if (rc < 0)
 		return fail(a, &e);
 	return total > 0 ? MQ_EX_OK : MQ_EX_EMPTY;
@@ -10834,6 +10843,7 @@ static int consume_remote(struct args *a, struct consume *cs, int64_t wait_ms)
 		return fail(a, &e);
 	signal(SIGPIPE, SIG_IGN);
 	while (!stop_flag && (cs->max == 0 || cs->done + cs->failed < cs->max)) {
+		c.stop = &stop_flag; /* a signal ends a wait for messages, not an ack */
 		uint64_t want = cs->batch;
 		if (cs->max && cs->max - cs->done - cs->failed < want)
 			want = cs->max - cs->done - cs->failed;
@@ -10849,8 +10859,12 @@ static int consume_remote(struct args *a, struct consume *cs, int64_t wait_ms)
 		if (opt_val(a, "tag"))
 			proto_opt(&req, "tag", opt_val(a, "tag"), strlen(opt_val(a, "tag")));
 		rmt_retry_opts(a, &req);
-		if ((rc = rmt_call(&c, &req, rbatch_line, &b, NULL, &e)) < 0)
+		if ((rc = rmt_call(&c, &req, rbatch_line, &b, NULL, &e)) < 0) {
+			if (stop_flag && c.broken && b.n == 0)
+				rc = 0; /* a signal while waiting: done, as locally */
 			break;
+		}
+		c.stop = NULL;
 		if (b.n == 0)
 			break; /* empty (after the wait, if any) */
 		pid_t pid = consume_start(cs, &b.rm, &b.o.b, &e);
@@ -11251,6 +11265,7 @@ static int peek_remote(struct args *a, const struct msgfmt *f, uint64_t n, uint6
 		return MQ_EX_USAGE;
 	if (rmt_open(a, &c, &e) < 0)
 		return fail(a, &e);
+	c.stop = &stop_flag; /* -F: a signal ends the following, as locally */
 again:
 	for (int p = one ? (int)part : 0; p < (one ? (int)part + 1 : nparts) && rc == 0; p++) {
 		for (int req = 0; rc == 0 && (n == 0 || printed < n); req++) {
@@ -11299,7 +11314,9 @@ again:
 		if (one)
 			buf_printf(&b, " partition=%" PRIu64, part);
 		buf_adds(&b, " wait=1000");
-		if ((rc = rmt_call(&c, &b, NULL, NULL, &rest, &e)) == 0 && !strcmp(rest, "1"))
+		if ((rc = rmt_call(&c, &b, NULL, NULL, &rest, &e)) < 0 && stop_flag && c.broken)
+			rc = 0; /* a signal: done, as locally */
+		else if (rc == 0 && !strcmp(rest, "1"))
 			goto again;
 	}
 	free(nx);

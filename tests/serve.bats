@@ -229,6 +229,33 @@ skip_if_tail_bug() {
 	assert_eq "$output" ""
 }
 
+@test "serve: get -w and consume -w through the server give up their wait on SIGTERM or SIGINT, as locally" {
+	serve_start
+	mq create q
+	local sig pid rc
+	for sig in TERM INT; do
+		bg "$MQ" get -w q
+		pid=$!
+		# connected (with srv_stat's own connection, 2): whenever the
+		# signal comes, the wait ends
+		wait_for "[ \$(srv_stat connections) -ge 2 ]"
+		kill -"$sig" "$pid"
+		rc=0
+		wait "$pid" || rc=$?
+		assert_eq "$rc" 1
+		bg "$MQ" consume -g c -w q -- cat
+		pid=$!
+		wait_for "[ \$(srv_stat connections) -ge 2 ]"
+		kill -"$sig" "$pid"
+		rc=0
+		wait "$pid" || rc=$?
+		assert_eq "$rc" 0
+	done
+	mq put q x
+	run -0 mq get q
+	assert_eq "$output" x
+}
+
 @test "serve: tail -F through the server follows every partition, or one with -p, and exits 0 on SIGTERM" {
 	serve_start
 	mq create --partitions 3 q
