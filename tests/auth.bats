@@ -34,16 +34,8 @@ teardown() {
 		kill -9 "$p" 2>/dev/null || true
 	done
 	wait 2>/dev/null || true
-	if grep -l 'Sanitizer\|runtime error:' "$BATS_TEST_TMPDIR"/serve.*.log >/dev/null 2>&1; then
-		cat "$BATS_TEST_TMPDIR"/serve.*.log >&2
-		rc=1
-	elif [ "$rc" != 0 ] || [ -z "${BATS_TEST_COMPLETED:-}" ]; then
-		for p in "$BATS_TEST_TMPDIR"/serve.*.log; do
-			[ -e "$p" ] || continue
-			echo "--- last lines of $p" >&2
-			tail -n 20 "$p" >&2
-		done
-	fi
+	# a sanitizer report from any server of the test fails it
+	FAILED=${rc#0} servers_checked || rc=1
 	return "$rc"
 }
 
@@ -54,28 +46,11 @@ teardown() {
 # address it listens on for clients, in order), PORT (the first) and
 # MPORT (metrics, if any), and exports MQ_SERVER.
 auth_start() {
-	local n=0
 	SERVE_N=$((${SERVE_N:-0} + 1))
 	SERVE_LOG=$BATS_TEST_TMPDIR/serve.$SERVE_N.log
-	"$MQ" "$@" </dev/null >/dev/null 2>"$SERVE_LOG" 3>&- &
-	SERVE_PID=$!
-	BG_PIDS+=("$SERVE_PID")
-	until grep -q ' event=ready ' "$SERVE_LOG"; do
-		if proc_gone "$SERVE_PID"; then
-			echo "auth_start: mq $* exited early:" >&2
-			cat "$SERVE_LOG" >&2
-			SERVE_PID=
-			return 1
-		fi
-		n=$((n + 1))
-		if [ "$n" -ge 400 ]; then
-			echo "auth_start: not ready after 20s:" >&2
-			cat "$SERVE_LOG" >&2
-			return 1
-		fi
-		sleep 0.05
-	done
-	mapfile -t PORTS < <(sed -n 's/.* event=listen addr=127\.0\.0\.1:\([0-9][0-9]*\)$/\1/p' "$SERVE_LOG")
+	bg_ready "$SERVE_LOG" "$@" || return 1
+	SERVE_PID=$BG_READY_PID
+	mapfile -t PORTS < <(log_ports "$SERVE_LOG")
 	PORT=${PORTS[0]:-}
 	MPORT=$(sed -n 's/.* event=metrics-listen addr=127\.0\.0\.1:\([0-9][0-9]*\)$/\1/p' "$SERVE_LOG")
 	[ -n "$PORT" ] || { echo "auth_start: no listen line" >&2; cat "$SERVE_LOG" >&2; return 1; }

@@ -130,36 +130,70 @@ proc_gone() {
 	[ -z "$st" ] || [ "$st" = Z ]
 }
 
-# Start `mq serve` on spool $SERVE_SPOOL (default $MQ_SPOOL) on a free
-# loopback port, with extra serve options "$@".  Waits (at most 10 s) for
-# it to log that it listens and is ready, then exports PORT and MQ_SERVER
-# (so plain `mq CMD` runs through it) and sets SERVE_PID and SERVE_LOG
-# (its stderr; each start gets a new one).  Teardown kills it.
-serve_start() {
-	local spool=${SERVE_SPOOL:-$MQ_SPOOL} n=0
-	SERVE_N=$((${SERVE_N:-0} + 1))
-	SERVE_LOG=$BATS_TEST_TMPDIR/serve.$SERVE_N.log
-	"$MQ" -d "$spool" serve -l 127.0.0.1:0 "$@" </dev/null >/dev/null 2>"$SERVE_LOG" 3>&- &
-	SERVE_PID=$!
-	BG_PIDS+=("$SERVE_PID")
-	PORT=
-	while [ -z "$PORT" ] || ! grep -q ' event=ready ' "$SERVE_LOG"; do
-		if proc_gone "$SERVE_PID"; then
-			echo "serve_start: mq serve exited early:" >&2
-			cat "$SERVE_LOG" >&2
+# bg_ready LOG ARGS...: run `mq ARGS...` (a serve or nameserver command
+# line) in the background with its stderr in LOG and wait (at most 20 s)
+# for it to log event=ready.  Sets BG_READY_PID (also in BG_PIDS); on an
+# early exit or a timeout prints the log and fails.
+bg_ready() {
+	local log=$1 n=0
+	shift
+	"$MQ" "$@" </dev/null >/dev/null 2>"$log" 3>&- &
+	BG_READY_PID=$!
+	BG_PIDS+=("$BG_READY_PID")
+	until grep -q ' event=ready ' "$log"; do
+		if proc_gone "$BG_READY_PID"; then
+			echo "bg_ready: mq $* exited early:" >&2
+			cat "$log" >&2
 			return 1
 		fi
 		n=$((n + 1))
-		if [ "$n" -ge 200 ]; then
-			echo "serve_start: no listen line after 10s:" >&2
-			cat "$SERVE_LOG" >&2
+		if [ "$n" -ge 400 ]; then
+			echo "bg_ready: mq $* not ready after 20s:" >&2
+			cat "$log" >&2
 			return 1
 		fi
 		sleep 0.05
-		PORT=$(sed -n 's/.* event=listen addr=127\.0\.0\.1:\([0-9][0-9]*\)$/\1/p' "$SERVE_LOG")
 	done
+}
+
+# The loopback ports a server's log $1 says it listens on for clients, one
+# per line (metrics-listen excluded).
+log_ports() { sed -n 's/.* event=listen addr=127\.0\.0\.1:\([0-9][0-9]*\)$/\1/p' "$1"; }
+
+# Start `mq serve` on spool $SERVE_SPOOL (default $MQ_SPOOL) on a free
+# loopback port, with extra serve options "$@".  Waits for it to be ready,
+# then exports PORT and MQ_SERVER (so plain `mq CMD` runs through it) and
+# sets SERVE_PID and SERVE_LOG (its stderr; each start gets a new one).
+# Teardown kills it.
+serve_start() {
+	local spool=${SERVE_SPOOL:-$MQ_SPOOL}
+	SERVE_N=$((${SERVE_N:-0} + 1))
+	SERVE_LOG=$BATS_TEST_TMPDIR/serve.$SERVE_N.log
+	bg_ready "$SERVE_LOG" -d "$spool" serve -l 127.0.0.1:0 "$@" || return 1
+	SERVE_PID=$BG_READY_PID
+	PORT=$(log_ports "$SERVE_LOG" | head -n 1)
+	[ -n "$PORT" ] || { echo "serve_start: no listen line" >&2; cat "$SERVE_LOG" >&2; return 1; }
 	MQ_SERVER=127.0.0.1:$PORT
 	export PORT MQ_SERVER SERVE_PID SERVE_LOG
+}
+
+# For a teardown: fail (return 1) on a sanitizer report in any server log
+# of the test ($BATS_TEST_TMPDIR/serve.*.log) or in the extra files "$@",
+# printing them; when $FAILED is set or the test did not complete, print
+# the end of each server log.
+servers_checked() {
+	local f
+	if grep -l 'Sanitizer\|runtime error:' "$BATS_TEST_TMPDIR"/serve.*.log "$@" >/dev/null 2>&1; then
+		cat "$BATS_TEST_TMPDIR"/serve.*.log "$@" >&2 2>/dev/null
+		return 1
+	fi
+	if [ -n "${FAILED:-}" ] || [ -z "${BATS_TEST_COMPLETED:-}" ]; then
+		for f in "$BATS_TEST_TMPDIR"/serve.*.log; do
+			[ -e "$f" ] || continue
+			echo "--- last lines of $f" >&2
+			tail -n 20 "$f" >&2
+		done
+	fi
 }
 
 # Stop the server started by serve_start with signal $1 (default TERM) and

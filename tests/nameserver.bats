@@ -45,16 +45,9 @@ teardown() {
 	done
 	wait 2>/dev/null || true
 	# a sanitizer report from any server or client of the test fails it
-	if grep -l 'Sanitizer\|runtime error:' "$T"/serve.*.log "$T"/*.err >/dev/null 2>&1; then
-		cat "$T"/serve.*.log "$T"/*.err >&2 2>/dev/null
-		rc=1
-	elif [ "$rc" != 0 ] || [ -z "${BATS_TEST_COMPLETED:-}" ]; then
-		for p in "$T"/serve.*.log; do
-			[ -e "$p" ] || continue
-			echo "--- last lines of $p" >&2
-			tail -n 20 "$p" >&2
-		done
-	fi
+	local errs=("$T"/*.err)
+	[ -e "${errs[0]}" ] || errs=()
+	FAILED=${rc#0} servers_checked "${errs[@]}" || rc=1
 	return "$rc"
 }
 
@@ -63,29 +56,18 @@ teardown() {
 # for event=ready and sets PID[NAME], LOG[NAME] and ADDR[NAME] (the first
 # address it listens on, from its log).
 start() {
-	local name=$1 n=0 log=$T/serve.$1.log
+	local name=$1 log=$T/serve.$1.log
 	shift
-	"$MQ" "$@" </dev/null >/dev/null 2>"$log" 3>&- &
-	PID[$name]=$!
 	LOG[$name]=$log
 	NAMES+=("$name")
-	until grep -q ' event=ready ' "$log"; do
-		if proc_gone "${PID[$name]}"; then
-			echo "start: mq $* exited early:" >&2
-			cat "$log" >&2
-			PID[$name]=
-			return 1
-		fi
-		n=$((n + 1))
-		if [ "$n" -ge 400 ]; then
-			echo "start: mq $* not ready after 20s:" >&2
-			cat "$log" >&2
-			return 1
-		fi
-		sleep 0.05
-	done
-	ADDR[$name]=$(sed -n 's/.* event=listen addr=\(127\.0\.0\.1:[0-9][0-9]*\)$/\1/p' "$log" | head -n 1)
-	[ -n "${ADDR[$name]}" ] || { echo "start: no listen line in $log" >&2; return 1; }
+	PID[$name]=
+	bg_ready "$log" "$@" || return 1
+	PID[$name]=$BG_READY_PID
+	unset 'BG_PIDS[-1]' # stopped by name in teardown, not killed with the clients
+	local port
+	port=$(log_ports "$log" | head -n 1)
+	[ -n "$port" ] || { echo "start: no listen line in $log" >&2; return 1; }
+	ADDR[$name]=127.0.0.1:$port
 }
 
 # ns NAME [OPTIONS...]: a nameserver, scanning every second and expiring
