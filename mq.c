@@ -11609,6 +11609,24 @@ static void serve_signals(void)
 	sigaction(SIGHUP, &sa, NULL);
 }
 
+/* -l flags (all of them, in order) over o's listen addresses; none, and
+ * o has none either: 127.0.0.1:defport. */
+static int opt_listen(struct args *a, struct srv_opts *o, const char *defport, struct mq_err *e)
+{
+	int k = opt_index(a, "listen");
+	if (opt_has(a, "listen"))
+		o->nlisten = 0;
+	for (int i = 0; i < a->nall; i++)
+		if (a->all[i].i == k) {
+			if (o->nlisten == 8)
+				return err_set(e, MQ_EX_USAGE, "at most 8 listen addresses");
+			strfmt(o->listen[o->nlisten++], sizeof o->listen[0], "%s", a->all[i].v);
+		}
+	if (o->nlisten == 0)
+		strfmt(o->listen[o->nlisten++], sizeof o->listen[0], "127.0.0.1:%s", defport);
+	return 0;
+}
+
 /*
  * mq serve's settings: built-in defaults, then the "server:" section of
  * --config FILE (else of SPOOL/mq.yaml), then the flags.  cfg gets the
@@ -11645,20 +11663,8 @@ static int serve_load(struct args *a, struct cfg *cfg, struct srv_opts *o, struc
 		o->max_conns = (int)mc;
 	if ((v = opt_val(a, "metrics-listen")))
 		strfmt(o->metrics, sizeof o->metrics, "%s", v);
-	int k = opt_index(a, "listen");
-	if (opt_has(a, "listen"))
-		o->nlisten = 0;
-	for (int i = 0; i < a->nall; i++)
-		if (a->all[i].i == k) {
-			if (o->nlisten == 8) {
-				err_set(e, MQ_EX_USAGE, "at most 8 listen addresses");
-				goto fail;
-			}
-			strfmt(o->listen[o->nlisten++], sizeof o->listen[0], "%s", a->all[i].v);
-		}
-	if (o->nlisten == 0)
-		strfmt(o->listen[o->nlisten++], sizeof o->listen[0], "127.0.0.1:%s", MQ_DEFAULT_PORT);
-	return 0;
+	if (opt_listen(a, o, MQ_DEFAULT_PORT, e) == 0)
+		return 0;
 fail:
 	cfg_free(cfg);
 	srvconf_free(o);
@@ -11745,15 +11751,8 @@ static int cmd_nameserver(struct args *a)
 			return usage_error(a->cmd, "bad duration '%s' for --%s", v, durs[i]);
 	}
 	srvconf_defaults(&o);
-	int k = opt_index(a, "listen");
-	for (int i = 0; i < a->nall; i++)
-		if (a->all[i].i == k) {
-			if (o.nlisten == 8)
-				return usage_error(a->cmd, "at most 8 listen addresses");
-			strfmt(o.listen[o.nlisten++], sizeof o.listen[0], "%s", a->all[i].v);
-		}
-	if (o.nlisten == 0)
-		strfmt(o.listen[o.nlisten++], sizeof o.listen[0], "127.0.0.1:%s", MQ_NAMESRV_PORT);
+	if (opt_listen(a, &o, MQ_NAMESRV_PORT, &e) < 0)
+		return usage_error(a->cmd, "%s", e.msg);
 	struct srv s;
 	if (srv_init(&s, NULL, &o, &e) < 0)
 		return fail(a, &e);
