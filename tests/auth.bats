@@ -23,21 +23,7 @@ setup() {
 	unset MQ_SERVER MQ_TOKEN MQ_NAMESRV
 }
 
-teardown() {
-	local p rc=0
-	if [ -n "${SERVE_PID:-}" ]; then
-		# a server left running must stop cleanly on SIGTERM
-		serve_stop || rc=1
-		[ "${SERVE_RC:-0}" = 0 ] || { echo "teardown: mq serve exited $SERVE_RC" >&2; rc=1; }
-	fi
-	for p in "${BG_PIDS[@]}"; do
-		kill -9 "$p" 2>/dev/null || true
-	done
-	wait 2>/dev/null || true
-	# a sanitizer report from any server of the test fails it
-	FAILED=${rc#0} servers_checked || rc=1
-	return "$rc"
-}
+teardown() { serve_teardown; }
 
 # auth_start ARGS...: run `mq ARGS...` (a serve command line, with its own
 # -d, --config, -l ... as the test wants) in the background and wait (at

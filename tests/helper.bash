@@ -177,6 +177,23 @@ serve_start() {
 	export PORT MQ_SERVER SERVE_PID SERVE_LOG
 }
 
+# A teardown for tests that start servers: the one of serve_start must
+# exit 0 on SIGTERM, the other background processes are killed, and no
+# server log may hold a sanitizer report.
+serve_teardown() {
+	local p rc=0
+	if [ -n "${SERVE_PID:-}" ]; then
+		serve_stop || rc=1
+		[ "${SERVE_RC:-0}" = 0 ] || { echo "teardown: mq serve exited $SERVE_RC" >&2; rc=1; }
+	fi
+	for p in "${BG_PIDS[@]}"; do
+		kill -9 "$p" 2>/dev/null || true
+	done
+	wait 2>/dev/null || true
+	FAILED=${rc#0} servers_checked || rc=1
+	return "$rc"
+}
+
 # For a teardown: fail (return 1) on a sanitizer report in any server log
 # of the test ($BATS_TEST_TMPDIR/serve.*.log) or in the extra files "$@",
 # printing them; when $FAILED is set or the test did not complete, print

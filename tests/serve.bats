@@ -11,21 +11,7 @@ load helper
 CRASH_N=1000000 CRASH_AT=50000 IDLE_N=2000 WAKE_MS=700
 [ -z "${MQ_ASAN:-}" ] || { CRASH_N=300000 CRASH_AT=20000 WAKE_MS=1500; }
 
-teardown() {
-	local p rc=0
-	if [ -n "${SERVE_PID:-}" ]; then
-		# a server left running must stop cleanly on SIGTERM
-		serve_stop || rc=1
-		[ "${SERVE_RC:-0}" = 0 ] || { echo "teardown: mq serve exited $SERVE_RC" >&2; rc=1; }
-	fi
-	for p in "${BG_PIDS[@]}"; do
-		kill -9 "$p" 2>/dev/null || true
-	done
-	wait 2>/dev/null || true
-	# a sanitizer report from any server of the test fails it
-	FAILED=${rc#0} servers_checked || rc=1
-	return "$rc"
-}
+teardown() { serve_teardown; }
 
 # A second spool, used locally (-d, which wins over $MQ_SERVER) with the
 # same commands the server's spool gets.
