@@ -19,7 +19,7 @@
  *   5. Segments: segment files, index and time index, tail scan
  *   6. Partitions and queues: open/create, append, recover, read, retain
  *   7. Consumer groups: offset files and consumption-driven retention
- *   8. Delayed messages: the timing wheel
+ *   8. Messages waiting outside their partition: delays, transactions
  *   9. Producer: batching, partition choice and the sync policy
  *  10. Verification and repair
  *  11. Delivery: claims, leases, acks, retries and dead letters
@@ -909,10 +909,15 @@ struct qconf {
 	int64_t dedupe_ms;       /* put --id drops duplicates seen this recently */
 	int64_t nbackoff;        /* delays before retry 1, 2, ... (the last repeats) */
 	int64_t backoff[MQ_BACKOFF_MAX];
-	char src[16][PATH_MAX + 32]; /* where each setting came from */
+	int64_t txn_after_ms;    /* txn check: transactions older than this */
+	int64_t txn_max_checks;  /* ... rolled back after this many checks */
+	int64_t has_txn_check;   /* txn_check is set (mq serve runs it) */
+	char txn_check[1024];    /* txn-check: a shell command, "" for none */
+	char src[24][PATH_MAX + 32]; /* where each setting came from */
 };
 
-enum set_kind { SET_INT, SET_SIZE, SET_DURATION, SET_FSYNC, SET_COMPRESSION, SET_DURATIONS };
+enum set_kind { SET_INT, SET_SIZE, SET_DURATION, SET_FSYNC, SET_COMPRESSION, SET_DURATIONS,
+                SET_COMMAND };
 
 /* The settings table drives mq.yaml parsing, `mq create` flags and
  * `mq config` output alike. */
@@ -943,6 +948,12 @@ static const struct setting {
 	 "delays before each retry, e.g. '10s 30s 1m' (the last repeats)"},
 	{"dedupe-window", SET_DURATION, offsetof(struct qconf, dedupe_ms), 0, INT64_MAX,
 	 "put --id drops a duplicate id seen this recently"},
+	{"txn-check", SET_COMMAND, offsetof(struct qconf, has_txn_check), 0, 1,
+	 "shell command mq serve runs to check open transactions ('' for none)"},
+	{"txn-check-after", SET_DURATION, offsetof(struct qconf, txn_after_ms), 0, INT64_MAX,
+	 "check transactions open this long"},
+	{"txn-max-checks", SET_INT, offsetof(struct qconf, txn_max_checks), 1, 1000000,
+	 "roll back a transaction still unknown after this many checks"},
 };
 #define NSETTINGS (sizeof settings / sizeof settings[0])
 
@@ -963,6 +974,8 @@ static void conf_defaults(struct qconf *c)
 	c->max_message = MQ_DEF_MAX_MESSAGE;
 	c->retries = MQ_DEF_RETRIES;
 	c->dedupe_ms = MQ_DEF_DEDUPE_MS;
+	c->txn_after_ms = MQ_DEF_TXN_CHECK_AFTER_MS;
+	c->txn_max_checks = MQ_DEF_TXN_MAX_CHECKS;
 	struct mq_err ignored;
 	conf_set(c, "backoff", MQ_DEF_BACKOFF, "built-in default", &ignored);
 	for (size_t i = 0; i < NSETTINGS; i++)
@@ -1013,6 +1026,12 @@ static int conf_set(struct qconf *c, const char *name, const char *val,
 				memcpy(c->backoff, d, (size_t)v * sizeof *d);
 			break;
 		}
+		case SET_COMMAND:
+			bad = strlen(val) >= sizeof c->txn_check;
+			if (!bad)
+				strfmt(c->txn_check, sizeof c->txn_check, "%s", val);
+			v = *val != 0;
+			break;
 		case SET_COMPRESSION:
 			v = !strcmp(val, "zlib") ? 1 : 0;
 			bad = strcmp(val, "zlib") && strcmp(val, "none");
@@ -1051,6 +1070,7 @@ static void conf_format(const struct qconf *c, size_t i, char *out, size_t n)
 			fmt_duration_exact(out, n, v);
 		break;
 	case SET_COMPRESSION: strfmt(out, n, "%s", v ? "zlib" : "none"); break;
+	case SET_COMMAND: strfmt(out, n, "%s", v ? c->txn_check : "''"); break;
 	case SET_DURATIONS:
 		*out = 0;
 		for (int64_t k = 0; k < v; k++) {
@@ -2852,8 +2872,17 @@ static int q_create(struct spool *sp, const char *name, const struct kv *set, in
 	for (int i = 0; i < nset; i++) {
 		if (conf_set(&c, set[i].k, set[i].v, "command line", e) < 0)
 			goto fail_meta;
-		if (strcmp(set[i].k, "partitions"))
-			buf_printf(&meta, "%s: %s\n", set[i].k, set[i].v);
+		if (strcmp(set[i].k, "partitions")) { /* a YAML double-quoted scalar */
+			buf_printf(&meta, "%s: \"", set[i].k);
+			for (const char *v = set[i].v; *v; v++)
+				if (*v == '"' || *v == '\\')
+					buf_printf(&meta, "\\%c", *v);
+				else if ((unsigned char)*v < 0x20)
+					buf_printf(&meta, "\\x%02x", (unsigned char)*v);
+				else
+					buf_add(&meta, v, 1);
+			buf_adds(&meta, "\"\n");
+		}
 	}
 	buf_printf(&meta, "partitions: %" PRId64 "\n", c.partitions);
 	strfmt(tmp, sizeof tmp, "%s/.new-%s.%ld", sp->dir, name, (long)getpid());
@@ -4233,7 +4262,10 @@ static int grp_seek_to(struct queue *q, const char *g, int part, const char *to,
 }
 
 /* ===================================================================
- * 8. Delayed messages: the timing wheel
+ * 8. Messages waiting outside their partition: delays, transactions
+ *
+ * Delayed messages and the half messages of open transactions are stored
+ * durably beside the partitions and moved in later, exactly once.
  *
  * A delayed message waits in QUEUE/delay/ until it is due, then moves
  * into its partition (mq.h: the delay files).  Buckets are files named by
@@ -4616,6 +4648,553 @@ static int64_t dly_tick(struct queue *q, struct mq_err *e)
 	return r < 0 ? -1 : (int64_t)moved;
 }
 
+/* ----- Transactions: half messages (mq.h: the transaction files) -----
+ *
+ * A transaction's messages wait in one file under QUEUE/txn/ until it is
+ * committed, then move into their partitions the way due delayed messages
+ * do: the decision (with each partition's next offset) is synced first,
+ * and the moved batches carry the transaction's tag, so a move cut short
+ * by a crash resumes exactly where each partition says it stopped.
+ */
+
+struct txn {
+	struct queue *q;
+	char name[2 * MQ_NAME_MAX + 32]; /* file name under QUEUE/txn/ */
+	char path[PATH_MAX + 2 * MQ_NAME_MAX + 64];
+	int fd;                /* the file, flocked; -1 */
+	int fresh;             /* created by us: its directory entry needs a sync */
+	uint32_t slot;         /* MQ_TXN_SLOT(nparts) */
+	int valid;             /* a slot was read or written */
+	uint64_t seq;
+	uint32_t state, checks, tag, flags, src_part;
+	int64_t created, decided;
+	uint64_t data_end, src_lo, src_hi;
+	uint64_t *at;          /* per partition; UINT64_MAX: nothing goes there */
+};
+
+#define MQ_TXN_PIPE 1u     /* flags: a step of mq pipe */
+
+static void txn_dir(const struct queue *q, const char *name, char *out, size_t n)
+{
+	strfmt(out, n, "%s/%s%s%s", q->dir, MQ_TXN_DIR, *name ? "/" : "", name);
+}
+
+static void txn_init(struct txn *t, struct queue *q)
+{
+	memset(t, 0, sizeof *t);
+	t->q = q;
+	t->fd = -1;
+	t->slot = MQ_TXN_SLOT((uint32_t)q->nparts);
+	t->at = malloc((size_t)q->nparts * sizeof *t->at);
+	if (!t->at)
+		abort();
+	for (int i = 0; i < q->nparts; i++)
+		t->at[i] = UINT64_MAX;
+}
+
+static void txn_free(struct txn *t)
+{
+	dur_close(&t->fd);
+	free(t->at);
+	t->at = NULL;
+}
+
+/* Is name the file of an ordinary transaction (16 hex digits)? */
+static int txn_hexname(const char *name)
+{
+	return strlen(name) == 16 && strspn(name, "0123456789abcdef") == 16;
+}
+
+static int txn_filename(const char *name)
+{
+	return txn_hexname(name) || !strncmp(name, "pipe:", 5);
+}
+
+static void txn_slot_read(struct txn *t)
+{
+	unsigned char *b = malloc(2 * (size_t)t->slot);
+	if (!b)
+		abort();
+	ssize_t n = pread(t->fd, b, 2 * (size_t)t->slot, 0);
+	t->valid = 0;
+	for (int s = 0; s < 2; s++) {
+		const unsigned char *p = b + (size_t)s * t->slot;
+		if (n < (ssize_t)((s + 1) * t->slot) || le32_get(p) != MQ_TXN_MAGIC ||
+		    le32_get(p + 4) != (uint32_t)crc32(0L, p + 8, t->slot - 8) ||
+		    (t->valid && le64_get(p + 8) <= t->seq) || le32_get(p + 44) != (uint32_t)t->q->nparts)
+			continue;
+		t->valid = 1;
+		t->seq = le64_get(p + 8);
+		t->state = le32_get(p + 16);
+		t->checks = le32_get(p + 20);
+		t->created = (int64_t)le64_get(p + 24);
+		t->data_end = le64_get(p + 32);
+		t->tag = le32_get(p + 40);
+		t->flags = le32_get(p + 48);
+		t->src_part = le32_get(p + 52);
+		t->src_lo = le64_get(p + 56);
+		t->src_hi = le64_get(p + 64);
+		t->decided = (int64_t)le64_get(p + 72);
+		for (int i = 0; i < t->q->nparts; i++)
+			t->at[i] = le64_get(p + MQ_TXN_SLOT_HDR + 8 * i);
+	}
+	free(b);
+}
+
+/* Write the next slot; synced when sync (and the queue syncs at all). */
+static int txn_slot_write(struct txn *t, int sync, struct mq_err *e)
+{
+	unsigned char *p = calloc(1, t->slot);
+	if (!p)
+		abort();
+	t->seq++;
+	le32_put(p, MQ_TXN_MAGIC);
+	le64_put(p + 8, t->seq);
+	le32_put(p + 16, t->state);
+	le32_put(p + 20, t->checks);
+	le64_put(p + 24, (uint64_t)t->created);
+	le64_put(p + 32, t->data_end);
+	le32_put(p + 40, t->tag);
+	le32_put(p + 44, (uint32_t)t->q->nparts);
+	le32_put(p + 48, t->flags);
+	le32_put(p + 52, t->src_part);
+	le64_put(p + 56, t->src_lo);
+	le64_put(p + 64, t->src_hi);
+	le64_put(p + 72, (uint64_t)t->decided);
+	for (int i = 0; i < t->q->nparts; i++)
+		le64_put(p + MQ_TXN_SLOT_HDR + 8 * i, t->at[i]);
+	le32_put(p + 4, (uint32_t)crc32(0L, p + 8, t->slot - 8));
+	int r = dur_pwrite_all(t->fd, p, t->slot, (off_t)(t->seq % 2) * t->slot, t->path, e);
+	free(p);
+	if (r == 0 && sync && t->q->conf.fsync >= MQ_FSYNC_BATCH)
+		r = dur_datasync(t->fd, t->path, e);
+	if (r == 0)
+		t->valid = 1;
+	return r;
+}
+
+/* Start the file over: no messages, no state (a new transaction, or a
+ * pipe's next step once the last one finished). */
+static void txn_reset(struct txn *t)
+{
+	t->data_end = 2 * (uint64_t)t->slot;
+	t->state = t->checks = t->flags = 0;
+	t->created = t->decided = 0;
+	for (int i = 0; i < t->q->nparts; i++)
+		t->at[i] = UINT64_MAX;
+}
+
+enum { TX_CREATE = 1, TX_NONBLOCK = 2, TX_NOLOCK = 4 };
+
+/* Open and lock the transaction file `name` (TX_CREATE: a new ordinary
+ * transaction when name is NULL, else a pipe's file; TX_NOLOCK: only to
+ * look).  Returns 1, 0 if there is no such file, -2 if TX_NONBLOCK and
+ * it is locked, -1. */
+static int txn_open(struct queue *q, const char *name, int flags, struct txn *t,
+                    struct mq_err *e)
+{
+	int create = flags & TX_CREATE, nonblock = flags & TX_NONBLOCK;
+	char dir[PATH_MAX + 32];
+	txn_init(t, q);
+	txn_dir(q, "", dir, sizeof dir);
+	if (create && file_size(dir) < 0 && (dur_mkdir(dir, e) < 0 || dur_sync_dir(q->dir, e) < 0))
+		return -1;
+	for (int tries = 0; t->fd < 0; tries++) {
+		int oflags = (flags & TX_NOLOCK ? O_RDONLY : O_RDWR) | O_CLOEXEC | O_NOFOLLOW;
+		if (name) {
+			strfmt(t->name, sizeof t->name, "%s", name);
+			oflags |= create ? O_CREAT : 0;
+		} else { /* ms since the epoch and 16 bits of chance; O_EXCL settles clashes */
+			struct timespec ts;
+			clock_gettime(CLOCK_REALTIME, &ts);
+			uint64_t x = (uint64_t)ts.tv_nsec ^ (uint64_t)getpid() << 32 ^ (uint64_t)tries << 20;
+			x = (x ^ x >> 30) * 0xbf58476d1ce4e5b9u; /* splitmix64's finish */
+			x = (x ^ x >> 27) * 0x94d049bb133111ebu;
+			uint64_t id = (uint64_t)now_ms() << 16 | ((x ^ x >> 31) & 0xffff);
+			strfmt(t->name, sizeof t->name, "%016" PRIx64, id);
+			oflags |= O_CREAT | O_EXCL;
+		}
+		txn_dir(q, t->name, t->path, sizeof t->path);
+		int existed = name && file_size(t->path) >= 0;
+		t->fd = sys.open(t->path, oflags, 0644);
+		if (t->fd < 0 && errno == EEXIST && !name && tries < 100)
+			continue;
+		if (t->fd < 0 && errno == ENOENT && !create)
+			return 0;
+		if (t->fd < 0)
+			return err_sys(e, err_code_for(errno), "cannot open '%s'", t->path);
+		t->fresh = create && !existed;
+	}
+	if (!(flags & TX_NOLOCK) && dur_lock(t->fd, LOCK_EX | (nonblock ? LOCK_NB : 0), t->path, e) < 0)
+		return nonblock && e->code == MQ_EX_TEMPFAIL ? -2 : -1;
+	if (name)
+		txn_slot_read(t);
+	else
+		txn_reset(t);
+	return 1;
+}
+
+/* Add the closed batches of enc, all for partition part.  Unsynced: the
+ * seal syncs them with the slot that makes them count. */
+static int txn_add(struct txn *t, int part, struct rec_enc *enc, struct mq_err *e)
+{
+	for (size_t at = 0; at < enc->out.len;) {
+		unsigned char *b = (unsigned char *)enc->out.p + at;
+		le64_put(b + 48, MQ_PRODUCER_TXN);
+		le32_put(b + 56, (uint32_t)part);
+		rec_finish(b, 0);
+		at += le32_get(b + 8);
+	}
+	if (dur_pwrite_all(t->fd, enc->out.p, enc->out.len, (off_t)t->data_end, t->path, e) < 0)
+		return -1;
+	t->data_end += enc->out.len;
+	return 0;
+}
+
+/* Sync what was added, then write the slot in state (OPEN for put --txn,
+ * COMMITTING for a pipe step): from now on the transaction exists. */
+static int txn_seal(struct txn *t, uint32_t state, struct mq_err *e)
+{
+	int sync = t->q->conf.fsync >= MQ_FSYNC_BATCH;
+	if (sync && dur_datasync(t->fd, t->path, e) < 0)
+		return -1;
+	if (sys.ftruncate(t->fd, (off_t)t->data_end) < 0) /* a pipe's longer last step */
+		return err_sys(e, MQ_EX_IOERR, "cannot truncate '%s'", t->path);
+	t->state = state;
+	if (!t->created)
+		t->created = now_ms();
+	if (txn_slot_write(t, 1, e) < 0)
+		return -1;
+	if (t->fresh && sync) {
+		char dir[PATH_MAX + 32];
+		txn_dir(t->q, "", dir, sizeof dir);
+		if (dur_sync_dir(dir, e) < 0)
+			return -1;
+		t->fresh = 0;
+	}
+	return 0;
+}
+
+/*
+ * Walk the transaction's batches (checking each crc): each message goes
+ * to fn with its partition.  Returns 0, or -1 (65 for damage, which
+ * commits nothing: the first walk of a commit reads everything).
+ */
+static int txn_walk(struct txn *t, int (*fn)(void *ctx, int part, struct rec_msg *m,
+                                              struct mq_err *e), void *ctx, struct mq_err *e)
+{
+	struct buf b = {0}, scratch = {0};
+	struct rec_hdr h;
+	struct rec_iter it;
+	struct rec_msg m;
+	int r = 0, k;
+	for (uint64_t pos = 2 * (uint64_t)t->slot; r == 0 && pos < t->data_end; pos += h.len) {
+		if (seg_read_batch(t->fd, t->path, pos, t->data_end, &b, &h, e) != 1 ||
+		    rec_iter_init(&it, (unsigned char *)b.p, &h, &scratch, e) < 0) {
+			r = -1;
+			break;
+		}
+		if (h.pid != MQ_PRODUCER_TXN || h.pseq >= (uint32_t)t->q->nparts) {
+			r = err_set(e, MQ_EX_DATAERR, "%s:%" PRIu64 ": not a batch of this transaction",
+			            t->path, pos);
+			break;
+		}
+		while (r == 0 && (k = rec_next(&it, &m, e)) == 1)
+			r = fn(ctx, (int)h.pseq, &m, e);
+		if (r == 0 && k < 0)
+			r = -1;
+	}
+	buf_free(&b);
+	buf_free(&scratch);
+	return r;
+}
+
+static int txn_count_msg(void *ctx, int part, struct rec_msg *m, struct mq_err *e)
+{
+	(void)m;
+	(void)e;
+	((uint64_t *)ctx)[part]++;
+	return 0;
+}
+
+/* Messages per partition (n[q->nparts]), reading every batch. */
+static int txn_counts(struct txn *t, uint64_t *n, struct mq_err *e)
+{
+	memset(n, 0, (size_t)t->q->nparts * sizeof *n);
+	return txn_walk(t, txn_count_msg, n, e);
+}
+
+/* How many messages of this transaction landed in p from offset at on:
+ * those of batches stamped with its tag, up to the first that is not. */
+static int txn_landed(struct txn *t, struct part *p, uint64_t *n, struct mq_err *e)
+{
+	struct reader r;
+	struct rec_msg m;
+	struct rec_hdr h;
+	struct buf b = {0};
+	uint64_t seg = UINT64_MAX, pos = UINT64_MAX;
+	int k, ours = 0;
+	*n = 0;
+	if (rd_open(&r, p, t->at[p->id], e) < 0)
+		return -1;
+	while ((k = rd_next(&r, &m, e)) == 1) {
+		if (r.seg != seg || r.batch_pos != pos) {
+			seg = r.seg;
+			pos = r.batch_pos;
+			if (seg_read_batch(r.fd, r.path, pos, r.limit, &b, &h, e) != 1) {
+				k = -1;
+				break;
+			}
+			ours = h.pid == MQ_PRODUCER_TXN && h.pseq == t->tag;
+		}
+		if (!ours)
+			break;
+		(*n)++;
+	}
+	rd_close(&r);
+	buf_free(&b);
+	return k < 0 ? -1 : 0;
+}
+
+/* The copy of a commit: messages per partition still to skip (landed
+ * before a crash), and an encoder per partition. */
+struct txn_copy {
+	struct txn *t;
+	uint64_t *skip;
+	struct rec_enc *enc;
+};
+
+static int txn_copy_flush(struct txn_copy *c, int part, struct mq_err *e)
+{
+	struct rec_enc *enc = &c->enc[part];
+	uint64_t first;
+	if (enc->nmsgs == 0)
+		return 0;
+	rec_enc_close(enc);
+	for (size_t at = 0; at < enc->out.len;) {
+		unsigned char *b = (unsigned char *)enc->out.p + at;
+		le64_put(b + 48, MQ_PRODUCER_TXN);
+		le32_put(b + 56, c->t->tag);
+		at += le32_get(b + 8);
+	}
+	int r = part_append(&c->t->q->parts[part], enc, &first, e);
+	rec_enc_reset(enc);
+	return r;
+}
+
+static int txn_copy_msg(void *ctx, int part, struct rec_msg *m, struct mq_err *e)
+{
+	struct txn_copy *c = ctx;
+	if (c->skip[part]) {
+		c->skip[part]--;
+		return 0;
+	}
+	m->ts = c->t->decided; /* the moment of commit */
+	rec_enc_add(&c->enc[part], m);
+	return c->enc[part].out.len >= MQ_FLUSH_BYTES ? txn_copy_flush(c, part, e) : 0;
+}
+
+/*
+ * Commit (or finish committing) under the transaction's lock: lock the
+ * partitions it writes, in ascending order; if still open, sync the
+ * decision; append what has not landed yet, sync and publish.  The file
+ * is left COMMITTING: txn_end() records the outcome and removes it.
+ */
+static int txn_move(struct txn *t, struct mq_err *e)
+{
+	struct queue *q = t->q;
+	int np = q->nparts, r = 0, locked = 0;
+	uint64_t *n = calloc((size_t)np, sizeof *n);
+	struct rec_enc *enc = calloc((size_t)np, sizeof *enc);
+	if (!n || !enc)
+		abort();
+	if (txn_counts(t, n, e) < 0) {
+		r = -1;
+		goto out;
+	}
+	for (; locked < np && r == 0; locked++)
+		if ((n[locked] || t->at[locked] != UINT64_MAX) && part_lock(&q->parts[locked], 0, e) < 0)
+			r = -1;
+	if (r < 0)
+		goto out;
+	if (t->state == MQ_TXN_OPEN) { /* the decision */
+		for (int i = 0; i < np; i++)
+			t->at[i] = n[i] ? q->parts[i].next : UINT64_MAX;
+		t->state = MQ_TXN_COMMITTING;
+		t->decided = now_ms();
+		t->tag = (uint32_t)t->seq + 1;
+		if (txn_slot_write(t, 1, e) < 0) {
+			r = -1;
+			goto out;
+		}
+		memset(n, 0, (size_t)np * sizeof *n); /* nothing landed yet */
+	} else {
+		for (int i = 0; i < np && r == 0; i++)
+			r = t->at[i] == UINT64_MAX ? (n[i] = 0, 0) : txn_landed(t, &q->parts[i], &n[i], e);
+		if (r < 0)
+			goto out;
+	}
+	struct txn_copy c = {t, n, enc};
+	for (int i = 0; i < np; i++)
+		rec_enc_init(&enc[i], (int)q->conf.compression, MQ_BATCH_TARGET);
+	r = txn_walk(t, txn_copy_msg, &c, e);
+	for (int i = 0; i < np && r == 0; i++)
+		r = txn_copy_flush(&c, i, e);
+	for (int i = 0; i < np && r == 0; i++) {
+		struct part *p = &q->parts[i];
+		if (!p->locked)
+			continue;
+		if (q->conf.fsync >= MQ_FSYNC_BATCH && part_sync(p, e) < 0)
+			r = -1;
+		else if (part_publish(p, 0, e) < 0) {
+			part_fail(p);
+			r = -1;
+		}
+	}
+	for (int i = 0; i < np; i++)
+		rec_enc_free(&enc[i]);
+out:
+	for (int i = 0; i < locked && i < np; i++)
+		part_unlock(&q->parts[i]);
+	free(n);
+	free(enc);
+	return r;
+}
+
+/* Record an ordinary transaction's outcome in txn/done (rotated to
+ * done.old past MQ_TXN_DONE_MAX), under txn/lock. */
+static int txn_done_add(struct queue *q, const char *name, uint32_t state, struct mq_err *e)
+{
+	char lpath[PATH_MAX + 32], path[PATH_MAX + 32], old[PATH_MAX + 32];
+	unsigned char rec[MQ_TXN_DONE_REC] = {0};
+	txn_dir(q, "lock", lpath, sizeof lpath);
+	txn_dir(q, MQ_TXN_DONE, path, sizeof path);
+	txn_dir(q, MQ_TXN_DONE ".old", old, sizeof old);
+	int lk = sys.open(lpath, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0644), fd = -1, r = -1;
+	if (lk < 0)
+		return err_sys(e, err_code_for(errno), "cannot open '%s'", lpath);
+	if (dur_lock(lk, LOCK_EX, lpath, e) < 0)
+		goto out;
+	if (file_size(path) >= MQ_TXN_DONE_MAX && sys.rename(path, old) < 0) {
+		err_sys(e, MQ_EX_IOERR, "cannot rename '%s'", path);
+		goto out;
+	}
+	fd = sys.open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | O_NOFOLLOW, 0644);
+	if (fd < 0) {
+		err_sys(e, err_code_for(errno), "cannot open '%s'", path);
+		goto out;
+	}
+	le32_put(rec, MQ_TXN_MAGIC);
+	le64_put(rec + 8, strtoull(name, NULL, 16));
+	le32_put(rec + 16, state);
+	le64_put(rec + 24, (uint64_t)now_ms());
+	le32_put(rec + 4, (uint32_t)crc32(0L, rec + 8, MQ_TXN_DONE_REC - 8));
+	struct stat st;
+	if (fstat(fd, &st) < 0) {
+		err_sys(e, MQ_EX_IOERR, "cannot stat '%s'", path);
+		goto out;
+	}
+	st.st_size -= st.st_size % MQ_TXN_DONE_REC; /* past a torn record */
+	if (dur_pwrite_all(fd, rec, sizeof rec, st.st_size, path, e) < 0 ||
+	    (q->conf.fsync >= MQ_FSYNC_BATCH && dur_datasync(fd, path, e) < 0))
+		goto out;
+	r = 0;
+out:
+	dur_close(&fd);
+	close(lk);
+	return r;
+}
+
+/* The recorded outcome of a finished transaction, or 0 if none is known. */
+static uint32_t txn_done_find(struct queue *q, const char *name)
+{
+	uint64_t id = strtoull(name, NULL, 16);
+	uint32_t found = 0;
+	static const char *files[] = {MQ_TXN_DONE ".old", MQ_TXN_DONE};
+	for (int f = 0; f < 2; f++) {
+		char path[PATH_MAX + 32];
+		unsigned char b[64 * MQ_TXN_DONE_REC];
+		txn_dir(q, files[f], path, sizeof path);
+		int fd = open(path, O_RDONLY | O_CLOEXEC);
+		ssize_t n;
+		for (off_t off = 0; fd >= 0 && (n = pread(fd, b, sizeof b, off)) > 0; off += n)
+			for (ssize_t i = 0; i + MQ_TXN_DONE_REC <= n; i += MQ_TXN_DONE_REC) {
+				const unsigned char *p = b + i;
+				if (le32_get(p) == MQ_TXN_MAGIC && le64_get(p + 8) == id &&
+				    le32_get(p + 4) == (uint32_t)crc32(0L, p + 8, MQ_TXN_DONE_REC - 8))
+					found = le32_get(p + 16);
+			}
+		if (fd >= 0)
+			close(fd);
+	}
+	return found;
+}
+
+/* The end of an ordinary transaction: its outcome recorded, its file
+ * removed (a pipe's file stays for the next step, marked finished). */
+static int txn_end(struct txn *t, uint32_t state, struct mq_err *e)
+{
+	t->state = state;
+	if (t->flags & MQ_TXN_PIPE)
+		return txn_slot_write(t, 0, e); /* unsynced: finishing again is harmless */
+	if (txn_done_add(t->q, t->name, state, e) < 0)
+		return -1;
+	if (sys.unlink(t->path) < 0 && errno != ENOENT)
+		return err_sys(e, MQ_EX_IOERR, "cannot remove '%s'", t->path);
+	return 0;
+}
+
+/*
+ * Commit, or roll back, a transaction opened with txn_open().  Both are
+ * idempotent, and whichever decided first wins: a commit finds a
+ * rollback's outcome and the other way round.  Returns the state the
+ * transaction ended in (MQ_TXN_COMMITTED or MQ_TXN_ROLLEDBACK), -1.
+ */
+static int txn_commit(struct txn *t, struct mq_err *e)
+{
+	if (t->state >= MQ_TXN_COMMITTED)
+		return (int)t->state;
+	if (txn_move(t, e) < 0 || txn_end(t, MQ_TXN_COMMITTED, e) < 0)
+		return -1;
+	return MQ_TXN_COMMITTED;
+}
+
+static int txn_rollback(struct txn *t, struct mq_err *e)
+{
+	if (t->state == MQ_TXN_COMMITTING) /* decided already: finish the commit */
+		return txn_commit(t, e);
+	if (t->state >= MQ_TXN_COMMITTED)
+		return (int)t->state;
+	t->state = MQ_TXN_ROLLEDBACK;
+	if (txn_slot_write(t, 1, e) < 0 || txn_end(t, MQ_TXN_ROLLEDBACK, e) < 0)
+		return -1;
+	return MQ_TXN_ROLLEDBACK;
+}
+
+/*
+ * Open an ordinary transaction by its file name for commit or rollback:
+ * returns 1 (open, locked), or the outcome of a finished one
+ * (MQ_TXN_COMMITTED, MQ_TXN_ROLLEDBACK; t closed), 0 if unknown, -2
+ * (nonblock, busy), -1.
+ */
+static int txn_find(struct queue *q, const char *name, int nonblock, struct txn *t,
+                    struct mq_err *e)
+{
+	int k = txn_open(q, name, nonblock ? TX_NONBLOCK : 0, t, e);
+	if (k < 0)
+		return k;
+	if (k == 1 && t->valid && t->state < MQ_TXN_COMMITTED)
+		return 1;
+	if (k == 1 && t->valid) { /* ended, but its file was left: finish the end */
+		uint32_t st = t->state;
+		k = txn_end(t, st, e);
+		txn_free(t);
+		return k < 0 ? -1 : (int)st;
+	}
+	txn_free(t); /* no file, or one whose put died before its slot */
+	return (int)txn_done_find(q, name);
+}
+
 /* ===================================================================
  * 9. Producer: batching, partition choice and the sync policy
  *
@@ -4638,6 +5217,7 @@ struct prod {
 	struct buf order;      /* u16 partition of each buffered message */
 	int failed;            /* a flush failed: the producer takes nothing more */
 	int64_t due_ms;        /* > 0: delayed until then (into the timing wheel) */
+	struct txn *txn;       /* put --txn: into this transaction's file */
 	int group;             /* the caller flushes (mq serve's group commit): no
 	                        * flush per message under fsync=always */
 	const char *id;        /* put --id: drop the put if this id is stored */
@@ -4738,6 +5318,14 @@ static int prod_flush(struct prod *pr, int final, struct mq_err *e)
 			continue;
 		struct part *p = &q->parts[i];
 		rec_enc_close(enc);
+		if (pr->txn) { /* a half message: synced by txn_seal() */
+			if (txn_add(pr->txn, i, enc, e) < 0) {
+				pr->failed = 1;
+				return -1;
+			}
+			rec_enc_reset(enc);
+			continue;
+		}
 		if (pr->due_ms > 0) { /* delayed: to the wheel, not the partition */
 			if (dly_append(q, i, pr->due_ms, enc, mode >= MQ_FSYNC_BATCH, e) < 0) {
 				pr->failed = 1;
@@ -4792,7 +5380,7 @@ static int prod_flush(struct prod *pr, int final, struct mq_err *e)
 		}
 		rec_enc_reset(enc); /* written: never again */
 	}
-	if (pr->acked && pr->due_ms <= 0) {
+	if (pr->acked && pr->due_ms <= 0 && !pr->txn) {
 		const uint16_t *order = (const uint16_t *)(const void *)pr->order.p;
 		for (size_t k = 0; k < pr->order.len / 2; k++)
 			pr->acked(pr->ctx, order[k], pr->first[order[k]]++);
@@ -10130,10 +10718,15 @@ static int cmd_put(struct args *a)
 	const char *id = opt_val(a, "id");
 	if (id && (!*id || kd || dv || at))
 		return usage_error(a->cmd, "--id needs a non-empty ID and excludes -K, --delay and --at");
+	int txn = opt_has(a, "txn");
+	if (txn && (id || dv || at || opt_has(a, "print-offsets")))
+		return usage_error(a->cmd, "--txn excludes --id, --delay, --at and --print-offsets");
 	if ((rc = put_headers(a, &hb)) != 0)
 		return rc;
 	if (a->namesrv && opt_has(a, "partition"))
 		return usage_error(a->cmd, "-p names a partition of one broker: use -s, not -n");
+	if ((a->server || a->namesrv) && txn)
+		return usage_error(a->cmd, "--txn: not through a server yet");
 	if (a->server || a->namesrv) {
 		pc.kdelim = kd;
 		pc.kdlen = kd ? strlen(kd) : 0;
@@ -10173,6 +10766,16 @@ static int cmd_put(struct args *a)
 	prod_init(&pc.pr, q, part);
 	pc.limit = (size_t)q->conf.max_message;
 	pc.pr.due_ms = due;
+	struct txn tx;
+	tx.at = NULL;
+	tx.fd = -1;
+	if (txn && txn_open(q, NULL, TX_CREATE, &tx, &e) < 0) {
+		rc = fail(a, &e);
+		txn_free(&tx);
+		prod_free(&pc.pr);
+		goto out;
+	}
+	pc.pr.txn = txn ? &tx : NULL;
 	pc.pr.id = id;
 	if (opt_has(a, "print-offsets")) {
 		pc.pr.acked = put_acked;
@@ -10212,6 +10815,16 @@ static int cmd_put(struct args *a)
 		rc = fail(a, &fe);
 	else if (stop_flag) /* interrupted: what was read is stored, say so by 128+N */
 		rc = 128 + stop_flag;
+	if (txn && rc == 0 && txn_seal(&tx, MQ_TXN_OPEN, &fe) < 0)
+		rc = fail(a, &fe);
+	if (txn && rc == 0) {
+		printf("%s:%s\n", q->name, tx.name);
+		rc = stdout_done(a);
+	}
+	if (txn && rc != 0 && tx.fd >= 0) /* no id printed: nothing was acknowledged */
+		sys.unlink(tx.path);
+	if (txn)
+		txn_free(&tx);
 	if (rc == 0 && pc.pr.dup)
 		fprintf(stderr, "%s: put: %s: id '%s' is already stored (partition %d offset %" PRIu64
 		        ", within the dedupe window): nothing stored\n", progname, q->name, id, part,
@@ -10225,6 +10838,363 @@ out:
 	buf_free(&hb);
 	q_close(q);
 	return rc;
+}
+
+/* ----- mq txn ----- */
+
+/* Split a transaction id QUEUE:HHHHHHHHHHHHHHHH; returns 0 or -1. */
+static int txn_id_parse(const char *id, char *queue, char *name)
+{
+	const char *c = strchr(id, ':');
+	if (!c || c == id || (size_t)(c - id) > MQ_NAME_MAX || !txn_hexname(c + 1))
+		return -1;
+	memcpy(queue, id, (size_t)(c - id));
+	queue[c - id] = 0;
+	strfmt(name, 17, "%s", c + 1);
+	return name_valid(queue) ? 0 : -1;
+}
+
+static const char *txn_state_word(uint32_t st)
+{
+	return st == MQ_TXN_COMMITTED ? "committed" : st == MQ_TXN_ROLLEDBACK ? "rolled back"
+	       : st == MQ_TXN_COMMITTING ? "committing" : "open";
+}
+
+/* mq txn commit|rollback ID */
+static int txn_end_cmd(struct args *a, int commit)
+{
+	struct mq_err e = {0};
+	struct queue *q = NULL;
+	struct txn t;
+	char queue[MQ_NAME_MAX + 1], name[17];
+	if (a->npos != 2)
+		return usage_error(a->cmd, "use 'mq txn %s ID'", a->pos[0]);
+	if (txn_id_parse(a->pos[1], queue, name) < 0)
+		return usage_error(a->cmd, "bad transaction id '%s' (QUEUE:16 hex digits, as put --txn "
+		                   "prints it)", a->pos[1]);
+	a->queue = NULL;
+	if (spool_init(a, 0, &e) < 0 || q_open(&a->sp, queue, 0, NULL, 0, &q, &e) < 0)
+		return fail(a, &e);
+	int k = txn_find(q, name, 0, &t, &e);
+	if (k == 1) {
+		k = commit ? txn_commit(&t, &e) : txn_rollback(&t, &e);
+		txn_free(&t);
+	}
+	q_close(q);
+	if (k < 0)
+		return fail(a, &e);
+	if (k == 0) {
+		err_set(&e, MQ_EX_NOINPUT, "no such transaction '%s' (never begun, or ended long ago)",
+		        a->pos[1]);
+		return fail(a, &e);
+	}
+	if (k != (commit ? MQ_TXN_COMMITTED : MQ_TXN_ROLLEDBACK)) {
+		err_set(&e, MQ_EX_DATAERR, "transaction '%s' was already %s", a->pos[1],
+		        txn_state_word((uint32_t)k));
+		return fail(a, &e);
+	}
+	return MQ_EX_OK;
+}
+
+/* What txn ls and txn check learn of one transaction file. */
+struct txn_info {
+	uint64_t msgs;
+	struct buf body;       /* the bodies, one per line (check) */
+	struct buf key, tag;   /* the first message's, NUL-terminated */
+	struct buf hdrs;       /* its headers: NAME=VALUE NUL ... */
+	int has_key, has_tag;
+	int want_bodies;
+};
+
+static int txn_info_msg(void *ctx, int part, struct rec_msg *m, struct mq_err *e)
+{
+	struct txn_info *in = ctx;
+	(void)part;
+	(void)e;
+	if (in->msgs++ == 0 && in->want_bodies) {
+		in->has_key = m->has_key;
+		in->has_tag = m->has_tag;
+		buf_add(&in->key, m->key, m->klen);
+		buf_addc0(&in->key);
+		buf_add(&in->tag, m->tag, m->tlen);
+		buf_addc0(&in->tag);
+		const unsigned char *p = m->hdrs, *end = m->hdrs + m->hlen, *hn, *hv;
+		uint64_t left = 0;
+		size_t hnl, hvl;
+		if (m->hlen)
+			p += varint_get(p, end, &left);
+		while (rec_hdr_next(&p, end, &left, &hn, &hnl, &hv, &hvl)) {
+			buf_add(&in->hdrs, hn, hnl);
+			buf_add(&in->hdrs, "=", 1);
+			buf_add(&in->hdrs, hv, hvl);
+			buf_addc0(&in->hdrs);
+		}
+	}
+	if (in->want_bodies) {
+		buf_add(&in->body, m->body, m->blen);
+		buf_add(&in->body, "\n", 1);
+	}
+	return 0;
+}
+
+static void txn_info_free(struct txn_info *in)
+{
+	buf_free(&in->body);
+	buf_free(&in->key);
+	buf_free(&in->tag);
+	buf_free(&in->hdrs);
+}
+
+/* mq txn ls [--json] [QUEUE] */
+static int txn_ls(struct args *a)
+{
+	struct mq_err e = {0};
+	char **names = NULL, **files;
+	size_t nq = 0, nf;
+	int json = opt_has(a, "json"), rc = 0, first = 1, header = 0;
+	if (a->npos > 2)
+		return usage_error(a->cmd, "use 'mq txn ls [QUEUE]'");
+	if (spool_init(a, 0, &e) < 0)
+		return fail(a, &e);
+	if (a->npos == 2) {
+		a->queue = a->pos[1];
+		if (q_check_name("queue", a->queue, &e) < 0 || !q_exists(&a->sp, a->queue)) {
+			if (!e.msg[0])
+				err_set(&e, MQ_EX_NOINPUT, "no such queue");
+			return fail(a, &e);
+		}
+		names = malloc(sizeof *names);
+		if (!names || !(names[0] = strdup(a->queue)))
+			abort();
+		nq = 1;
+	} else if (q_list(&a->sp, &names, &nq, &e) < 0) {
+		return fail(a, &e);
+	}
+	int64_t now = now_ms();
+	if (json)
+		printf("[");
+	for (size_t i = 0; i < nq && rc == 0; i++) {
+		struct queue *q = NULL;
+		char dir[PATH_MAX + 32];
+		if (q_open(&a->sp, names[i], 0, NULL, 0, &q, &e) < 0) {
+			if (e.code == MQ_EX_NOINPUT)
+				continue; /* removed meanwhile */
+			rc = fail(a, &e);
+			break;
+		}
+		txn_dir(q, "", dir, sizeof dir);
+		if (dir_names(dir, txn_filename, &files, &nf, &e) < 0)
+			rc = fail(a, &e);
+		for (size_t f = 0; rc == 0 && f < nf; f++) {
+			struct txn t;
+			struct txn_info in = {0};
+			if (txn_open(q, files[f], TX_NOLOCK, &t, &e) != 1 || !t.valid ||
+			    t.state >= MQ_TXN_COMMITTED || txn_walk(&t, txn_info_msg, &in, &e) < 0) {
+				txn_free(&t);
+				continue; /* ended or ending meanwhile, or a put still writing */
+			}
+			const char *state = t.flags & MQ_TXN_PIPE ? "pipe" : txn_state_word(t.state);
+			char id[2 * MQ_NAME_MAX + 64], age[32];
+			strfmt(id, sizeof id, "%s:%s", q->name, t.name);
+			fmt_duration(age, sizeof age, now - t.created);
+			if (json) {
+				printf("%s{\"id\":\"%s\",\"queue\":\"%s\",\"created\":%" PRId64 ",\"age_ms\":%"
+				       PRId64 ",\"checks\":%u,\"messages\":%" PRIu64 ",\"state\":\"%s\"}",
+				       first ? "" : ",", id, q->name, t.created, now - t.created, t.checks,
+				       in.msgs, state);
+			} else {
+				if (!header++)
+					printf("%-40s %8s %6s %9s  %s\n", "ID", "AGE", "CHECKS", "MESSAGES", "STATE");
+				printf("%-40s %8s %6u %9" PRIu64 "  %s\n", id, age, t.checks, in.msgs, state);
+			}
+			first = 0;
+			txn_free(&t);
+			txn_info_free(&in);
+		}
+		names_free(files, nf);
+		q_close(q);
+	}
+	names_free(names, nq);
+	if (json)
+		printf("]\n");
+	return rc ? rc : stdout_done(a);
+}
+
+/* Run the check command on one transaction; returns its exit status
+ * (-1 if it could not run or was killed: an unknown answer). */
+static int txn_run_check(struct args *a, struct queue *q, struct txn *t, struct txn_info *in,
+                         char **argv)
+{
+	int fds[2];
+	if (pipe(fds) < 0)
+		return -1;
+	pid_t pid = fork();
+	if (pid < 0) {
+		close(fds[0]);
+		close(fds[1]);
+		return -1;
+	}
+	if (pid == 0) {
+		char v[64], id[2 * MQ_NAME_MAX + 64];
+		dup2(fds[0], 0);
+		close(fds[0]);
+		close(fds[1]);
+		strfmt(id, sizeof id, "%s:%s", q->name, t->name);
+		setenv("MQ_TXN_ID", id, 1);
+		setenv("MQ_QUEUE", q->name, 1);
+		strfmt(v, sizeof v, "%u", t->checks);
+		setenv("MQ_TXN_CHECK", v, 1);
+		strfmt(v, sizeof v, "%" PRId64, (now_ms() - t->created) / 1000);
+		setenv("MQ_TXN_AGE", v, 1);
+		strfmt(v, sizeof v, "%" PRIu64, in->msgs);
+		setenv("MQ_TXN_MESSAGES", v, 1);
+		setenv("MQ_KEY", in->has_key ? in->key.p : "", 1);
+		setenv("MQ_TAG", in->has_tag ? in->tag.p : "", 1);
+		for (size_t at = 0; at < in->hdrs.len; at += strlen(in->hdrs.p + at) + 1) {
+			const char *h = in->hdrs.p + at, *eq = strchr(h, '=');
+			char var[160];
+			size_t n = strfmt(var, sizeof var, "MQ_HEADER_") > 0 ? 10 : 0;
+			for (const char *c = h; c < eq && n + 1 < sizeof var; c++)
+				var[n++] = isalnum((unsigned char)*c) ? (char)toupper((unsigned char)*c) : '_';
+			var[n] = 0;
+			setenv(var, eq + 1, 1);
+		}
+		signal(SIGPIPE, SIG_DFL);
+		execvp(argv[0], argv);
+		fprintf(stderr, "%s: txn check: cannot run '%s': %s\n", progname, argv[0],
+		        strerror(errno));
+		_exit(127);
+	}
+	close(fds[0]);
+	for (size_t done = 0; done < in->body.len;) { /* EPIPE: the command's business */
+		ssize_t w = write(fds[1], in->body.p + done, in->body.len - done);
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w <= 0)
+			break;
+		done += (size_t)w;
+	}
+	close(fds[1]);
+	int st;
+	while (waitpid(pid, &st, 0) < 0)
+		if (errno != EINTR)
+			return -1;
+	(void)a;
+	return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+/*
+ * mq txn check QUEUE -- CMD: for each open transaction older than
+ * --older, count the check (synced, so a crash still counts it), run CMD
+ * without holding the transaction, then act on its answer under the
+ * lock again: the producer may have ended it meanwhile, and then its
+ * outcome stands.
+ */
+static int txn_check(struct args *a)
+{
+	struct mq_err e = {0};
+	struct queue *q = NULL;
+	char **files = NULL, dir[PATH_MAX + 32];
+	size_t nf = 0;
+	int64_t older;
+	uint64_t maxc;
+	int rc = 0;
+	if (a->npos < 3)
+		return usage_error(a->cmd, "use 'mq txn check QUEUE -- CMD [ARG...]'");
+	a->queue = a->pos[1];
+	if (spool_init(a, 0, &e) < 0 || q_open(&a->sp, a->queue, 0, NULL, 0, &q, &e) < 0)
+		return fail(a, &e);
+	const char *ov = opt_val(a, "older");
+	older = q->conf.txn_after_ms;
+	if (ov && parse_duration_ms(ov, &older) < 0) {
+		q_close(q);
+		return usage_error(a->cmd, "bad duration '%s' for --older", ov);
+	}
+	if (opt_u64(a, "max-checks", (uint64_t)q->conf.txn_max_checks, &maxc) < 0 || maxc == 0 ||
+	    maxc > UINT32_MAX) {
+		q_close(q);
+		return usage_error(a->cmd, "--max-checks must be 1 or more");
+	}
+	signal(SIGPIPE, SIG_IGN);
+	txn_dir(q, "", dir, sizeof dir);
+	if (dir_names(dir, txn_hexname, &files, &nf, &e) < 0)
+		rc = fail(a, &e);
+	for (size_t f = 0; rc == 0 && f < nf && !stop_flag; f++) {
+		struct txn t;
+		struct txn_info in = {0};
+		char id[2 * MQ_NAME_MAX + 64];
+		strfmt(id, sizeof id, "%s:%s", q->name, files[f]);
+		int k = txn_open(q, files[f], TX_NONBLOCK, &t, &e);
+		if (k == 1 && !t.valid) { /* we hold its lock: the put that wrote it died */
+			sys.unlink(t.path);
+			k = 0;
+		}
+		if (k == 1 && t.state == MQ_TXN_COMMITTING) { /* a commit cut short */
+			k = txn_commit(&t, &e);
+			if (k > 0)
+				printf("%s %s\n", id, txn_state_word((uint32_t)k));
+			k = k < 0 ? -1 : 0;
+		}
+		if (k == 1 && (t.state != MQ_TXN_OPEN || now_ms() - t.created < older))
+			k = 0;
+		if (k == 1) {
+			t.checks++;
+			in.want_bodies = 1;
+			if (txn_slot_write(&t, 1, &e) < 0 || txn_walk(&t, txn_info_msg, &in, &e) < 0)
+				k = -1;
+		}
+		if (k != 1) {
+			txn_free(&t);
+			txn_info_free(&in);
+			if (k == -1)
+				rc = fail(a, &e);
+			continue;
+		}
+		uint32_t checks = t.checks;
+		dur_close(&t.fd); /* not held while the command runs */
+		int st = txn_run_check(a, q, &t, &in, a->pos + 2);
+		txn_free(&t);
+		txn_info_free(&in);
+		int end = st == 0 ? 1 : st == 1 || checks >= maxc ? 2 : 0;
+		if (end == 0) {
+			printf("%s open (check %u of %" PRIu64 ")\n", id, checks, maxc);
+			continue;
+		}
+		k = txn_find(q, files[f], 0, &t, &e);
+		if (k == 1) {
+			k = end == 1 ? txn_commit(&t, &e) : txn_rollback(&t, &e);
+			txn_free(&t);
+		}
+		if (k < 0) {
+			rc = fail(a, &e);
+			break;
+		}
+		if (k == 0)
+			continue;
+		printf("%s %s%s\n", id, txn_state_word((uint32_t)k),
+		       end == 2 && st != 1 && k == MQ_TXN_ROLLEDBACK ? " (no answer after the last check)"
+		                                                   : "");
+		if (end == 2 && st != 1 && k == MQ_TXN_ROLLEDBACK)
+			fprintf(stderr, "%s: txn check: %s: rolled back: still unknown after %u checks "
+			        "(txn-max-checks)\n", progname, id, checks);
+	}
+	names_free(files, nf);
+	q_close(q);
+	return rc ? rc : stdout_done(a);
+}
+
+static int cmd_txn(struct args *a)
+{
+	const char *sub = a->pos[0];
+	if (a->server || a->namesrv)
+		return usage_error(a->cmd, "not through a server yet");
+	if (!strcmp(sub, "commit") || !strcmp(sub, "rollback"))
+		return txn_end_cmd(a, !strcmp(sub, "commit"));
+	if (!strcmp(sub, "ls"))
+		return txn_ls(a);
+	if (!strcmp(sub, "check"))
+		return txn_check(a);
+	return usage_error(a->cmd, "unknown subcommand '%s' (commit, rollback, ls or check)", sub);
 }
 
 /* ----- mq get ----- */
@@ -12224,6 +13194,7 @@ static int cmd_config(struct args *a)
 /* ----- the command table ----- */
 
 static int cmd_help(struct args *a);
+static int cmd_txn(struct args *a);
 
 static const struct opt put_opts[] = {
 	{'0', "null", A_NONE, NULL, "read NUL-separated messages from stdin"},
@@ -12239,6 +13210,15 @@ static const struct opt put_opts[] = {
 	{0, "id", A_REQ, "ID", "store nothing if ID was put in the dedupe window (default 2m)"},
 	{0, "delay", A_REQ, "DURATION", "deliver no earlier than DURATION from now"},
 	{0, "at", A_REQ, "TIME", "deliver no earlier than TIME (RFC 3339 or epoch seconds)"},
+	{0, "txn", A_NONE, NULL, "store as a new transaction's half messages; print its id"},
+	{0, NULL, 0, NULL, NULL}};
+
+static const struct opt txn_opts[] = {
+	{0, "older", A_REQ, "DURATION", "check: transactions open this long (default: the "
+	 "queue's txn-check-after, 1m)"},
+	{0, "max-checks", A_REQ, "N", "check: roll back after N unknown answers (default: "
+	 "txn-max-checks, 15)"},
+	{0, "json", A_NONE, NULL, "ls: print JSON"},
 	{0, NULL, 0, NULL, NULL}};
 
 static const struct opt get_opts[] = {
@@ -12316,6 +13296,9 @@ static const struct opt create_opts[] = {
 	{0, "retries", A_REQ, "N", "retries of a failed message before QUEUE.dlq (default 16)"},
 	{0, "backoff", A_REQ, "DELAYS", "delays before each retry (default 10s 30s 1m ... 2h)"},
 	{0, "dedupe-window", A_REQ, "DURATION", "put --id drops duplicates this recent (default 2m)"},
+	{0, "txn-check", A_REQ, "COMMAND", "mq serve checks open transactions with this"},
+	{0, "txn-check-after", A_REQ, "DURATION", "check transactions open this long (default 1m)"},
+	{0, "txn-max-checks", A_REQ, "N", "roll back after N unknown checks (default 15)"},
 	{0, "if-not-exists", A_NONE, NULL, "an existing queue is not an error"},
 	{0, NULL, 0, NULL, NULL}};
 
@@ -12352,10 +13335,21 @@ static const struct opt nameserver_opts[] = {
 static const struct cmd cmds[] = {
 	{"put", cmd_put, "[-0 | --whole] [-k KEY | -K DELIM] [-t TAG] [-H NAME=VALUE]... "
 	 "[-p N] [--fsync MODE] [--print-offsets] [--no-create] [--id ID] "
-	 "[--delay DURATION | --at TIME] QUEUE [MSG...]",
+	 "[--delay DURATION | --at TIME | --txn] QUEUE [MSG...]",
 	 "Append messages: the arguments, else stdin, one per line.  Exits 0 only once\n"
-	 "they are durable (fsync batch/always).  Creates the queue on first use.",
+	 "they are durable (fsync batch/always).  Creates the queue on first use.  With\n"
+	 "--txn they are stored invisible, as one transaction whose id is printed: see\n"
+	 "'mq txn'.",
 	 put_opts, 1, -1, 1},
+	{"txn", cmd_txn, "commit ID | rollback ID | ls [--json] [QUEUE] | check [--older DURATION] "
+	 "[--max-checks N] QUEUE -- CMD [ARG...]",
+	 "End transactions begun with 'mq put --txn': commit makes their messages\n"
+	 "visible, all at once and in order; rollback discards them.  Both are\n"
+	 "idempotent; the one that comes second exits 65.  'ls' lists open\n"
+	 "transactions; 'check' runs CMD for each one open longer than DURATION, with\n"
+	 "its messages on stdin: exit 0 commits, 1 rolls back, else ask again later;\n"
+	 "after N unknown answers it is rolled back.",
+	 txn_opts, 1, -1, 1},
 	{"get", cmd_get, "[-g GROUP] [-n COUNT] [-w [TIMEOUT]] [-f FORMAT] [-0] [--commit-first] "
 	 "[--tag EXPR] [--lease DURATION] [--retries N] [--backoff DELAYS] QUEUE",
 	 "Print the group's next messages (retries that are due first) and commit them\n"
@@ -12424,6 +13418,7 @@ static const struct cmd cmds[] = {
 	{"create", cmd_create, "[--partitions N] [--fsync MODE] [--segment-bytes SIZE] "
 	 "[--retain-age DURATION] [--retain-bytes SIZE] [--compression ALGO] "
 	 "[--max-message-bytes SIZE] [--retries N] [--backoff DELAYS] [--dedupe-window DURATION] "
+	 "[--txn-check COMMAND] [--txn-check-after DURATION] [--txn-max-checks N] "
 	 "[--if-not-exists] QUEUE",
 	 "Create a queue; the settings given are stored with it.", create_opts, 1, 1, 1},
 	{"rm", cmd_rm, "QUEUE...", "Remove queues with all their messages and groups.", no_opts, 1, -1, 1},

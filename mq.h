@@ -66,7 +66,8 @@
  *    28   4  raw len      payload length before compression
  *    32   8  first ts     timestamp of the first message, ms since the epoch
  *    40   8  max ts       largest message timestamp in the batch, ms
- *    48   8  producer id  0 = none; MQ_PRODUCER_DELAY: moved by the delay wheel
+ *    48   8  producer id  0 = none; MQ_PRODUCER_DELAY: moved by the delay wheel;
+ *                         MQ_PRODUCER_TXN: a transaction's messages
  *    56   4  producer seq 0 = none
  *    60   4  reserved     0
  *    64      payload      count message records (compressed if MQ_BF_ZLIB)
@@ -244,6 +245,76 @@
 #define MQ_DELAY_INTENT 64
 #define MQ_DELAY_DIGITS 12
 #define MQ_PRODUCER_DELAY 1 /* producer id of batches the delay mover writes */
+
+/* ---------------------------------------------------------------------
+ * Transactions (half messages): QUEUE/txn/.
+ *
+ *   txn/lock                       flock: appends to and rotation of `done`
+ *   txn/HHHHHHHHHHHHHHHH           one open transaction (16 hex digits: ms
+ *                                  since the epoch << 16 | 16 random bits);
+ *                                  its id is QUEUE:HHHHHHHHHHHHHHHH
+ *   txn/pipe:SRC:GROUP:P           the step in flight of `mq pipe SRC` for
+ *                                  GROUP's partition P (one file, reused)
+ *   txn/done, txn/done.old         outcomes of finished transactions
+ *
+ * A transaction file is two state slots of MQ_TXN_SLOT(N) bytes each (N =
+ * the queue's partitions) followed, from byte 2 * MQ_TXN_SLOT(N), by the
+ * messages: batches in the record format with base offset 0, producer id
+ * MQ_PRODUCER_TXN and producer seq = the target partition.  Whoever
+ * changes a transaction holds an exclusive flock on its file.  A slot
+ * (little-endian; the valid one with the higher seq counts):
+ *     0   4  magic     MQ_TXN_MAGIC
+ *     4   4  crc       zlib crc32 of bytes 8..slot end
+ *     8   8  seq       1, 2, 3 ...; slot seq % 2 is written
+ *    16   4  state     MQ_TXN_OPEN, _COMMITTING, _COMMITTED, _ROLLEDBACK
+ *    20   4  checks    check-backs run so far
+ *    24   8  created   ms since the epoch
+ *    32   8  data end  the messages are file bytes [2 * slot, data end)
+ *    40   4  tag       producer seq stamped on the batches the commit
+ *                      appends (producer id MQ_PRODUCER_TXN)
+ *    44   4  parts     N
+ *    48   4  flags     1: a pipe step
+ *    52   4  src part  pipe: the source partition
+ *    56   8  src lo    pipe: source offsets [lo, hi) this step consumed
+ *    64   8  src hi
+ *    72   8  decided   ms since the epoch of the commit (its timestamp)
+ *    80 8*N  at        per partition: its next offset when the commit was
+ *                      decided, or all ones if nothing goes there
+ * A file without a valid slot is a put --txn that died before its slot
+ * was written (no id was printed): `mq txn check` removes it.
+ *
+ * Commit: lock the file, then the target partitions in ascending order;
+ * write the slot COMMITTING with `at` (synced: this is the decision);
+ * append the messages to each partition, sync, publish; then append the
+ * outcome to `done` and remove the file.  After a crash a COMMITTING
+ * transaction is finished by whoever touches it next: in each partition
+ * the messages of batches stamped with `tag` from offset `at` on have
+ * landed, and the rest are appended, so none is lost or doubled.
+ * Rollback writes ROLLEDBACK (synced), then `done`, then removes the file.
+ *
+ * `done` holds MQ_TXN_DONE_REC-byte records, rotated to done.old past
+ * MQ_TXN_DONE_MAX bytes, so a finished id is known for a while after:
+ *     0   4  magic     MQ_TXN_MAGIC
+ *     4   4  crc       zlib crc32 of bytes 8..31
+ *     8   8  id        the 16 hex digits as a number
+ *    16   4  state     MQ_TXN_COMMITTED or MQ_TXN_ROLLEDBACK
+ *    20   4  reserved  0
+ *    24   8  when      ms since the epoch
+ * --------------------------------------------------------------------- */
+#define MQ_TXN_DIR "txn"
+#define MQ_TXN_DONE "done"
+#define MQ_TXN_MAGIC 0x3154514du /* "MQT1" */
+#define MQ_TXN_SLOT_HDR 80
+#define MQ_TXN_SLOT(n) ((MQ_TXN_SLOT_HDR + 8 * (n) + 63) / 64 * 64)
+#define MQ_TXN_OPEN 1
+#define MQ_TXN_COMMITTING 2
+#define MQ_TXN_COMMITTED 3
+#define MQ_TXN_ROLLEDBACK 4
+#define MQ_TXN_DONE_REC 32
+#define MQ_TXN_DONE_MAX (1 << 20)
+#define MQ_PRODUCER_TXN 2 /* producer id of transactional batches */
+#define MQ_DEF_TXN_CHECK_AFTER_MS 60000 /* txn check: transactions older than this */
+#define MQ_DEF_TXN_MAX_CHECKS 15        /* ... rolled back after this many checks */
 
 /* ---------------------------------------------------------------------
  * Hashes.  MQ_KEY_HASH picks a partition: FNV-1a 32-bit over the key
