@@ -4668,7 +4668,7 @@ struct txn {
 	uint64_t seq;
 	uint32_t state, checks, tag, flags, src_part;
 	int64_t created, decided;
-	uint64_t data_end, src_lo, src_hi;
+	uint64_t data_start, data_end, src_lo, src_hi;
 	uint64_t *at;          /* per partition; UINT64_MAX: nothing goes there */
 };
 
@@ -4735,6 +4735,7 @@ static void txn_slot_read(struct txn *t)
 		t->src_lo = le64_get(p + 56);
 		t->src_hi = le64_get(p + 64);
 		t->decided = (int64_t)le64_get(p + 72);
+		t->data_start = le64_get(p + 80);
 		for (int i = 0; i < t->q->nparts; i++)
 			t->at[i] = le64_get(p + MQ_TXN_SLOT_HDR + 8 * i);
 	}
@@ -4761,6 +4762,7 @@ static int txn_slot_write(struct txn *t, int sync, struct mq_err *e)
 	le64_put(p + 56, t->src_lo);
 	le64_put(p + 64, t->src_hi);
 	le64_put(p + 72, (uint64_t)t->decided);
+	le64_put(p + 80, t->data_start);
 	for (int i = 0; i < t->q->nparts; i++)
 		le64_put(p + MQ_TXN_SLOT_HDR + 8 * i, t->at[i]);
 	le32_put(p + 4, (uint32_t)crc32(0L, p + 8, t->slot - 8));
@@ -4777,7 +4779,7 @@ static int txn_slot_write(struct txn *t, int sync, struct mq_err *e)
  * pipe's next step once the last one finished). */
 static void txn_reset(struct txn *t)
 {
-	t->data_end = 2 * (uint64_t)t->slot;
+	t->data_start = t->data_end = 2 * (uint64_t)t->slot;
 	t->state = t->checks = t->flags = 0;
 	t->created = t->decided = 0;
 	for (int i = 0; i < t->q->nparts; i++)
@@ -4851,19 +4853,18 @@ static int txn_add(struct txn *t, int part, struct rec_enc *enc, struct mq_err *
 	return 0;
 }
 
-/* Sync what was added, then write the slot in state (OPEN for put --txn,
- * COMMITTING for a pipe step): from now on the transaction exists. */
-static int txn_seal(struct txn *t, uint32_t state, struct mq_err *e)
+/* Sync what was added; then, for put --txn (slot), write the slot OPEN:
+ * from now on the transaction exists.  A pipe step writes no slot here:
+ * its first is txn_move()'s decision. */
+static int txn_seal(struct txn *t, int slot, struct mq_err *e)
 {
 	int sync = t->q->conf.fsync >= MQ_FSYNC_BATCH;
 	if (sync && dur_datasync(t->fd, t->path, e) < 0)
 		return -1;
-	if (sys.ftruncate(t->fd, (off_t)t->data_end) < 0) /* a pipe's longer last step */
-		return err_sys(e, MQ_EX_IOERR, "cannot truncate '%s'", t->path);
-	t->state = state;
+	t->state = MQ_TXN_OPEN;
 	if (!t->created)
 		t->created = now_ms();
-	if (txn_slot_write(t, 1, e) < 0)
+	if (slot && txn_slot_write(t, 1, e) < 0)
 		return -1;
 	if (t->fresh && sync) {
 		char dir[PATH_MAX + 32];
@@ -4888,7 +4889,7 @@ static int txn_walk(struct txn *t, int (*fn)(void *ctx, int part, struct rec_msg
 	struct rec_iter it;
 	struct rec_msg m;
 	int r = 0, k;
-	for (uint64_t pos = 2 * (uint64_t)t->slot; r == 0 && pos < t->data_end; pos += h.len) {
+	for (uint64_t pos = t->data_start; r == 0 && pos < t->data_end; pos += h.len) {
 		if (seg_read_batch(t->fd, t->path, pos, t->data_end, &b, &h, e) != 1 ||
 		    rec_iter_init(&it, (unsigned char *)b.p, &h, &scratch, e) < 0) {
 			r = -1;
@@ -6355,6 +6356,86 @@ static int64_t grp_deliver(struct queue *q, int part, const struct deliver *d, i
 	if (grp_release(&c, &ce) < 0 && rc == 0)
 		rc = (*e = ce, -1);
 	return rc < 0 ? -1 : got;
+}
+
+/*
+ * mq pipe's steps.  A step takes a run of source messages under the
+ * group's claim of one partition, stores what the command made of them
+ * as the messages of a transaction of the destination queue, kept in
+ * DEST/txn/pipe:SOURCE:GROUP:PART, and commits that transaction and the
+ * group's offsets together: the transaction's decision names the source
+ * offsets the step consumed, so after a crash pipe_open() finishes a
+ * decided step (the rest of its messages, then the offsets), and an
+ * undecided one is forgotten and done again.
+ */
+#define MQ_PIPE_REWIND (16u << 20) /* a step file starts over past this */
+
+static void pipe_txn_name(const struct claim *c, char *out, size_t n)
+{
+	strfmt(out, n, "pipe:%s:%s:%d", c->q->name, c->group, c->part);
+}
+
+/* The source offsets of a decided step are done (idempotent). */
+static int pipe_settle(struct claim *c, const struct txn *t, struct mq_err *e)
+{
+	c->nt = 0; /* what was taken is exactly [src_lo, src_hi) */
+	if (t->src_hi > t->src_lo)
+		gs_done(&c->gs, t->src_lo, t->src_hi - t->src_lo);
+	c->dirty = 1;
+	return grp_save(c, 1, e);
+}
+
+/* Open the claimed partition's step file in dst, finishing a step that
+ * was decided when its pipe died.  t stays open (and locked). */
+static int pipe_open(struct claim *c, struct queue *dst, struct txn *t, struct mq_err *e)
+{
+	char name[2 * MQ_NAME_MAX + 32];
+	pipe_txn_name(c, name, sizeof name);
+	if (txn_open(dst, name, TX_CREATE, t, e) < 0)
+		return -1;
+	if (!t->valid || t->state != MQ_TXN_COMMITTING)
+		return 0;
+	if (!(t->flags & MQ_TXN_PIPE) || t->src_part != (uint32_t)c->part)
+		return err_set(e, MQ_EX_DATAERR, "'%s' is not a step of this pipe", t->path);
+	if (txn_move(t, e) < 0 || pipe_settle(c, t, e) < 0)
+		return -1;
+	if (c->r.p && c->r.want < c->gs.next) { /* the claim's reader: past what is done now */
+		rd_close(&c->r);
+		if (rd_open(&c->r, &c->q->parts[c->part], c->gs.next, e) < 0)
+			return -1;
+	}
+	return txn_end(t, MQ_TXN_COMMITTED, e);
+}
+
+/* Start the next step: its messages go after the last step's, or, past
+ * MQ_PIPE_REWIND, from the start once the last step's end is synced (a
+ * decided step's messages are never overwritten while it may resume). */
+static int pipe_begin(struct txn *t, struct mq_err *e)
+{
+	uint64_t at = t->data_end;
+	if (at >= MQ_PIPE_REWIND || at < 2 * (uint64_t)t->slot) {
+		if (t->valid && t->q->conf.fsync >= MQ_FSYNC_BATCH && dur_datasync(t->fd, t->path, e) < 0)
+			return -1;
+		at = 2 * (uint64_t)t->slot;
+	}
+	txn_reset(t);
+	t->data_start = t->data_end = at;
+	t->flags = MQ_TXN_PIPE;
+	return 0;
+}
+
+/* Commit a step whose messages were added (txn_add): sync them, decide
+ * (txn_move), then mark source offsets [lo, hi) done, then end it. */
+static int pipe_commit(struct claim *c, struct txn *t, uint64_t lo, uint64_t hi, struct mq_err *e)
+{
+	t->src_part = (uint32_t)c->part;
+	t->src_lo = lo;
+	t->src_hi = hi;
+	if (t->data_end == t->data_start) /* nothing for dst: only the offsets */
+		return pipe_settle(c, t, e);
+	if (txn_seal(t, 0, e) < 0 || txn_move(t, e) < 0 || pipe_settle(c, t, e) < 0)
+		return -1;
+	return txn_end(t, MQ_TXN_COMMITTED, e);
 }
 
 /* A receipt names one leased message: GROUP:PARTITION:OFFSET:LEASE. */
@@ -10815,7 +10896,7 @@ static int cmd_put(struct args *a)
 		rc = fail(a, &fe);
 	else if (stop_flag) /* interrupted: what was read is stored, say so by 128+N */
 		rc = 128 + stop_flag;
-	if (txn && rc == 0 && txn_seal(&tx, MQ_TXN_OPEN, &fe) < 0)
+	if (txn && rc == 0 && txn_seal(&tx, 1, &fe) < 0)
 		rc = fail(a, &fe);
 	if (txn && rc == 0) {
 		printf("%s:%s\n", q->name, tx.name);
@@ -10927,7 +11008,7 @@ static int txn_info_msg(void *ctx, int part, struct rec_msg *m, struct mq_err *e
 			buf_add(&in->hdrs, hn, hnl);
 			buf_add(&in->hdrs, "=", 1);
 			buf_add(&in->hdrs, hv, hvl);
-			buf_addc0(&in->hdrs);
+			buf_add(&in->hdrs, "", 1); /* counted: entries follow each other */
 		}
 	}
 	if (in->want_bodies) {
@@ -11101,8 +11182,7 @@ static int txn_check(struct args *a)
 	int rc = 0;
 	if (a->npos < 3)
 		return usage_error(a->cmd, "use 'mq txn check QUEUE -- CMD [ARG...]'");
-	a->queue = a->pos[1];
-	if (spool_init(a, 0, &e) < 0 || q_open(&a->sp, a->queue, 0, NULL, 0, &q, &e) < 0)
+	if (spool_init(a, 0, &e) < 0 || q_open(&a->sp, a->pos[1], 0, NULL, 0, &q, &e) < 0)
 		return fail(a, &e);
 	const char *ov = opt_val(a, "older");
 	older = q->conf.txn_after_ms;
@@ -11958,6 +12038,247 @@ static int cmd_consume(struct args *a)
 	wait_free(&wt);
 	q_close(c.q);
 	tagset_free(&tsbuf);
+	if (got < 0)
+		return fail(a, &e);
+	return MQ_EX_OK;
+}
+
+/* ----- mq pipe ----- */
+
+struct pipe {
+	struct queue *src, *dst;
+	const char *group;
+	char **argv;
+	uint64_t batch, max;
+	uint64_t done, out; /* source messages consumed, destination messages written */
+};
+
+/*
+ * Run the filter once: in on its stdin, its stdout into out, metadata in
+ * MQ_* variables.  Returns 0 if it exited 0, else -1 with why (75: the
+ * batch is not consumed, and comes again).
+ */
+static int pipe_filter(struct pipe *pp, int part, uint64_t lo, uint64_t n, const struct buf *in,
+                       struct buf *out, struct mq_err *e)
+{
+	int ip[2], op[2];
+	if (pipe(ip) < 0)
+		return err_sys(e, MQ_EX_IOERR, "cannot make a pipe");
+	if (pipe(op) < 0) {
+		close(ip[0]);
+		close(ip[1]);
+		return err_sys(e, MQ_EX_IOERR, "cannot make a pipe");
+	}
+	pid_t pid = fork();
+	if (pid < 0) {
+		close(ip[0]), close(ip[1]), close(op[0]), close(op[1]);
+		return err_sys(e, MQ_EX_IOERR, "cannot fork");
+	}
+	if (pid == 0) {
+		char num[32];
+		dup2(ip[0], 0);
+		dup2(op[1], 1);
+		close(ip[0]), close(ip[1]), close(op[0]), close(op[1]);
+		setenv("MQ_QUEUE", pp->src->name, 1);
+		strfmt(num, sizeof num, "%d", part);
+		setenv("MQ_PARTITION", num, 1);
+		strfmt(num, sizeof num, "%" PRIu64, lo);
+		setenv("MQ_OFFSET", num, 1);
+		strfmt(num, sizeof num, "%" PRIu64, n);
+		setenv("MQ_COUNT", num, 1);
+		signal(SIGPIPE, SIG_DFL);
+		execvp(pp->argv[0], pp->argv);
+		fprintf(stderr, "%s: pipe: cannot run '%s': %s\n", progname, pp->argv[0], strerror(errno));
+		_exit(127);
+	}
+	close(ip[0]);
+	close(op[1]);
+	fcntl(ip[1], F_SETFL, O_NONBLOCK);
+	size_t sent = 0;
+	int wfd = ip[1], rfd = op[0];
+	if (in->len == 0)
+		dur_close(&wfd);
+	out->len = 0;
+	while (rfd >= 0) { /* feed and drain at once: neither side can block the other */
+		struct pollfd pf[2] = {{rfd, POLLIN, 0}, {wfd, POLLOUT, 0}};
+		if (poll(pf, wfd >= 0 ? 2 : 1, -1) < 0 && errno != EINTR)
+			break;
+		if (wfd >= 0 && (pf[1].revents & (POLLOUT | POLLERR | POLLHUP))) {
+			ssize_t w = write(wfd, in->p + sent, in->len - sent);
+			if (w > 0)
+				sent += (size_t)w;
+			if ((w < 0 && errno != EAGAIN && errno != EINTR) || sent == in->len)
+				dur_close(&wfd); /* done, or the filter closed its input */
+		}
+		if (pf[0].revents & (POLLIN | POLLHUP | POLLERR)) {
+			buf_reserve(out, 65536);
+			ssize_t r = read(rfd, out->p + out->len, 65536);
+			if (r > 0)
+				out->len += (size_t)r;
+			else if (r == 0 || errno != EINTR)
+				dur_close(&rfd);
+		}
+	}
+	dur_close(&wfd);
+	dur_close(&rfd);
+	int st;
+	while (waitpid(pid, &st, 0) < 0)
+		if (errno != EINTR)
+			return err_sys(e, MQ_EX_IOERR, "cannot wait for '%s'", pp->argv[0]);
+	if (WIFEXITED(st) && WEXITSTATUS(st) == 0)
+		return 0;
+	char w[64];
+	why_text(run_why(st, 0), w, sizeof w);
+	return err_set(e, MQ_EX_TEMPFAIL, "'%s' failed on %s/%d offsets %" PRIu64 "-%" PRIu64
+	               " (%s): nothing of that batch went to %s; it comes again on the next run",
+	               pp->argv[0], pp->src->name, part, lo, lo + n - 1, w, pp->dst->name);
+}
+
+/* The filter's output lines as the step's messages for partition dp. */
+static int pipe_output(struct pipe *pp, struct txn *t, int dp, const struct buf *out,
+                       struct mq_err *e)
+{
+	struct rec_enc enc;
+	int64_t now = now_ms();
+	int r = 0;
+	rec_enc_init(&enc, (int)pp->dst->conf.compression, MQ_BATCH_TARGET);
+	for (size_t at = 0; r == 0 && at < out->len;) {
+		const char *nl = memchr(out->p + at, '\n', out->len - at);
+		size_t len = nl ? (size_t)(nl - (out->p + at)) : out->len - at;
+		struct rec_msg m = {0};
+		m.ts = now;
+		m.body = (const unsigned char *)out->p + at;
+		m.blen = len;
+		if (len > (size_t)pp->dst->conf.max_message)
+			r = err_set(e, MQ_EX_DATAERR, "an output line of %zu bytes is over %s's maximum of %"
+			            PRId64 " (max-message-bytes): nothing of that batch was written", len,
+			            pp->dst->name, pp->dst->conf.max_message);
+		else
+			rec_enc_add(&enc, &m);
+		at += len + (nl != NULL);
+		if (r == 0 && (enc.out.len >= MQ_FLUSH_BYTES || at >= out->len) && enc.nmsgs) {
+			rec_enc_close(&enc);
+			r = txn_add(t, dp, &enc, e);
+			pp->out += enc.nmsgs;
+			rec_enc_reset(&enc);
+		}
+	}
+	rec_enc_free(&enc);
+	return r;
+}
+
+/* Pipe one partition of the source under the group's claim, a step at a
+ * time, until it is drained.  Returns source messages consumed, or -1. */
+static int64_t pipe_part(void *ctx, int part, int nonblock, int64_t total, int *busy,
+                         struct mq_err *e)
+{
+	struct pipe *pp = ctx;
+	struct claim c;
+	struct txn t;
+	struct buf in = {0}, out = {0};
+	uint64_t done0 = pp->done;
+	(void)total;
+	int k = grp_claim(pp->src, pp->group, part, CL_ORDERED | (nonblock ? CL_NONBLOCK : 0), &c, e);
+	*busy = k == 0;
+	if (k <= 0)
+		return k;
+	int rc = pipe_open(&c, pp->dst, &t, e);
+	while (rc == 0 && !stop_flag && (pp->max == 0 || pp->done < pp->max)) {
+		struct rec_msg m;
+		unsigned attempt;
+		uint64_t n = 0, lo = 0, hi = 0, want = pp->batch;
+		if (pp->max && pp->max - pp->done < want)
+			want = pp->max - pp->done;
+		in.len = 0;
+		while (n < want && (k = grp_take(&c, &m, &attempt, e)) == 1) {
+			if (n++ == 0)
+				lo = m.offset;
+			hi = m.offset + 1;
+			buf_add(&in, m.body, m.blen);
+			buf_add(&in, "\n", 1);
+		}
+		if (k < 0)
+			rc = -1;
+		if (rc < 0 || n == 0)
+			break;
+		if (pipe_filter(pp, part, lo, n, &in, &out, e) < 0 || pipe_begin(&t, e) < 0 ||
+		    pipe_output(pp, &t, part % pp->dst->nparts, &out, e) < 0 ||
+		    pipe_commit(&c, &t, lo, hi, e) < 0)
+			rc = -1;
+		else
+			pp->done += n;
+	}
+	txn_free(&t);
+	buf_free(&in);
+	buf_free(&out);
+	struct mq_err re;
+	if (grp_release(&c, &re) < 0 && rc == 0)
+		rc = (*e = re, -1);
+	return rc < 0 ? -1 : (int64_t)(pp->done - done0);
+}
+
+static int pipe_more(void *ctx, int64_t total)
+{
+	struct pipe *pp = ctx;
+	(void)total;
+	return !stop_flag && (pp->max == 0 || pp->done < pp->max);
+}
+
+/* mq pipe SOURCE DEST -g GROUP [--batch N] [-e | -w [TIMEOUT]] -- CMD */
+static int cmd_pipe(struct args *a)
+{
+	struct mq_err e = {0};
+	struct pipe pp = {0};
+	const char *w = opt_val(a, "wait");
+	int64_t wait_ms = -2; /* -2: stop when empty; -1: wait for ever */
+	a->queue = a->pos[0];
+	pp.group = opt_val(a, "group");
+	pp.argv = a->pos + 2;
+	if (!pp.group)
+		return usage_error(a->cmd, "-g GROUP is required");
+	if (opt_u64(a, "batch", 100, &pp.batch) < 0 || opt_u64(a, "max", 0, &pp.max) < 0)
+		return MQ_EX_USAGE;
+	if (pp.batch == 0)
+		return usage_error(a->cmd, "--batch must be at least 1");
+	if (w && *w && parse_duration_ms(w, &wait_ms) < 0)
+		return usage_error(a->cmd, "bad duration '%s' for --wait", w);
+	if (w && !*w)
+		wait_ms = -1;
+	if (w && opt_has(a, "until-empty"))
+		return usage_error(a->cmd, "-e and -w exclude each other");
+	if (!strcmp(a->pos[0], a->pos[1]))
+		return usage_error(a->cmd, "SOURCE and DEST must differ");
+	if (a->server || a->namesrv)
+		return usage_error(a->cmd, "not through a server yet");
+	if (q_check_name("group", pp.group, &e) < 0 || q_check_name("queue", a->pos[1], &e) < 0 ||
+	    spool_init(a, 0, &e) < 0 || q_open(&a->sp, a->pos[0], 0, NULL, 0, &pp.src, &e) < 0)
+		return fail(a, &e);
+	if (q_open(&a->sp, a->pos[1], 1, NULL, 0, &pp.dst, &e) < 0) {
+		q_close(pp.src);
+		a->queue = a->pos[1];
+		return fail(a, &e);
+	}
+	signal(SIGPIPE, SIG_IGN);
+	struct waiter wt = {-1};
+	if (wait_ms != -2)
+		wait_init(&wt, pp.src);
+	int64_t got = 0, idle_since = mono_ms();
+	while (!stop_flag && (pp.max == 0 || pp.done < pp.max)) {
+		struct cpass cp = {pipe_part, pipe_more, &pp};
+		if ((got = consumer_pass(pp.src, &cp, &e)) < 0)
+			break;
+		if (got > 0) {
+			idle_since = mono_ms();
+			continue;
+		}
+		int64_t left = wait_ms < 0 ? -1 : idle_since + wait_ms - mono_ms();
+		if (wait_ms == -2 || (wait_ms >= 0 && left <= 0))
+			break;
+		wait_change(&wt, left);
+	}
+	wait_free(&wt);
+	q_close(pp.src);
+	q_close(pp.dst);
 	if (got < 0)
 		return fail(a, &e);
 	return MQ_EX_OK;
@@ -13268,6 +13589,14 @@ static const struct opt consume_opts[] = {
 	{0, "backoff", A_REQ, "DELAYS", "delays before each retry (default 10s 30s 1m ... 2h)"},
 	{0, NULL, 0, NULL, NULL}};
 
+static const struct opt pipe_opts[] = {
+	{'g', "group", A_REQ, "GROUP", "consumer group reading SOURCE (required)"},
+	{'e', "until-empty", A_NONE, NULL, "stop when nothing is left (the default without -w)"},
+	{'w', "wait", A_OPTDUR, "TIMEOUT", "when idle, wait for new messages (for ever, or TIMEOUT)"},
+	{0, "batch", A_REQ, "N", "up to N messages per run of the command (default 100)"},
+	{0, "max", A_REQ, "N", "stop after N source messages"},
+	{0, NULL, 0, NULL, NULL}};
+
 static const struct opt ack_opts[] = {{0, NULL, 0, NULL, NULL}};
 
 static const struct opt nack_opts[] = {
@@ -13356,6 +13685,15 @@ static const struct cmd cmds[] = {
 	 "after they are written out (at-least-once).  With --lease, hand them out until\n"
 	 "acked instead.  Exits 1 when there is nothing (after the wait, if any).",
 	 get_opts, 1, 1, 1},
+	{"pipe", cmd_pipe, "-g GROUP [-e | -w [TIMEOUT]] [--batch N] [--max N] SOURCE DEST -- CMD "
+	 "[ARG...]",
+	 "Run CMD on batches of SOURCE's messages (bodies on stdin, one per line) and\n"
+	 "append its output lines to DEST, exactly once: each batch's output and the\n"
+	 "group's offsets are committed together as one transaction, so a pipe killed\n"
+	 "at any instant and run again neither loses nor doubles a message.  Partition\n"
+	 "P of SOURCE goes to partition P mod N of DEST.  A failed run of CMD stops the\n"
+	 "pipe (75) with nothing of its batch written.",
+	 pipe_opts, 3, -1, 0},
 	{"ack", cmd_ack, "QUEUE [RECEIPT...]",
 	 "Acknowledge leased messages by receipt (from the arguments, else stdin): they\n"
 	 "are done.  Exits 75 if a lease had expired and the message was handed out\n"

@@ -260,7 +260,9 @@
  * A transaction file is two state slots of MQ_TXN_SLOT(N) bytes each (N =
  * the queue's partitions) followed, from byte 2 * MQ_TXN_SLOT(N), by the
  * messages: batches in the record format with base offset 0, producer id
- * MQ_PRODUCER_TXN and producer seq = the target partition.  Whoever
+ * MQ_PRODUCER_TXN and producer seq = the target partition.  A pipe writes
+ * each step's messages after the last step's, so the messages a decided
+ * step names are never overwritten before the step is finished for sure.  Whoever
  * changes a transaction holds an exclusive flock on its file.  A slot
  * (little-endian; the valid one with the higher seq counts):
  *     0   4  magic     MQ_TXN_MAGIC
@@ -269,7 +271,7 @@
  *    16   4  state     MQ_TXN_OPEN, _COMMITTING, _COMMITTED, _ROLLEDBACK
  *    20   4  checks    check-backs run so far
  *    24   8  created   ms since the epoch
- *    32   8  data end  the messages are file bytes [2 * slot, data end)
+ *    32   8  data end  the messages are file bytes [data start, data end)
  *    40   4  tag       producer seq stamped on the batches the commit
  *                      appends (producer id MQ_PRODUCER_TXN)
  *    44   4  parts     N
@@ -278,7 +280,9 @@
  *    56   8  src lo    pipe: source offsets [lo, hi) this step consumed
  *    64   8  src hi
  *    72   8  decided   ms since the epoch of the commit (its timestamp)
- *    80 8*N  at        per partition: its next offset when the commit was
+ *    80   8  data start
+ *    88   8  reserved  0
+ *    96 8*N  at        per partition: its next offset when the commit was
  *                      decided, or all ones if nothing goes there
  * A file without a valid slot is a put --txn that died before its slot
  * was written (no id was printed): `mq txn check` removes it.
@@ -304,7 +308,7 @@
 #define MQ_TXN_DIR "txn"
 #define MQ_TXN_DONE "done"
 #define MQ_TXN_MAGIC 0x3154514du /* "MQT1" */
-#define MQ_TXN_SLOT_HDR 80
+#define MQ_TXN_SLOT_HDR 96
 #define MQ_TXN_SLOT(n) ((MQ_TXN_SLOT_HDR + 8 * (n) + 63) / 64 * 64)
 #define MQ_TXN_OPEN 1
 #define MQ_TXN_COMMITTING 2
