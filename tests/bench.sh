@@ -18,6 +18,10 @@ NCONS1=${NCONS1:-2000}   # messages for consume --batch 1
 NLEASE=${NLEASE:-100000} # messages for lease get+ack
 LEASEP=${LEASEP:-8}      # concurrent lease consumers
 NWAKE=${NWAKE:-200}      # put -> waiting get -w round trips
+KTXN1=${KTXN1:-200}      # transactions of 1 message (put --txn + commit)
+KTXN100=${KTXN100:-50}   # transactions of 100 messages
+KTXN10K=${KTXN10K:-10}   # transactions of 10000 messages
+NPIPE=${NPIPE:-200000}   # 100-byte messages for mq pipe against get | put
 work=$(mktemp -d "${TMPDIR:-/tmp}/mq-bench.XXXXXX")
 trap 'rm -rf "$work"' EXIT INT TERM
 export MQ_SPOOL="$work/spool"
@@ -220,6 +224,136 @@ if [ -n "$LB" ]; then
 	tle=$(median <"$work/tle")
 	line "lease+ack engine, $LEASEP procs (leasebench)" "$(rate "$NLEASE" "$tle")" "$(mbps $((NLEASE * 100)) "$tle")"
 fi
+
+# holds QUEUE N: mq stat counts N messages in QUEUE, and no transaction
+# of it is open.
+holds() {
+	local got open
+	got=$("$MQ" stat "$1" | awk '$1 == "messages" { print $2 }')
+	open=$("$MQ" txn ls "$1")
+	if [ "$got" != "$2" ] || [ -n "$open" ]; then
+		echo "bench: $1 should hold $2 messages and no open transaction; mq stat says ${got:-?}${open:+; mq txn ls says: $open}" >&2
+		exit 1
+	fi
+}
+
+# Transactional puts: K transactions of N messages each (put --txn of N
+# lines, then txn commit of the printed id) against K plain puts of the
+# same N lines, for N = 1, 100 and 10000, the runs of each pair side by
+# side.  Every mq is its own process: with N = 1 their starts (2 for a
+# message in a transaction, put --txn and commit, against 1) dominate.
+awk 'BEGIN { s = sprintf("%091d", 0); for (i = 0; i < 10000; i++) printf "%08d%s\n", i, s }' >"$work/t10000"
+head -n 100 "$work/t10000" >"$work/t100"
+head -n 1 "$work/t10000" >"$work/t1"
+
+# txn_puts QUEUE K FILE: K transactions of FILE's lines, each committed
+# before the next; prints elapsed microseconds.
+txn_puts() {
+	local s e id j=0
+	s=${EPOCHREALTIME/[.,]/}
+	while [ $j -lt "$2" ]; do
+		j=$((j + 1))
+		id=$("$MQ" put --txn "$1" <"$3")
+		"$MQ" txn commit "$id"
+	done
+	e=${EPOCHREALTIME/[.,]/}
+	echo $((e - s))
+}
+
+# plain_puts QUEUE K FILE: K puts of FILE's lines; prints elapsed
+# microseconds.
+plain_puts() {
+	local s e j=0
+	s=${EPOCHREALTIME/[.,]/}
+	while [ $j -lt "$2" ]; do
+		j=$((j + 1))
+		"$MQ" put "$1" <"$3"
+	done
+	e=${EPOCHREALTIME/[.,]/}
+	echo $((e - s))
+}
+
+for n in 1 100 10000; do
+	: >"$work/ttxn$n"
+	: >"$work/tplain$n"
+done
+i=0
+while [ $i -lt "$RUNS" ]; do
+	i=$((i + 1))
+	for n in 1 100 10000; do
+		case $n in 1) k=$KTXN1 ;; 100) k=$KTXN100 ;; *) k=$KTXN10K ;; esac
+		"$MQ" create --partitions 1 "txn${n}_$i"
+		"$MQ" create --partitions 1 "plain${n}_$i"
+		txn_puts "txn${n}_$i" "$k" "$work/t$n" >>"$work/ttxn$n"
+		holds "txn${n}_$i" $((k * n))
+		plain_puts "plain${n}_$i" "$k" "$work/t$n" >>"$work/tplain$n"
+		holds "plain${n}_$i" $((k * n))
+		"$MQ" rm "txn${n}_$i" "plain${n}_$i"
+	done
+done
+echo
+printf '%-44s %12s %12s %10s\n' "transactional put, 100 B, 1 partition" "txn msgs/s" "plain msgs/s" "txn/plain"
+# txn_line N K LABEL [NOTE]
+txn_line() {
+	local tt tp
+	tt=$(median <"$work/ttxn$1")
+	tp=$(median <"$work/tplain$1")
+	printf '%-44s %12s %12s %10s%s\n' "$3" "$(rate $(($1 * $2)) "$tt")" "$(rate $(($1 * $2)) "$tp")" \
+		"$(awk -v t="$tt" -v p="$tp" 'BEGIN { printf "%.2f", p / t }')" "${4:+  $4}"
+}
+txn_line 1 "$KTXN1" "put --txn + commit per 1 msg, x$KTXN1" \
+	"(process starts dominate: 2 mq per msg, plain 1)"
+txn_line 100 "$KTXN100" "put --txn + commit per 100 msgs, x$KTXN100"
+txn_line 10000 "$KTXN10K" "put --txn + commit per 10000 msgs, x$KTXN10K"
+
+# mq pipe against the plain at-least-once way of moving a queue: get -n
+# 1000 | put, again until get finds nothing (exit 1).  Both drain a
+# source of NPIPE 100 B messages into an empty queue, 1000 per round;
+# pipe makes each round a transaction that also commits the group's
+# offsets.  The issue's target: pipe --batch 1000 at >= 1/4 the msgs/s.
+awk -v n="$NPIPE" 'BEGIN { s = sprintf("%091d", 0); for (i = 0; i < n; i++) printf "%08d%s\n", i, s }' >"$work/pipe"
+
+# get_put SRC DST: move SRC to DST by get -g g -n 1000 | put until get
+# finds nothing; prints elapsed microseconds.
+get_put() {
+	local s e st
+	s=${EPOCHREALTIME/[.,]/}
+	while :; do
+		"$MQ" get "$1" -g g -n 1000 | "$MQ" put "$2"
+		st=("${PIPESTATUS[@]}")
+		[ "${st[0]}" = 1 ] && break # nothing left
+		if [ "${st[0]}" != 0 ] || [ "${st[1]}" != 0 ]; then
+			echo "bench: get | put: get exited ${st[0]}, put ${st[1]}" >&2
+			exit 1
+		fi
+	done
+	e=${EPOCHREALTIME/[.,]/}
+	echo $((e - s))
+}
+
+: >"$work/tpipe"
+: >"$work/tgetput"
+i=0
+while [ $i -lt "$RUNS" ]; do
+	i=$((i + 1))
+	for q in psrc pdst gsrc gdst; do "$MQ" create --partitions 1 "${q}_$i"; done
+	"$MQ" put "psrc_$i" <"$work/pipe"
+	"$MQ" put "gsrc_$i" <"$work/pipe"
+	time_quiet "$MQ" pipe "psrc_$i" "pdst_$i" -g g --batch 1000 -- cat >>"$work/tpipe"
+	drained "psrc_$i" g "$NPIPE"
+	holds "pdst_$i" "$NPIPE"
+	get_put "gsrc_$i" "gdst_$i" >>"$work/tgetput"
+	drained "gsrc_$i" g "$NPIPE"
+	holds "gdst_$i" "$NPIPE"
+	"$MQ" rm "psrc_$i" "pdst_$i" "gsrc_$i" "gdst_$i"
+done
+tpipe=$(median <"$work/tpipe")
+tgetput=$(median <"$work/tgetput")
+echo
+printf '%-44s %12s %10s\n' "queue to queue, 100 B, 1 partition" "msgs/s" "MB/s"
+line "get -n 1000 | put until empty, $NPIPE msgs" "$(rate "$NPIPE" "$tgetput")" "$(mbps $((NPIPE * 100)) "$tgetput")"
+line "pipe --batch 1000 -- cat, $NPIPE msgs" "$(rate "$NPIPE" "$tpipe")" "$(mbps $((NPIPE * 100)) "$tpipe")"
+awk -v p="$tpipe" -v g="$tgetput" 'BEGIN { printf "pipe / (get | put): %.2f of the msgs/s (target: >= 0.25)\n", g / p }'
 
 # Wake latency: a get -w waiting (started 50 ms before) against the put
 # of one message; from put returning (durable) to get's line arriving,
