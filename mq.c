@@ -2158,6 +2158,7 @@ struct part {
 	char head_path[PATH_MAX + 8];  /* for messages: every error names its file */
 	char log_path[PATH_MAX + 32], idx_path[PATH_MAX + 32], tix_path[PATH_MAX + 32];
 	int rolled;           /* a roll happened since the lock was taken */
+	int hold;             /* a commit is appending: no roll (it would publish) */
 	int broken;           /* a sync failed: no more appends here */
 	struct buf scratch, idxbuf, tixbuf, tags;
 	/* The batch a reader of this handle checked last (segment, position,
@@ -2366,7 +2367,7 @@ static uint64_t part_tix_keep(struct part *p, uint64_t next)
  * `mq verify --repair`, so no acknowledged batch behind it is cut.
  */
 static int part_scan_tail(struct part *p, uint64_t pos, uint64_t next, uint64_t size,
-                          struct mq_err *e)
+                          uint64_t pub_len, struct mq_err *e)
 {
 	char path[PATH_MAX + 32];
 	part_path(p, path, sizeof path, p->log_base, MQ_LOG_SUFFIX);
@@ -2401,6 +2402,17 @@ static int part_scan_tail(struct part *p, uint64_t pos, uint64_t next, uint64_t 
 			sp_notice(p->q->sp, "%s/%d: cut a torn tail of %" PRIu64 " bytes at %s:%" PRIu64
 			          " (offsets from %" PRIu64 " were never acknowledged)",
 			          p->q->name, p->id, size - pos, path, pos, next);
+			break;
+		}
+		if (h.pid == MQ_PRODUCER_TXN && pos >= pub_len) {
+			/* A commit died before publishing: its messages must appear
+			 * all at once, so they go, and the resumed commit (txn_move)
+			 * writes them again. */
+			if (sys.ftruncate(p->log_fd, (off_t)pos) < 0)
+				return err_sys(e, MQ_EX_IOERR, "cannot truncate '%s'", path);
+			sp_notice(p->q->sp, "%s/%d: cut %" PRIu64 " bytes of an unfinished transaction commit "
+			          "at %s:%" PRIu64 "; they come back when the commit is finished", p->q->name,
+			          p->id, size - pos, path, pos);
 			break;
 		}
 		seg_idx_entries(&p->idxbuf, pos, (uint32_t *)(void *)p->tags.p, h.count);
@@ -2525,7 +2537,8 @@ static int part_recover_from(struct part *p, int trust_head, struct mq_err *e)
 	    sys.ftruncate(p->tix_fd, (off_t)p->tix_len) < 0)
 		return err_sys(e, MQ_EX_IOERR, "cannot truncate the index of %s/%d", p->q->name, p->id);
 	p->log_base = base;
-	if (part_scan_tail(p, pos, next, size, e) < 0 || part_write_indexes(p, e) < 0)
+	if (part_scan_tail(p, pos, next, size, valid ? pub_len : UINT64_MAX, e) < 0 ||
+	    part_write_indexes(p, e) < 0)
 		return -1;
 	/* What survived may never have been synced: sync before publishing.
 	 * If that fails, the unpublished tail is cut (it was never
@@ -2701,7 +2714,7 @@ static int part_append(struct part *p, struct rec_enc *enc, uint64_t *first,
 	while (at < enc->out.len) {
 		unsigned char *b = (unsigned char *)enc->out.p + at;
 		uint32_t len = le32_get(b + 8), count = le32_get(b + 24);
-		if (pos > 0 && pos + len > (uint64_t)p->q->conf.segment_bytes) {
+		if (pos > 0 && !p->hold && pos + len > (uint64_t)p->q->conf.segment_bytes) {
 			if (part_write(p, enc->out.p + chunk, at - chunk, e) < 0)
 				return -1;
 			p->next = next;
@@ -4840,6 +4853,9 @@ static int txn_open(struct queue *q, const char *name, int flags, struct txn *t,
  * seal syncs them with the slot that makes them count. */
 static int txn_add(struct txn *t, int part, struct rec_enc *enc, struct mq_err *e)
 {
+	if (t->data_end - t->data_start + enc->out.len > MQ_TXN_MAX_BYTES)
+		return err_set(e, MQ_EX_DATAERR, "a transaction holds at most %u MiB (it must fit one "
+		               "segment of each partition)", MQ_TXN_MAX_BYTES >> 20);
 	for (size_t at = 0; at < enc->out.len;) {
 		unsigned char *b = (unsigned char *)enc->out.p + at;
 		le64_put(b + 48, MQ_PRODUCER_TXN);
@@ -4910,19 +4926,27 @@ static int txn_walk(struct txn *t, int (*fn)(void *ctx, int part, struct rec_msg
 	return r;
 }
 
+/* Messages and their bytes per partition. */
+struct txn_sums {
+	uint64_t *n, *bytes;
+};
+
 static int txn_count_msg(void *ctx, int part, struct rec_msg *m, struct mq_err *e)
 {
-	(void)m;
+	struct txn_sums *s = ctx;
 	(void)e;
-	((uint64_t *)ctx)[part]++;
+	s->n[part]++;
+	s->bytes[part] += m->klen + m->tlen + m->hlen + m->blen + 16;
 	return 0;
 }
 
-/* Messages per partition (n[q->nparts]), reading every batch. */
-static int txn_counts(struct txn *t, uint64_t *n, struct mq_err *e)
+/* Messages (n) and bytes per partition, reading every batch. */
+static int txn_counts(struct txn *t, uint64_t *n, uint64_t *bytes, struct mq_err *e)
 {
+	struct txn_sums s = {n, bytes};
 	memset(n, 0, (size_t)t->q->nparts * sizeof *n);
-	return txn_walk(t, txn_count_msg, n, e);
+	memset(bytes, 0, (size_t)t->q->nparts * sizeof *bytes);
+	return txn_walk(t, txn_count_msg, &s, e);
 }
 
 /* How many messages of this transaction landed in p from offset at on:
@@ -5000,16 +5024,22 @@ static int txn_copy_msg(void *ctx, int part, struct rec_msg *m, struct mq_err *e
  * partitions it writes, in ascending order; if still open, sync the
  * decision; append what has not landed yet, sync and publish.  The file
  * is left COMMITTING: txn_end() records the outcome and removes it.
+ *
+ * Each partition shows its part all at once: a segment that would not
+ * hold it is rolled first, none is rolled while appending (a roll
+ * publishes), and recovery cuts a commit's unpublished batches (see
+ * part_scan_tail()), which the resumed commit writes again.  Across
+ * partitions the publishes follow each other with every lock held.
  */
 static int txn_move(struct txn *t, struct mq_err *e)
 {
 	struct queue *q = t->q;
 	int np = q->nparts, r = 0, locked = 0;
-	uint64_t *n = calloc((size_t)np, sizeof *n);
+	uint64_t *n = calloc((size_t)np, sizeof *n), *bytes = calloc((size_t)np, sizeof *bytes);
 	struct rec_enc *enc = calloc((size_t)np, sizeof *enc);
-	if (!n || !enc)
+	if (!n || !bytes || !enc)
 		abort();
-	if (txn_counts(t, n, e) < 0) {
+	if (txn_counts(t, n, bytes, e) < 0) {
 		r = -1;
 		goto out;
 	}
@@ -5018,12 +5048,22 @@ static int txn_move(struct txn *t, struct mq_err *e)
 			r = -1;
 	if (r < 0)
 		goto out;
+	for (int i = 0; i < np && r == 0; i++) {
+		struct part *p = &q->parts[i];
+		if (n[i] && p->seg_len > 0 && p->seg_len + bytes[i] > (uint64_t)q->conf.segment_bytes)
+			r = part_roll(p, e);
+	}
+	if (r < 0)
+		goto out;
 	if (t->state == MQ_TXN_OPEN) { /* the decision */
 		for (int i = 0; i < np; i++)
 			t->at[i] = n[i] ? q->parts[i].next : UINT64_MAX;
 		t->state = MQ_TXN_COMMITTING;
 		t->decided = now_ms();
-		t->tag = (uint32_t)t->seq + 1;
+		/* its batches' stamp: another commit's must differ, as one may
+		 * land right after a crash cut this one short */
+		t->tag = (uint32_t)crc32(0L, (const unsigned char *)t->name, (uInt)strlen(t->name)) ^
+		         (uint32_t)(t->seq + 1) * 2654435761u;
 		if (txn_slot_write(t, 1, e) < 0) {
 			r = -1;
 			goto out;
@@ -5036,8 +5076,10 @@ static int txn_move(struct txn *t, struct mq_err *e)
 			goto out;
 	}
 	struct txn_copy c = {t, n, enc};
-	for (int i = 0; i < np; i++)
+	for (int i = 0; i < np; i++) {
 		rec_enc_init(&enc[i], (int)q->conf.compression, MQ_BATCH_TARGET);
+		q->parts[i].hold = 1;
+	}
 	r = txn_walk(t, txn_copy_msg, &c, e);
 	for (int i = 0; i < np && r == 0; i++)
 		r = txn_copy_flush(&c, i, e);
@@ -5052,12 +5094,15 @@ static int txn_move(struct txn *t, struct mq_err *e)
 			r = -1;
 		}
 	}
-	for (int i = 0; i < np; i++)
+	for (int i = 0; i < np; i++) {
 		rec_enc_free(&enc[i]);
+		q->parts[i].hold = 0;
+	}
 out:
 	for (int i = 0; i < locked && i < np; i++)
 		part_unlock(&q->parts[i]);
 	free(n);
+	free(bytes);
 	free(enc);
 	return r;
 }

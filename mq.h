@@ -273,7 +273,9 @@
  *    24   8  created   ms since the epoch
  *    32   8  data end  the messages are file bytes [data start, data end)
  *    40   4  tag       producer seq stamped on the batches the commit
- *                      appends (producer id MQ_PRODUCER_TXN)
+ *                      appends (producer id MQ_PRODUCER_TXN): crc32 of the
+ *                      file name xor (seq + 1) * 2654435761, seq before
+ *                      the decision, so two commits' tags differ
  *    44   4  parts     N
  *    48   4  flags     1: a pipe step
  *    52   4  src part  pipe: the source partition
@@ -288,12 +290,15 @@
  * was written (no id was printed): `mq txn check` removes it.
  *
  * Commit: lock the file, then the target partitions in ascending order;
- * write the slot COMMITTING with `at` (synced: this is the decision);
- * append the messages to each partition, sync, publish; then append the
- * outcome to `done` and remove the file.  After a crash a COMMITTING
- * transaction is finished by whoever touches it next: in each partition
- * the messages of batches stamped with `tag` from offset `at` on have
- * landed, and the rest are appended, so none is lost or doubled.
+ * roll a segment that would not hold the messages; write the slot
+ * COMMITTING with `at` (synced: this is the decision); append the
+ * messages to each partition without rolling, sync, publish; then append
+ * the outcome to `done` and remove the file.  A partition's recovery cuts
+ * unpublished batches of producer id MQ_PRODUCER_TXN, so a partition
+ * shows a commit's messages all at once or not at all.  After a crash a
+ * COMMITTING transaction is finished by whoever touches it next: in each
+ * partition the messages of batches stamped with `tag` from offset `at`
+ * on have landed, and the rest are appended, so none is lost or doubled.
  * Rollback writes ROLLEDBACK (synced), then `done`, then removes the file.
  *
  * `done` holds MQ_TXN_DONE_REC-byte records, rotated to done.old past
@@ -317,6 +322,7 @@
 #define MQ_TXN_DONE_REC 32
 #define MQ_TXN_DONE_MAX (1 << 20)
 #define MQ_PRODUCER_TXN 2 /* producer id of transactional batches */
+#define MQ_TXN_MAX_BYTES (512u << 20) /* messages of one transaction, bytes */
 #define MQ_DEF_TXN_CHECK_AFTER_MS 60000 /* txn check: transactions older than this */
 #define MQ_DEF_TXN_MAX_CHECKS 15        /* ... rolled back after this many checks */
 

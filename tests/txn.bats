@@ -279,8 +279,9 @@ for l in sys.stdin:
 	assert_eq "$(cat "$d/get.out")" "$(printf '%s\n' w1 w2 w3)"
 }
 
-@test "txn: a reader polling during a commit sees none or all of it, also when the commit rolls segments" {
+@test "txn: a reader polling during a commit sees none or all of it, also when its segment must roll for it" {
 	mq create q --segment-bytes 64k
+	mq put q first # the active segment has data: the commit rolls it first
 	d=$BATS_TEST_TMPDIR
 	pad=$(head -c 1000 /dev/zero | tr '\0' x)
 	put_txn q < <(seq -f "%05g-$pad" 1 3000)
@@ -291,8 +292,9 @@ for l in sys.stdin:
 	wait_for "proc_gone ${BG_PIDS[0]}"
 	mq stat q | awk '$1 == "messages" { print $2 }' >>"$d/counts"
 	echo "message counts seen: $(sort -n "$d/counts" | uniq -c | tr -s ' \n' ' ')" >&3
-	assert_eq "$(tail -n 1 "$d/counts")" 3000
-	assert_eq "$(sort -nu "$d/counts" | grep -vx -e 0 -e 3000 | tr '\n' ' ')" ""
+	assert_eq "$(tail -n 1 "$d/counts")" 3001
+	assert_eq "$(sort -nu "$d/counts" | grep -vx -e 1 -e 3001 | tr '\n' ' ')" ""
+	[ "$(ls "$MQ_SPOOL"/q/0/*.log | wc -l)" -eq 2 ] # rolled once, before
 	run -0 mq verify
 }
 
@@ -673,8 +675,8 @@ faulted() {
 }
 
 # check_seen WHAT MODE [EXTRA]: what queue q shows of T.  MODE prefix:
-# in each partition a prefix of T's messages there (PEEKED gets how many
-# in all); MODE full: all of them in each partition, in order, and besides
+# in each partition none or all of T's messages there (a partition shows
+# a commit at once; PEEKED gets how many in all); MODE full: all of them in each partition, in order, and besides
 # them exactly the lines of file EXTRA (if given), each once.
 check_seen() {
 	local what=$1 mode=$2 extra=${3:-/dev/null} rc=0 raw=$BATS_TEST_TMPDIR/seen
@@ -694,6 +696,10 @@ check_seen() {
 		}
 		{ other[b]++ }
 		END {
+			if (mode == "prefix")
+				for (p in seen)
+					if (seen[p] != nwant[p])
+						bad("partition " p ": " seen[p] " of T'"'"'s " nwant[p] " messages: part of a commit")
 			if (mode == "full") {
 				for (p in nwant)
 					if (seen[p] + 0 != nwant[p])
@@ -715,7 +721,7 @@ check_seen() {
 # is still listed and the queue shows a prefix of it; hook $2 (if any)
 # runs; then a normal commit finishes it: everything once, in order,
 # `mq verify` passes, its file is gone.  SWEEP_PARTIAL gets how many
-# rounds left some but not all of T visible.
+# rounds were killed after the decision (T listed as committing).
 sweep() {
 	local call=$1 hook=${2:-} n partial=0 st
 	for ((n = 1; ; n++)); do
@@ -725,8 +731,8 @@ sweep() {
 		faulted "$call:$n:kill" txn commit "$TID" || return 1
 		check_seen "$call:$n" prefix || return 1
 		if [ "$FRC" -ne 0 ]; then
-			[ "$PEEKED" -eq 0 ] || [ "$PEEKED" -eq "$BIG_N" ] || partial=$((partial + 1))
 			st=$("$MQ" txn ls q | awk -v id="$TID" '$1 == id { print $5 }')
+			[ "$st" != committing ] || partial=$((partial + 1))
 			case $st in open | committing) ;; *)
 				echo "$call:$n: after the kill, txn ls says [$st] of it" >&2
 				return 1
@@ -740,7 +746,7 @@ sweep() {
 		[ ! -e "$MQ_SPOOL/q/txn/$TNAME" ] || { echo "$call:$n: its file is left" >&2; return 1; }
 		[ "$FRC" -ne 0 ] || break
 	done
-	echo "$call: $n rounds, $partial left a partial commit" >&3
+	echo "$call: $n rounds, $partial killed after the decision" >&3
 	SWEEP_PARTIAL=$partial
 }
 
@@ -753,8 +759,9 @@ sweep() {
 		pwrite | fdatasync) [ "$SWEEP_PARTIAL" -ge 3 ] ;; # the kills did land mid-commit
 		esac
 	done
-	# The last round's commit rolled segments; it stays committed.
-	[ "$(ls "$MQ_SPOOL"/q/*/*.log | wc -l)" -gt 3 ]
+	# The last round's commit went whole into each partition's segment,
+	# past segment-bytes: rolling mid-commit would publish part of it.
+	[ "$(ls "$MQ_SPOOL"/q/*/*.log | wc -l)" -eq 3 ]
 	run -0 mq txn commit "$TID"
 	run -65 mq txn rollback "$TID"
 	run -0 mq txn ls q
