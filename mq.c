@@ -7138,6 +7138,9 @@ struct conn {
 	struct prod *ppr;      /* &psq->pr, or a producer of its own (own != 0) */
 	int own;
 	struct queue *pq;      /* a queue handle with the put's own settings, or NULL */
+	struct txn *tx;        /* BEGIN ... PREPARE: the transaction being put */
+	int txbad;             /* a put into it failed: PREPARE refuses it */
+	struct queue *txq;     /* ... and its queue handle */
 	struct buf pkey, ptag, phdr;
 	struct rec_msg tmpl;
 	uint64_t skip;         /* bytes of a refused frame still to discard */
@@ -7433,6 +7436,21 @@ static void srv_unwait(struct srv *s, struct ticket *t)
 	t->wprev = t->wnext = NULL;
 }
 
+/* Drop the connection's transaction if it was never prepared: no id was
+ * acknowledged for it. */
+static void srv_tx_drop(struct conn *c)
+{
+	if (!c->tx)
+		return;
+	if (!c->tx->valid)
+		sys.unlink(c->tx->path);
+	txn_free(c->tx);
+	free(c->tx);
+	q_close(c->txq);
+	c->tx = NULL;
+	c->txq = NULL;
+}
+
 static void srv_close(struct srv *s, struct conn *c, const char *why)
 {
 	srv_log(s, "level=info event=close peer=%s reason=%s", c->peer, why);
@@ -7440,6 +7458,7 @@ static void srv_close(struct srv *s, struct conn *c, const char *why)
 		own_free(c);
 		c->put->inflight = 0;
 	}
+	srv_tx_drop(c);
 	preq_free(&c->fr);
 	if (c->pq)
 		q_close(c->pq);
@@ -7657,6 +7676,7 @@ static int v_put(struct srv *s, struct conn *c, struct preq *r, struct ticket *t
 {
 	uint64_t part = 0, at = 0, create = 1;
 	const char *name = preq_pos(r, 0), *id = preq_opt(r, "id");
+	int txn = preq_opt(r, "txn") && !strcmp(preq_opt(r, "txn"), "1");
 	t->kind = TK_PUT;
 	if (parse_u64(preq_pos(r, 1), &t->count) < 0) {
 		c->eof = c->dead = 1; /* the frames cannot be told from requests */
@@ -7676,6 +7696,16 @@ static int v_put(struct srv *s, struct conn *c, struct preq *r, struct ticket *t
 	    ropt_u64(r, "create", 1, &create, &t->err) < 0)
 		return 0;
 	struct mq_err qe; /* e may be scribbled on by a call that succeeds */
+	if (txn && (!c->tx || strcmp(c->txq->name, name))) {
+		err_set(&t->err, MQ_EX_USAGE, "no transaction of '%s' begun on this connection (BEGIN "
+		        "QUEUE first)", name);
+		return 0;
+	}
+	if (txn && (at || id || nset || preq_opt(r, "partition") || t->offsets)) {
+		err_set(&t->err, MQ_EX_USAGE, "txn=1 excludes at, id, fsync, retries, backoff, "
+		        "partition and offsets");
+		return 0;
+	}
 	if (!(c->psq = srv_queue(s, name, (int)create, &qe))) {
 		t->err = qe;
 		return 0;
@@ -7716,13 +7746,13 @@ static int v_put(struct srv *s, struct conn *c, struct preq *r, struct ticket *t
 		buf_add(&c->phdr, pairs.p, pairs.len);
 	}
 	buf_free(&pairs);
-	if (at || id || nset || preq_opt(r, "partition")) { /* a producer of its own */
+	if (at || id || nset || txn || preq_opt(r, "partition")) { /* a producer of its own */
 		int fixed = preq_opt(r, "partition") ? (int)part : -1;
 		if (nset && q_open(s->sp, name, 0, set, nset, &c->pq, &qe) < 0) {
 			t->err = qe;
 			return 0;
 		}
-		struct queue *pq = c->pq ? c->pq : q;
+		struct queue *pq = txn ? c->txq : c->pq ? c->pq : q;
 		if (id && fixed < 0) { /* one partition for the whole put: by key, else by id */
 			const char *k = c->tmpl.has_key ? c->pkey.p : id;
 			size_t kl = c->tmpl.has_key ? c->pkey.len : strlen(id);
@@ -7734,6 +7764,7 @@ static int v_put(struct srv *s, struct conn *c, struct preq *r, struct ticket *t
 		c->ppr->acked = own_acked;
 		c->ppr->ctx = t;
 		c->ppr->due_ms = at > (uint64_t)now_ms() ? (int64_t)at : 0;
+		c->ppr->txn = txn ? c->tx : NULL;
 		c->ppr->id = NULL;
 		c->own = 1;
 		if (id && !(c->ppr->id = strdup(id)))
@@ -7800,11 +7831,13 @@ static void srv_put_end(struct srv *s, struct conn *c)
 		struct prod *pr = c->ppr;
 		if (!t->err.code && prod_flush(pr, 1, &e) < 0)
 			t->err = e;
+		if (t->err.code && pr->txn)
+			c->txbad = 1;
 		else if (!t->err.code && pr->dup)
 			strfmt(t->dup, sizeof t->dup, "%d:%" PRIu64, pr->fixed, pr->dup_off);
 		else if (!t->err.code)
 			t->acked = t->inflight;
-		if (!t->err.code && !pr->dup && pr->due_ms <= 0 && c->psq)
+		if (!t->err.code && !pr->dup && pr->due_ms <= 0 && !pr->txn && c->psq)
 			c->psq->changed = 1;
 		t->inflight = 0;
 		own_free(c);
@@ -8408,6 +8441,179 @@ static int v_verify(struct srv *s, struct conn *c, struct preq *r, struct ticket
 	return rc;
 }
 
+/* BEGIN QUEUE [create=0]: the connection's transaction; PUT ... txn=1
+ * adds to it, PREPARE stores it.  Answers "OK txn=NAME". */
+static int v_begin(struct srv *s, struct conn *c, struct preq *r, struct ticket *t,
+                   struct mq_err *e)
+{
+	uint64_t create = 1;
+	const char *name = preq_pos(r, 0);
+	if (c->tx)
+		return err_set(e, MQ_EX_USAGE, "a transaction of '%s' is begun on this connection: "
+		               "PREPARE it first", c->txq->name);
+	if (ropt_u64(r, "create", 1, &create, e) < 0 ||
+	    q_open(s->sp, name, (int)create, NULL, 0, &c->txq, e) < 0)
+		return -1;
+	if (!(c->tx = calloc(1, sizeof *c->tx)))
+		abort();
+	if (txn_open(c->txq, NULL, TX_CREATE, c->tx, e) < 0) {
+		srv_tx_drop(c);
+		return -1;
+	}
+	c->txbad = 0;
+	buf_printf(&t->resp, "OK txn=%s\n", c->tx->name);
+	return 0;
+}
+
+/* PREPARE QUEUE: sync the connection's transaction and write its slot;
+ * from the answer on it exists (open) until COMMIT or ROLLBACK. */
+static int v_prepare(struct srv *s, struct conn *c, struct preq *r, struct ticket *t,
+                     struct mq_err *e)
+{
+	(void)s;
+	if (!c->tx || strcmp(c->txq->name, preq_pos(r, 0)))
+		return err_set(e, MQ_EX_USAGE, "no transaction of '%s' begun on this connection",
+		               preq_pos(r, 0));
+	int rc = 0;
+	if (c->txbad)
+		rc = err_set(e, MQ_EX_DATAERR, "a put into this transaction failed: it is dropped");
+	else if (txn_seal(c->tx, 1, e) < 0)
+		rc = -1;
+	else
+		buf_printf(&t->resp, "OK txn=%s\n", c->tx->name);
+	srv_tx_drop(c); /* removes it unless sealed */
+	return rc;
+}
+
+/* The transaction file NAME of an existing queue, for the verbs below:
+ * returns txn_find()'s answer; -2 (busy) is 75, try again. */
+static int srv_txn(struct srv *s, struct preq *r, struct sq **sq, struct txn *tx,
+                   struct mq_err *e)
+{
+	const char *name = preq_pos(r, 1);
+	if (!(*sq = srv_queue(s, preq_pos(r, 0), 0, e)))
+		return -1;
+	if (!txn_hexname(name))
+		return err_set(e, MQ_EX_USAGE, "bad transaction name '%s' (16 hex digits)", name);
+	int k = txn_find((*sq)->q, name, 1, tx, e);
+	if (k == -2)
+		return err_set(e, MQ_EX_TEMPFAIL, "transaction '%s:%s' is busy (another process is "
+		               "ending or checking it)", preq_pos(r, 0), name);
+	return k;
+}
+
+/* COMMIT QUEUE NAME, ROLLBACK QUEUE NAME: "OK committed" or "OK rolled
+ * back" (the state it ended in: the other end may have won), or 66. */
+static int v_end(struct srv *s, struct conn *c, struct preq *r, struct ticket *t,
+                 struct mq_err *e)
+{
+	struct sq *sq;
+	struct txn tx;
+	int commit = !strcasecmp(r->t[0].val, "COMMIT");
+	(void)c;
+	int k = srv_txn(s, r, &sq, &tx, e);
+	if (k == 1) {
+		k = commit ? txn_commit(&tx, e) : txn_rollback(&tx, e);
+		txn_free(&tx);
+	}
+	if (k < 0)
+		return -1;
+	if (k == 0)
+		return err_set(e, MQ_EX_NOINPUT, "no such transaction '%s:%s' (never begun, or ended "
+		               "long ago)", preq_pos(r, 0), preq_pos(r, 1));
+	if (k == MQ_TXN_COMMITTED)
+		sq->changed = 1; /* waiting readers look again */
+	buf_printf(&t->resp, "OK %s\n", k == MQ_TXN_COMMITTED ? "committed" : "rolled-back");
+	return 0;
+}
+
+static int stxn_count(void *ctx, int part, struct rec_msg *m, struct mq_err *e)
+{
+	(void)part, (void)m, (void)e;
+	++*(uint64_t *)ctx;
+	return 0;
+}
+
+/* TXNS QUEUE: "TXN NAME CREATED_MS CHECKS MESSAGES STATE" for each open
+ * transaction (STATE open, committing or pipe), then "OK N". */
+static int v_txns(struct srv *s, struct conn *c, struct preq *r, struct ticket *t,
+                  struct mq_err *e)
+{
+	char dir[PATH_MAX + 32], **files;
+	size_t nf, n = 0;
+	struct sq *sq = srv_queue(s, preq_pos(r, 0), 0, e);
+	(void)c;
+	if (!sq)
+		return -1;
+	txn_dir(sq->q, "", dir, sizeof dir);
+	if (dir_names(dir, txn_filename, &files, &nf, e) < 0)
+		return -1;
+	for (size_t f = 0; f < nf; f++) {
+		struct txn tx;
+		uint64_t msgs = 0;
+		if (txn_open(sq->q, files[f], TX_NOLOCK, &tx, e) == 1 && tx.valid &&
+		    tx.state < MQ_TXN_COMMITTED && txn_walk(&tx, stxn_count, &msgs, e) == 0) {
+			buf_adds(&t->resp, "TXN ");
+			proto_esc(&t->resp, files[f], strlen(files[f]));
+			buf_printf(&t->resp, " %" PRId64 " %u %" PRIu64 " %s\n", tx.created, tx.checks, msgs,
+			           tx.flags & MQ_TXN_PIPE ? "pipe" : tx.state == MQ_TXN_OPEN ? "open"
+			           : "committing");
+			n++;
+		}
+		txn_free(&tx);
+	}
+	names_free(files, nf);
+	buf_printf(&t->resp, "OK %zu\n", n);
+	return 0;
+}
+
+static int stxn_msg(void *ctx, int part, struct rec_msg *m, struct mq_err *e)
+{
+	(void)e;
+	proto_msg(ctx, part, m, 0, 0);
+	return 0;
+}
+
+/* TXNCHECK QUEUE NAME: count one check of an open transaction (synced)
+ * and answer its messages as MSG frames, then "OK N checks=C
+ * created=MS"; one whose commit was cut short is finished: "OK 0
+ * state=committed"; an ended one "OK 0 state=committed|rolled-back". */
+static int v_txncheck(struct srv *s, struct conn *c, struct preq *r, struct ticket *t,
+                      struct mq_err *e)
+{
+	struct sq *sq;
+	struct txn tx;
+	(void)c;
+	int k = srv_txn(s, r, &sq, &tx, e);
+	if (k == 1 && tx.state == MQ_TXN_COMMITTING) {
+		k = txn_commit(&tx, e);
+		txn_free(&tx);
+		sq->changed = k == MQ_TXN_COMMITTED;
+	}
+	if (k < 0)
+		return -1;
+	if (k == 0)
+		return err_set(e, MQ_EX_NOINPUT, "no such transaction '%s:%s'", preq_pos(r, 0),
+		               preq_pos(r, 1));
+	if (k != 1) {
+		buf_printf(&t->resp, "OK 0 state=%s\n", k == MQ_TXN_COMMITTED ? "committed"
+		           : "rolled-back");
+		return 0;
+	}
+	size_t mark = t->resp.len;
+	uint64_t n = 0;
+	tx.checks++;
+	int rc = txn_slot_write(&tx, 1, e) < 0 || txn_walk(&tx, stxn_msg, &t->resp, e) < 0 ? -1
+	         : txn_walk(&tx, stxn_count, &n, e);
+	if (rc < 0)
+		t->resp.len = mark;
+	else
+		buf_printf(&t->resp, "OK %" PRIu64 " checks=%u created=%" PRId64 "\n", n, tx.checks,
+		           tx.created);
+	txn_free(&tx);
+	return rc;
+}
+
 static const struct verb verbs[] = {
 	{"HELLO", v_hello, 0, 1, NEED_NONE, 0},    {"AUTH", v_auth, 1, 1, NEED_NONE, 0},
 	{"PING", v_ping, 0, 0, NEED_NONE, 0},      {"QUIT", v_quit, 0, 0, NEED_NONE, 0},
@@ -8420,6 +8626,9 @@ static const struct verb verbs[] = {
 	{"DELGROUP", v_delgroup, 2, 2, NEED_READ, 0}, {"STATS", v_stats, 0, 0, NEED_AUTH, 0},
 	{"CONFIG", v_config, 0, 1, NEED_READ, 0},  {"VERIFY", v_verify, 0, -1, NEED_WRITE, 1},
 	{"WATCH", v_watch, 2, 2, NEED_READ, 0},
+	{"BEGIN", v_begin, 1, 1, NEED_WRITE, 0},   {"PREPARE", v_prepare, 1, 1, NEED_WRITE, 0},
+	{"COMMIT", v_end, 2, 2, NEED_WRITE, 0},    {"ROLLBACK", v_end, 2, 2, NEED_WRITE, 0},
+	{"TXNS", v_txns, 1, 1, NEED_READ, 0},      {"TXNCHECK", v_txncheck, 2, 2, NEED_WRITE, 0},
 };
 
 /* Run one request line (NUL-terminated). */
@@ -10716,6 +10925,26 @@ static int put_headers(struct args *a, struct buf *hb)
 
 /* mq put through a server: the same input handling, frames instead of
  * a producer.  Exits as the local put would. */
+/* BEGIN QUEUE or PREPARE QUEUE of put --txn: the answer's txn=NAME. */
+static int rmt_txn_step(struct rput *rp, const char *verb, int nocreate, char *name,
+                        struct mq_err *e)
+{
+	struct buf b = {0};
+	char *rest;
+	buf_printf(&b, "%s ", verb);
+	proto_esc(&b, rp->queue, strlen(rp->queue));
+	if (nocreate)
+		buf_adds(&b, " create=0");
+	int k = rmt_call(&rp->c, &b, NULL, NULL, &rest, e);
+	buf_free(&b);
+	if (k < 0)
+		return -1;
+	if (strncmp(rest, "txn=", 4) || !txn_hexname(rest + 4))
+		return err_set(e, MQ_EX_UNAVAILABLE, "server answered '%s' to %s", rest, verb);
+	strfmt(name, 64, "%s", rest + 4);
+	return 0;
+}
+
 static int put_remote(struct args *a, struct putctx *pc, int64_t due)
 {
 	struct mq_err e = {0};
@@ -10744,6 +10973,10 @@ static int put_remote(struct args *a, struct putctx *pc, int64_t due)
 	}
 	if (opt_has(a, "no-create"))
 		buf_adds(&rp.opts, " create=0");
+	int txn = opt_has(a, "txn");
+	char txname[64] = "";
+	if (txn)
+		buf_adds(&rp.opts, " txn=1");
 	rp.frame_keys = pc->kdelim != NULL;
 	rp.c.fd = -1;
 	pc->limit = MQ_REMOTE_MSG_MAX; /* the server holds the queue's own limit */
@@ -10770,6 +11003,8 @@ static int put_remote(struct args *a, struct putctx *pc, int64_t due)
 	}
 	if (rc < 0 || (!rs && rmt_open(a, &rp.c, &e) < 0)) {
 		rc = -1;
+	} else if (txn && rmt_txn_step(&rp, "BEGIN", opt_has(a, "no-create"), txname, &e) < 0) {
+		rc = -1;
 	} else if (a->npos > 1) {
 		int64_t ts = now_ms();
 		for (int i = 1; i < a->npos && rc == 0; i++)
@@ -10790,12 +11025,18 @@ static int put_remote(struct args *a, struct putctx *pc, int64_t due)
 	free(rs);
 	if (out_flush(&pc->out) < 0 && fr == 0)
 		fr = err_set(&fe, MQ_EX_IOERR, "cannot write offsets: %s", strerror(pc->out.err));
+	if (rc == 0 && fr == 0 && txn && !stop_flag) /* all stored: now it exists */
+		fr = rmt_txn_step(&rp, "PREPARE", 0, txname, &fe);
 	if (rc < 0)
 		rc = fail(a, &e);
 	else if (fr < 0)
 		rc = fail(a, &fe);
 	else if (stop_flag)
 		rc = 128 + stop_flag;
+	if (rc == 0 && txn) {
+		printf("%s:%s\n", rp.queue, txname);
+		rc = stdout_done(a);
+	}
 	if (rc == 0 && rp.dup[0])
 		fprintf(stderr, "%s: put: %s: id '%s' is already stored (partition:offset %s, within "
 		        "the dedupe window): nothing stored\n", progname, rp.queue, opt_val(a, "id"),
@@ -10851,8 +11092,8 @@ static int cmd_put(struct args *a)
 		return rc;
 	if (a->namesrv && opt_has(a, "partition"))
 		return usage_error(a->cmd, "-p names a partition of one broker: use -s, not -n");
-	if ((a->server || a->namesrv) && txn)
-		return usage_error(a->cmd, "--txn: not through a server yet");
+	if (a->namesrv && txn)
+		return usage_error(a->cmd, "--txn through nameservers: name the broker with -s");
 	if (a->server || a->namesrv) {
 		pc.kdelim = kd;
 		pc.kdlen = kd ? strlen(kd) : 0;
@@ -10986,42 +11227,6 @@ static const char *txn_state_word(uint32_t st)
 	       : st == MQ_TXN_COMMITTING ? "committing" : "open";
 }
 
-/* mq txn commit|rollback ID */
-static int txn_end_cmd(struct args *a, int commit)
-{
-	struct mq_err e = {0};
-	struct queue *q = NULL;
-	struct txn t;
-	char queue[MQ_NAME_MAX + 1], name[17];
-	if (a->npos != 2)
-		return usage_error(a->cmd, "use 'mq txn %s ID'", a->pos[0]);
-	if (txn_id_parse(a->pos[1], queue, name) < 0)
-		return usage_error(a->cmd, "bad transaction id '%s' (QUEUE:16 hex digits, as put --txn "
-		                   "prints it)", a->pos[1]);
-	a->queue = NULL;
-	if (spool_init(a, 0, &e) < 0 || q_open(&a->sp, queue, 0, NULL, 0, &q, &e) < 0)
-		return fail(a, &e);
-	int k = txn_find(q, name, 0, &t, &e);
-	if (k == 1) {
-		k = commit ? txn_commit(&t, &e) : txn_rollback(&t, &e);
-		txn_free(&t);
-	}
-	q_close(q);
-	if (k < 0)
-		return fail(a, &e);
-	if (k == 0) {
-		err_set(&e, MQ_EX_NOINPUT, "no such transaction '%s' (never begun, or ended long ago)",
-		        a->pos[1]);
-		return fail(a, &e);
-	}
-	if (k != (commit ? MQ_TXN_COMMITTED : MQ_TXN_ROLLEDBACK)) {
-		err_set(&e, MQ_EX_DATAERR, "transaction '%s' was already %s", a->pos[1],
-		        txn_state_word((uint32_t)k));
-		return fail(a, &e);
-	}
-	return MQ_EX_OK;
-}
-
 /* What txn ls and txn check learn of one transaction file. */
 struct txn_info {
 	uint64_t msgs;
@@ -11071,15 +11276,136 @@ static void txn_info_free(struct txn_info *in)
 	buf_free(&in->hdrs);
 }
 
+/* The open transactions (names) of a queue through a server: TXNS. */
+struct rtxns {
+	char **v;
+	size_t n;
+	struct txn_row { int64_t created; uint32_t checks; uint64_t msgs; char state[16]; } *row;
+};
+
+static int rtxns_line(void *ctx, char *line, struct mq_err *e)
+{
+	struct rtxns *r = ctx;
+	struct preq q = {0};
+	int rc = proto_parse(line, &q, e);
+	if (rc == 0 && (strcmp(q.t[0].val, "TXN") || preq_npos(&q) != 5 ||
+	                !txn_filename(preq_pos(&q, 0))))
+		rc = err_set(e, MQ_EX_UNAVAILABLE, "bad TXN line from the server");
+	if (rc == 0) {
+		r->v = realloc(r->v, (r->n + 1) * sizeof *r->v);
+		r->row = realloc(r->row, (r->n + 1) * sizeof *r->row);
+		if (!r->v || !r->row || !(r->v[r->n] = strdup(preq_pos(&q, 0))))
+			abort();
+		struct txn_row *w = &r->row[r->n++];
+		w->created = strtoll(preq_pos(&q, 1), NULL, 10);
+		w->checks = (uint32_t)strtoul(preq_pos(&q, 2), NULL, 10);
+		w->msgs = strtoull(preq_pos(&q, 3), NULL, 10);
+		strfmt(w->state, sizeof w->state, "%s", preq_pos(&q, 4));
+	}
+	preq_free(&q);
+	return rc;
+}
+
+static int rmt_txns(struct rconn *c, const char *queue, struct rtxns *r, struct mq_err *e)
+{
+	struct buf b = {0};
+	memset(r, 0, sizeof *r);
+	buf_adds(&b, "TXNS ");
+	proto_esc(&b, queue, strlen(queue));
+	int k = rmt_call(c, &b, rtxns_line, r, NULL, e);
+	buf_free(&b);
+	return k;
+}
+
+static void rtxns_free(struct rtxns *r)
+{
+	names_free(r->v, r->n);
+	free(r->row);
+	memset(r, 0, sizeof *r);
+}
+
+/* One line (or JSON object) of txn ls. */
+struct txn_lsout {
+	int json, first, header;
+	int64_t now;
+};
+
+static void txn_ls_row(struct txn_lsout *o, const char *queue, const char *name, int64_t created,
+                       uint32_t checks, uint64_t msgs, const char *state)
+{
+	char id[2 * MQ_NAME_MAX + 64], age[32];
+	strfmt(id, sizeof id, "%s:%s", queue, name);
+	fmt_duration(age, sizeof age, o->now - created);
+	if (o->json) {
+		printf("%s{\"id\":\"%s\",\"queue\":\"%s\",\"created\":%" PRId64 ",\"age_ms\":%" PRId64
+		       ",\"checks\":%u,\"messages\":%" PRIu64 ",\"state\":\"%s\"}", o->first ? "" : ",",
+		       id, queue, created, o->now - created, checks, msgs, state);
+	} else {
+		if (!o->header++)
+			printf("%-40s %8s %6s %9s  %s\n", "ID", "AGE", "CHECKS", "MESSAGES", "STATE");
+		printf("%-40s %8s %6u %9" PRIu64 "  %s\n", id, age, checks, msgs, state);
+	}
+	o->first = 0;
+}
+
+static int rmt_names(struct rconn *c, char ***names, size_t *n, struct mq_err *e);
+
+/* txn ls through a server: TXNS for the queue, or for each of LS. */
+static int txn_ls_remote(struct args *a, struct txn_lsout *o, struct mq_err *e)
+{
+	struct rconn c;
+	char **names = NULL;
+	size_t nq = 0;
+	int rc = 0;
+	if (rmt_open(a, &c, e) < 0)
+		return -1;
+	if (a->npos == 2) {
+		if (q_check_name("queue", a->pos[1], e) < 0)
+			rc = -1;
+		else if (!(names = malloc(sizeof *names)) || !(names[0] = strdup(a->pos[1])))
+			abort();
+		nq = rc == 0;
+	} else {
+		rc = rmt_names(&c, &names, &nq, e);
+	}
+	for (size_t i = 0; rc == 0 && i < nq; i++) {
+		struct rtxns rt;
+		if (rmt_txns(&c, names[i], &rt, e) < 0) {
+			rtxns_free(&rt);
+			if (a->npos != 2 && e->code == MQ_EX_NOINPUT)
+				continue; /* removed meanwhile */
+			rc = -1;
+			break;
+		}
+		for (size_t k = 0; k < rt.n; k++)
+			txn_ls_row(o, names[i], rt.v[k], rt.row[k].created, rt.row[k].checks,
+			           rt.row[k].msgs, rt.row[k].state);
+		rtxns_free(&rt);
+	}
+	names_free(names, nq);
+	rc_close(&c);
+	return rc;
+}
+
 /* mq txn ls [--json] [QUEUE] */
 static int txn_ls(struct args *a)
 {
 	struct mq_err e = {0};
 	char **names = NULL, **files;
 	size_t nq = 0, nf;
-	int json = opt_has(a, "json"), rc = 0, first = 1, header = 0;
+	struct txn_lsout o = {opt_has(a, "json"), 1, 0, now_ms()};
+	int rc = 0;
 	if (a->npos > 2)
 		return usage_error(a->cmd, "use 'mq txn ls [QUEUE]'");
+	if (o.json)
+		printf("[");
+	if (a->server) {
+		if (txn_ls_remote(a, &o, &e) < 0)
+			return fail(a, &e);
+		if (o.json)
+			printf("]\n");
+		return stdout_done(a);
+	}
 	if (spool_init(a, 0, &e) < 0)
 		return fail(a, &e);
 	if (a->npos == 2) {
@@ -11096,9 +11422,6 @@ static int txn_ls(struct args *a)
 	} else if (q_list(&a->sp, &names, &nq, &e) < 0) {
 		return fail(a, &e);
 	}
-	int64_t now = now_ms();
-	if (json)
-		printf("[");
 	for (size_t i = 0; i < nq && rc == 0; i++) {
 		struct queue *q = NULL;
 		char dir[PATH_MAX + 32];
@@ -11114,26 +11437,11 @@ static int txn_ls(struct args *a)
 		for (size_t f = 0; rc == 0 && f < nf; f++) {
 			struct txn t;
 			struct txn_info in = {0};
-			if (txn_open(q, files[f], TX_NOLOCK, &t, &e) != 1 || !t.valid ||
-			    t.state >= MQ_TXN_COMMITTED || txn_walk(&t, txn_info_msg, &in, &e) < 0) {
-				txn_free(&t);
-				continue; /* ended or ending meanwhile, or a put still writing */
-			}
-			const char *state = t.flags & MQ_TXN_PIPE ? "pipe" : txn_state_word(t.state);
-			char id[2 * MQ_NAME_MAX + 64], age[32];
-			strfmt(id, sizeof id, "%s:%s", q->name, t.name);
-			fmt_duration(age, sizeof age, now - t.created);
-			if (json) {
-				printf("%s{\"id\":\"%s\",\"queue\":\"%s\",\"created\":%" PRId64 ",\"age_ms\":%"
-				       PRId64 ",\"checks\":%u,\"messages\":%" PRIu64 ",\"state\":\"%s\"}",
-				       first ? "" : ",", id, q->name, t.created, now - t.created, t.checks,
-				       in.msgs, state);
-			} else {
-				if (!header++)
-					printf("%-40s %8s %6s %9s  %s\n", "ID", "AGE", "CHECKS", "MESSAGES", "STATE");
-				printf("%-40s %8s %6u %9" PRIu64 "  %s\n", id, age, t.checks, in.msgs, state);
-			}
-			first = 0;
+			if (txn_open(q, files[f], TX_NOLOCK, &t, &e) == 1 && t.valid &&
+			    t.state < MQ_TXN_COMMITTED && txn_walk(&t, txn_info_msg, &in, &e) == 0)
+				txn_ls_row(&o, q->name, t.name, t.created, t.checks, in.msgs,
+				           t.flags & MQ_TXN_PIPE ? "pipe" : txn_state_word(t.state));
+			/* else: ended or ending meanwhile, or a put still writing */
 			txn_free(&t);
 			txn_info_free(&in);
 		}
@@ -11141,15 +11449,15 @@ static int txn_ls(struct args *a)
 		q_close(q);
 	}
 	names_free(names, nq);
-	if (json)
+	if (o.json)
 		printf("]\n");
 	return rc ? rc : stdout_done(a);
 }
 
 /* Run the check command on one transaction; returns its exit status
  * (-1 if it could not run or was killed: an unknown answer). */
-static int txn_run_check(struct args *a, struct queue *q, struct txn *t, struct txn_info *in,
-                         char **argv)
+static int txn_run_check(const char *queue, const char *name, uint32_t checks, int64_t created,
+                         struct txn_info *in, char **argv)
 {
 	int fds[2];
 	if (pipe(fds) < 0)
@@ -11165,12 +11473,12 @@ static int txn_run_check(struct args *a, struct queue *q, struct txn *t, struct 
 		dup2(fds[0], 0);
 		close(fds[0]);
 		close(fds[1]);
-		strfmt(id, sizeof id, "%s:%s", q->name, t->name);
+		strfmt(id, sizeof id, "%s:%s", queue, name);
 		setenv("MQ_TXN_ID", id, 1);
-		setenv("MQ_QUEUE", q->name, 1);
-		strfmt(v, sizeof v, "%u", t->checks);
+		setenv("MQ_QUEUE", queue, 1);
+		strfmt(v, sizeof v, "%u", checks);
 		setenv("MQ_TXN_CHECK", v, 1);
-		strfmt(v, sizeof v, "%" PRId64, (now_ms() - t->created) / 1000);
+		strfmt(v, sizeof v, "%" PRId64, (now_ms() - created) / 1000);
 		setenv("MQ_TXN_AGE", v, 1);
 		strfmt(v, sizeof v, "%" PRIu64, in->msgs);
 		setenv("MQ_TXN_MESSAGES", v, 1);
@@ -11205,114 +11513,320 @@ static int txn_run_check(struct args *a, struct queue *q, struct txn *t, struct 
 	while (waitpid(pid, &st, 0) < 0)
 		if (errno != EINTR)
 			return -1;
-	(void)a;
 	return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+/* How txn check reaches a queue's transactions: the spool, or a server. */
+struct tcheck {
+	struct args *a;
+	const char *queue;
+	struct queue *q;   /* the spool's */
+	struct rconn *c;   /* a server's */
+	int64_t older;
+	struct txn_info *in; /* what a remote TXNCHECK answers goes here */
+	struct buf hb;       /* headers of a remote message */
+};
+
+/* Start one check (local): count it (synced, so a crash still counts
+ * it) and read the messages.  1: run the command; 0: nothing to check
+ * (a commit cut short is finished here and said); -1. */
+static int tcheck_begin_local(struct tcheck *tc, const char *name, struct txn_info *in,
+                              uint32_t *checks, int64_t *created, struct mq_err *e)
+{
+	struct txn t;
+	int k = txn_open(tc->q, name, TX_NONBLOCK, &t, e);
+	if (k == 1 && !t.valid) { /* we hold its lock: the put that wrote it died */
+		sys.unlink(t.path);
+		k = 0;
+	}
+	if (k == 1 && t.state == MQ_TXN_COMMITTING) { /* a commit cut short */
+		k = txn_commit(&t, e);
+		if (k > 0)
+			printf("%s:%s %s\n", tc->queue, name, txn_state_word((uint32_t)k));
+		k = k < 0 ? -1 : 0;
+	}
+	if (k == 1 && (t.state != MQ_TXN_OPEN || now_ms() - t.created < tc->older))
+		k = 0;
+	if (k == 1) {
+		t.checks++;
+		in->want_bodies = 1;
+		if (txn_slot_write(&t, 1, e) < 0 || txn_walk(&t, txn_info_msg, in, e) < 0)
+			k = -1;
+		*checks = t.checks;
+		*created = t.created;
+	}
+	txn_free(&t); /* not held while the command runs */
+	return k == -2 ? 0 : k;
+}
+
+/* End it by the command's answer, under its lock again: the state it
+ * ended in (the producer's outcome stands if it came first), 0 if gone. */
+static int tcheck_end_local(struct tcheck *tc, const char *name, int commit, struct mq_err *e)
+{
+	struct txn t;
+	int k = txn_find(tc->q, name, 0, &t, e);
+	if (k == 1) {
+		k = commit ? txn_commit(&t, e) : txn_rollback(&t, e);
+		txn_free(&t);
+	}
+	return k;
+}
+
+static int tcheck_msg(void *ctx, char *line, struct mq_err *e)
+{
+	struct tcheck *tc = ctx;
+	struct txn_info *in = tc->in;
+	struct rec_msg m;
+	int part;
+	unsigned attempt;
+	uint32_t lease;
+	if (rc_msg(tc->c, line, &m, &part, &attempt, &lease, &tc->hb, e) < 0)
+		return -1;
+	return txn_info_msg(in, part, &m, e);
+}
+
+/* A server's answer 75 (busy): asked again in 10 ms steps, as locally
+ * the lock would be waited for. */
+static int tcheck_call(struct tcheck *tc, struct buf *b, int (*fn)(void *, char *, struct mq_err *),
+                       char **rest, struct mq_err *e)
+{
+	int k;
+	for (int tries = 0; (k = rmt_call(tc->c, b, fn, tc, rest, e)) < 0 &&
+	                    e->code == MQ_EX_TEMPFAIL && tries < 6000 && !stop_flag; tries++) {
+		b->len--; /* rmt_call appended a newline */
+		poll(NULL, 0, 10);
+	}
+	return k;
+}
+
+static int tcheck_begin_remote(struct tcheck *tc, const char *name, struct txn_info *in,
+                               uint32_t *checks, int64_t *created, struct mq_err *e)
+{
+	struct buf b = {0};
+	char *rest;
+	in->want_bodies = 1;
+	tc->in = in;
+	buf_adds(&b, "TXNCHECK ");
+	proto_esc(&b, tc->queue, strlen(tc->queue));
+	buf_printf(&b, " %s", name);
+	int k = tcheck_call(tc, &b, tcheck_msg, &rest, e);
+	buf_free(&b);
+	if (k < 0)
+		return e->code == MQ_EX_NOINPUT ? 0 : -1; /* ended meanwhile */
+	const char *st = strstr(rest, "state="), *ch = strstr(rest, "checks="),
+	           *cr = strstr(rest, "created=");
+	if (st) {
+		printf("%s:%s %s\n", tc->queue, name, !strcmp(st + 6, "committed") ? "committed"
+		       : "rolled back");
+		return 0;
+	}
+	if (!ch || !cr)
+		return err_set(e, MQ_EX_UNAVAILABLE, "server answered '%s' to TXNCHECK", rest);
+	*checks = (uint32_t)strtoul(ch + 7, NULL, 10);
+	*created = strtoll(cr + 8, NULL, 10);
+	return 1;
+}
+
+static int tcheck_end_remote(struct tcheck *tc, const char *name, int commit, struct mq_err *e)
+{
+	struct buf b = {0};
+	char *rest;
+	buf_adds(&b, commit ? "COMMIT " : "ROLLBACK ");
+	proto_esc(&b, tc->queue, strlen(tc->queue));
+	buf_printf(&b, " %s", name);
+	int k = tcheck_call(tc, &b, NULL, &rest, e);
+	buf_free(&b);
+	if (k < 0)
+		return e->code == MQ_EX_NOINPUT ? 0 : -1;
+	return !strcmp(rest, "committed") ? MQ_TXN_COMMITTED : MQ_TXN_ROLLEDBACK;
+}
+
+/* A queue's setting through a server (CONFIG QUEUE), as text. */
+struct rsetting {
+	const char *key;
+	char *out;
+	size_t n;
+};
+
+static int rsetting_line(void *ctx, char *line, struct mq_err *e)
+{
+	struct rsetting *r = ctx;
+	struct preq q = {0};
+	size_t kl = strlen(r->key);
+	if (proto_parse(line, &q, e) < 0)
+		return -1;
+	const char *v = preq_npos(&q) == 1 ? preq_pos(&q, 0) : "";
+	if (!strcmp(q.t[0].val, "LINE") && !strncmp(v, r->key, kl) && v[kl] == ':') {
+		v += kl + 1 + strspn(v + kl + 1, " ");
+		strfmt(r->out, r->n, "%.*s", (int)strcspn(v, " "), v);
+	}
+	preq_free(&q);
+	return 0;
+}
+
+static int rmt_setting(struct rconn *c, const char *queue, const char *key, char *out, size_t n,
+                       struct mq_err *e)
+{
+	struct rsetting r = {key, out, n};
+	struct buf b = {0};
+	*out = 0;
+	buf_adds(&b, "CONFIG ");
+	proto_esc(&b, queue, strlen(queue));
+	int k = rmt_call(c, &b, rsetting_line, &r, NULL, e);
+	buf_free(&b);
+	return k;
 }
 
 /*
  * mq txn check QUEUE -- CMD: for each open transaction older than
- * --older, count the check (synced, so a crash still counts it), run CMD
- * without holding the transaction, then act on its answer under the
- * lock again: the producer may have ended it meanwhile, and then its
- * outcome stands.
+ * --older, count the check, run CMD without holding the transaction,
+ * then act on its answer: the producer may have ended it meanwhile, and
+ * then its outcome stands.
  */
 static int txn_check(struct args *a)
 {
 	struct mq_err e = {0};
-	struct queue *q = NULL;
-	char **files = NULL, dir[PATH_MAX + 32];
+	struct rconn c;
+	struct tcheck tc = {a, a->npos > 1 ? a->pos[1] : "", NULL, NULL, 0, NULL, {0}};
+	struct rtxns rt = {0};
+	char **files = NULL, dir[PATH_MAX + 32], v[64];
 	size_t nf = 0;
-	int64_t older;
-	uint64_t maxc;
+	uint64_t maxc, defc = MQ_DEF_TXN_MAX_CHECKS;
 	int rc = 0;
 	if (a->npos < 3)
 		return usage_error(a->cmd, "use 'mq txn check QUEUE -- CMD [ARG...]'");
-	if (spool_init(a, 0, &e) < 0 || q_open(&a->sp, a->pos[1], 0, NULL, 0, &q, &e) < 0)
-		return fail(a, &e);
+	tc.older = MQ_DEF_TXN_CHECK_AFTER_MS;
+	if (a->server) {
+		if (q_check_name("queue", tc.queue, &e) < 0 || rmt_open(a, &c, &e) < 0)
+			return fail(a, &e);
+		tc.c = &c;
+		if (rmt_setting(&c, tc.queue, "txn-check-after", v, sizeof v, &e) < 0 ||
+		    (*v && parse_duration_ms(v, &tc.older) < 0) ||
+		    rmt_setting(&c, tc.queue, "txn-max-checks", v, sizeof v, &e) < 0 ||
+		    (*v && parse_u64(v, &defc) < 0) || rmt_txns(&c, tc.queue, &rt, &e) < 0) {
+			rc_close(&c);
+			rtxns_free(&rt);
+			return fail(a, &e);
+		}
+		files = rt.v;
+		nf = rt.n;
+	} else {
+		if (spool_init(a, 0, &e) < 0 || q_open(&a->sp, tc.queue, 0, NULL, 0, &tc.q, &e) < 0)
+			return fail(a, &e);
+		tc.older = tc.q->conf.txn_after_ms;
+		defc = (uint64_t)tc.q->conf.txn_max_checks;
+		txn_dir(tc.q, "", dir, sizeof dir);
+		if (dir_names(dir, txn_hexname, &files, &nf, &e) < 0)
+			rc = fail(a, &e);
+	}
 	const char *ov = opt_val(a, "older");
-	older = q->conf.txn_after_ms;
-	if (ov && parse_duration_ms(ov, &older) < 0) {
-		q_close(q);
-		return usage_error(a->cmd, "bad duration '%s' for --older", ov);
-	}
-	if (opt_u64(a, "max-checks", (uint64_t)q->conf.txn_max_checks, &maxc) < 0 || maxc == 0 ||
-	    maxc > UINT32_MAX) {
-		q_close(q);
-		return usage_error(a->cmd, "--max-checks must be 1 or more");
-	}
+	if (rc == 0 && ov && parse_duration_ms(ov, &tc.older) < 0)
+		rc = usage_error(a->cmd, "bad duration '%s' for --older", ov);
+	if (rc == 0 && (opt_u64(a, "max-checks", defc, &maxc) < 0 || maxc == 0 || maxc > UINT32_MAX))
+		rc = usage_error(a->cmd, "--max-checks must be 1 or more");
 	signal(SIGPIPE, SIG_IGN);
-	txn_dir(q, "", dir, sizeof dir);
-	if (dir_names(dir, txn_hexname, &files, &nf, &e) < 0)
-		rc = fail(a, &e);
 	for (size_t f = 0; rc == 0 && f < nf && !stop_flag; f++) {
-		struct txn t;
 		struct txn_info in = {0};
 		char id[2 * MQ_NAME_MAX + 64];
-		strfmt(id, sizeof id, "%s:%s", q->name, files[f]);
-		int k = txn_open(q, files[f], TX_NONBLOCK, &t, &e);
-		if (k == 1 && !t.valid) { /* we hold its lock: the put that wrote it died */
-			sys.unlink(t.path);
-			k = 0;
-		}
-		if (k == 1 && t.state == MQ_TXN_COMMITTING) { /* a commit cut short */
-			k = txn_commit(&t, &e);
-			if (k > 0)
-				printf("%s %s\n", id, txn_state_word((uint32_t)k));
-			k = k < 0 ? -1 : 0;
-		}
-		if (k == 1 && (t.state != MQ_TXN_OPEN || now_ms() - t.created < older))
-			k = 0;
-		if (k == 1) {
-			t.checks++;
-			in.want_bodies = 1;
-			if (txn_slot_write(&t, 1, &e) < 0 || txn_walk(&t, txn_info_msg, &in, &e) < 0)
-				k = -1;
-		}
-		if (k != 1) {
-			txn_free(&t);
-			txn_info_free(&in);
-			if (k == -1)
-				rc = fail(a, &e);
+		uint32_t checks = 0;
+		int64_t created = 0;
+		strfmt(id, sizeof id, "%s:%s", tc.queue, files[f]);
+		if (tc.c && (!txn_hexname(files[f]) || (!strcmp(rt.row[f].state, "open") &&
+		                                        now_ms() - rt.row[f].created < tc.older)))
 			continue;
+		int k = tc.c ? tcheck_begin_remote(&tc, files[f], &in, &checks, &created, &e)
+		             : tcheck_begin_local(&tc, files[f], &in, &checks, &created, &e);
+		if (k == 1) {
+			int st = txn_run_check(tc.queue, files[f], checks, created, &in, a->pos + 2);
+			int end = st == 0 ? 1 : st == 1 || checks >= maxc ? 2 : 0;
+			if (end == 0) {
+				printf("%s open (check %u of %" PRIu64 ")\n", id, checks, maxc);
+			} else if ((k = tc.c ? tcheck_end_remote(&tc, files[f], end == 1, &e)
+			                     : tcheck_end_local(&tc, files[f], end == 1, &e)) > 0) {
+				int late = end == 2 && st != 1 && k == MQ_TXN_ROLLEDBACK;
+				printf("%s %s%s\n", id, txn_state_word((uint32_t)k),
+				       late ? " (no answer after the last check)" : "");
+				if (late)
+					fprintf(stderr, "%s: txn check: %s: rolled back: still unknown after %u "
+					        "checks (txn-max-checks)\n", progname, id, checks);
+			}
 		}
-		uint32_t checks = t.checks;
-		dur_close(&t.fd); /* not held while the command runs */
-		int st = txn_run_check(a, q, &t, &in, a->pos + 2);
-		txn_free(&t);
 		txn_info_free(&in);
-		int end = st == 0 ? 1 : st == 1 || checks >= maxc ? 2 : 0;
-		if (end == 0) {
-			printf("%s open (check %u of %" PRIu64 ")\n", id, checks, maxc);
-			continue;
-		}
-		k = txn_find(q, files[f], 0, &t, &e);
+		if (k < 0)
+			rc = fail(a, &e);
+	}
+	if (tc.c) {
+		rc_close(&c);
+		rtxns_free(&rt);
+	} else {
+		names_free(files, nf);
+		q_close(tc.q);
+	}
+	buf_free(&tc.hb);
+	return rc ? rc : stdout_done(a);
+}
+
+/* mq txn commit|rollback ID */
+static int txn_end_cmd(struct args *a, int commit)
+{
+	struct mq_err e = {0};
+	struct queue *q = NULL;
+	struct txn t;
+	char queue[MQ_NAME_MAX + 1], name[17];
+	if (a->npos != 2)
+		return usage_error(a->cmd, "use 'mq txn %s ID'", a->pos[0]);
+	if (txn_id_parse(a->pos[1], queue, name) < 0)
+		return usage_error(a->cmd, "bad transaction id '%s' (QUEUE:16 hex digits, as put --txn "
+		                   "prints it)", a->pos[1]);
+	a->queue = NULL;
+	int k;
+	if (a->server) { /* COMMIT or ROLLBACK QUEUE NAME */
+		struct rconn c;
+		struct tcheck tc = {a, queue, NULL, &c, 0, NULL, {0}};
+		struct buf b = {0};
+		char *rest;
+		if (rmt_open(a, &c, &e) < 0)
+			return fail(a, &e);
+		buf_adds(&b, commit ? "COMMIT " : "ROLLBACK ");
+		proto_esc(&b, queue, strlen(queue));
+		buf_printf(&b, " %s", name);
+		k = tcheck_call(&tc, &b, NULL, &rest, &e);
+		if (k == 0)
+			k = !strcmp(rest, "committed") ? MQ_TXN_COMMITTED : MQ_TXN_ROLLEDBACK;
+		buf_free(&b);
+		rc_close(&c);
+		if (k < 0)
+			return fail(a, &e);
+	} else {
+		if (spool_init(a, 0, &e) < 0 || q_open(&a->sp, queue, 0, NULL, 0, &q, &e) < 0)
+			return fail(a, &e);
+		k = txn_find(q, name, 0, &t, &e);
 		if (k == 1) {
-			k = end == 1 ? txn_commit(&t, &e) : txn_rollback(&t, &e);
+			k = commit ? txn_commit(&t, &e) : txn_rollback(&t, &e);
 			txn_free(&t);
 		}
-		if (k < 0) {
-			rc = fail(a, &e);
-			break;
-		}
-		if (k == 0)
-			continue;
-		printf("%s %s%s\n", id, txn_state_word((uint32_t)k),
-		       end == 2 && st != 1 && k == MQ_TXN_ROLLEDBACK ? " (no answer after the last check)"
-		                                                   : "");
-		if (end == 2 && st != 1 && k == MQ_TXN_ROLLEDBACK)
-			fprintf(stderr, "%s: txn check: %s: rolled back: still unknown after %u checks "
-			        "(txn-max-checks)\n", progname, id, checks);
+		q_close(q);
+		if (k < 0)
+			return fail(a, &e);
 	}
-	names_free(files, nf);
-	q_close(q);
-	return rc ? rc : stdout_done(a);
+	if (k == 0) {
+		err_set(&e, MQ_EX_NOINPUT, "no such transaction '%s' (never begun, or ended long ago)",
+		        a->pos[1]);
+		return fail(a, &e);
+	}
+	if (k != (commit ? MQ_TXN_COMMITTED : MQ_TXN_ROLLEDBACK)) {
+		err_set(&e, MQ_EX_DATAERR, "transaction '%s' was already %s", a->pos[1],
+		        txn_state_word((uint32_t)k));
+		return fail(a, &e);
+	}
+	return MQ_EX_OK;
 }
 
 static int cmd_txn(struct args *a)
 {
 	const char *sub = a->pos[0];
-	if (a->server || a->namesrv)
-		return usage_error(a->cmd, "not through a server yet");
+	if (a->namesrv)
+		return usage_error(a->cmd, "not through nameservers: name the broker with -s");
 	if (!strcmp(sub, "commit") || !strcmp(sub, "rollback"))
 		return txn_end_cmd(a, !strcmp(sub, "commit"));
 	if (!strcmp(sub, "ls"))
