@@ -7181,6 +7181,9 @@ struct srv {
 	struct ticket *waiting;
 	unsigned rr;           /* rotates the partition a get starts at */
 	int64_t started_ms, tick_ms;
+	struct tchild *tck;       /* txn-check runs, one per queue at a time */
+	int ntck;
+	int64_t tck_scan_ms;      /* monotonic: the last look for queues to check */
 	uint64_t msgs_in, msgs_out, bytes_in, bytes_out, commits, accepted, refused;
 	void (*log)(void *ctx, const char *line);
 	void *log_ctx;
@@ -9381,9 +9384,92 @@ static int srv_init(struct srv *s, struct spool *sp, const struct srv_opts *o, s
 	return 0;
 }
 
-/* Once a second: drop stalled and idle clients. */
+/* A queue's txn-check command: the run going (pid) and when it began. */
+struct tchild {
+	char queue[MQ_NAME_MAX + 1];
+	pid_t pid;
+	int64_t last_ms;
+};
+
+/*
+ * Queues whose settings name a txn-check command get `mq txn check`
+ * every txn-check-after, in a child running this program on the spool
+ * with the server's settings for the queue; its lines go to the log
+ * stream (stderr).  One run per queue at a time; children are reaped here.
+ */
+static void srv_txn_checks(struct srv *s)
+{
+	struct mq_err e;
+	char **names, exe[PATH_MAX];
+	size_t n;
+	int64_t now = mono_ms();
+	for (int i = 0; i < s->ntck; i++) {
+		int st;
+		if (s->tck[i].pid <= 0 || waitpid(s->tck[i].pid, &st, WNOHANG) == 0)
+			continue;
+		if (!WIFEXITED(st) || WEXITSTATUS(st))
+			srv_log(s, "level=warn event=txn-check queue=%s status=%d", s->tck[i].queue,
+			        WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st));
+		s->tck[i].pid = 0;
+	}
+	if (!s->sp || now - s->tck_scan_ms < 5000)
+		return;
+	s->tck_scan_ms = now;
+	ssize_t el = readlink("/proc/self/exe", exe, sizeof exe - 1);
+	if (el <= 0 || q_list(s->sp, &names, &n, &e) < 0)
+		return;
+	exe[el] = 0;
+	for (size_t q = 0; q < n; q++) {
+		struct qconf c;
+		struct queue fake = {0};
+		char dir[PATH_MAX + 32], **files, older[32], maxc[32];
+		size_t nf = 0;
+		int i;
+		if (q_conf(s->sp, names[q], NULL, 0, &c, &e) < 0 || !c.has_txn_check)
+			continue;
+		q_dir(s->sp, names[q], fake.dir, sizeof fake.dir);
+		txn_dir(&fake, "", dir, sizeof dir);
+		if (dir_names(dir, txn_hexname, &files, &nf, &e) < 0 || nf == 0) {
+			names_free(files, nf);
+			continue; /* no open transaction: nothing to run */
+		}
+		names_free(files, nf);
+		for (i = 0; i < s->ntck && strcmp(s->tck[i].queue, names[q]); i++)
+			;
+		if (i == s->ntck) {
+			if (!(s->tck = realloc(s->tck, (size_t)(s->ntck + 1) * sizeof *s->tck)))
+				abort();
+			memset(&s->tck[i], 0, sizeof s->tck[i]);
+			strfmt(s->tck[i].queue, sizeof s->tck[i].queue, "%s", names[q]);
+			s->ntck++;
+		}
+		struct tchild *t = &s->tck[i];
+		if (t->pid > 0 || (t->last_ms && now - t->last_ms < (c.txn_after_ms > 1000 ?
+		                                                     c.txn_after_ms : 1000)))
+			continue;
+		strfmt(older, sizeof older, "%" PRId64 "ms", c.txn_after_ms);
+		strfmt(maxc, sizeof maxc, "%" PRId64, c.txn_max_checks);
+		t->last_ms = now;
+		t->pid = fork();
+		if (t->pid == 0) {
+			dup2(2, 1);
+			execl(exe, "mq", "-d", s->sp->dir, "txn", "check", "--older", older, "--max-checks",
+			      maxc, names[q], "--", "/bin/sh", "-c", c.txn_check, (char *)NULL);
+			_exit(127);
+		}
+		if (t->pid < 0)
+			srv_log(s, "level=error event=txn-check queue=%s error=\"cannot fork: %s\"",
+			        names[q], strerror(errno));
+		else
+			srv_log(s, "level=info event=txn-check queue=%s pid=%ld", names[q], (long)t->pid);
+	}
+	names_free(names, n);
+}
+
+/* Once a second: drop stalled and idle clients; run txn-check commands. */
 static void srv_timers(struct srv *s)
 {
+	srv_txn_checks(s);
 	int64_t now = mono_ms();
 	for (struct conn *c = s->conns, *n; c; c = n) {
 		n = c->next;
@@ -9512,6 +9598,8 @@ static int srv_run(struct srv *s, volatile sig_atomic_t *stop, struct mq_err *e)
  * the clients take within a few seconds, and close everything. */
 static void srv_free(struct srv *s)
 {
+	free(s->tck);
+	s->tck = NULL;
 	srv_notify("STOPPING=1");
 	for (int i = 0; i < s->nl; i++)
 		close(s->l[i].fd);
