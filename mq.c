@@ -14552,7 +14552,7 @@ static int mq_run(int argc, char **argv, const char *spool, const char *server,
 	} else if (rc == 0 && (a.npos < c->min_pos || (c->max_pos >= 0 && a.npos > c->max_pos))) {
 		rc = usage_error(c, a.npos < c->min_pos ? "missing arguments" : "too many arguments");
 	} else if (rc == 0 && a.namesrv && c->fn != cmd_route && c->fn != cmd_put &&
-	           c->fn != cmd_ack) { /* put and ack find their brokers themselves */
+	           c->fn != cmd_ack && c->fn != cmd_txn) { /* these find their brokers themselves */
 		rc = ns_run(c, &a);
 	} else if (rc == 0) {
 		rc = c->fn(&a);

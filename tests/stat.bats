@@ -143,13 +143,14 @@ load helper
 	local s
 	for s in 'partitions: 1' 'fsync: batch' 'segment-bytes: 64M' 'retain-age: 0' \
 		'retain-bytes: 0' 'compression: none' 'max-message-bytes: 4M' 'retries: 16' \
-		'backoff: 10s 30s 1m 2m 3m 4m 5m 6m 7m 8m 9m 10m 20m 30m 1h 2h' 'dedupe-window: 2m'; do
+		'backoff: 10s 30s 1m 2m 3m 4m 5m 6m 7m 8m 9m 10m 20m 30m 1h 2h' 'dedupe-window: 2m' \
+		"txn-check: ''" 'txn-check-after: 1m' 'txn-max-checks: 15'; do
 		grep -Eqx "$s +# built-in default" <<<"$output" || {
 			echo "missing: $s"
 			return 1
 		}
 	done
-	[ "${#lines[@]}" -eq 13 ]
+	[ "${#lines[@]}" -eq 16 ]
 	[ ! -e "$MQ_SPOOL/q" ]
 }
 
