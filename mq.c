@@ -4854,8 +4854,8 @@ static int txn_open(struct queue *q, const char *name, int flags, struct txn *t,
 static int txn_add(struct txn *t, int part, struct rec_enc *enc, struct mq_err *e)
 {
 	if (t->data_end - t->data_start + enc->out.len > MQ_TXN_MAX_BYTES)
-		return err_set(e, MQ_EX_DATAERR, "a transaction holds at most %u MiB (it must fit one "
-		               "segment of each partition)", MQ_TXN_MAX_BYTES >> 20);
+		return err_set(e, MQ_EX_DATAERR, "a transaction holds at most %u MiB",
+		               MQ_TXN_MAX_BYTES >> 20);
 	for (size_t at = 0; at < enc->out.len;) {
 		unsigned char *b = (unsigned char *)enc->out.p + at;
 		le64_put(b + 48, MQ_PRODUCER_TXN);
@@ -5087,9 +5087,12 @@ static int txn_move(struct txn *t, struct mq_err *e)
 		struct part *p = &q->parts[i];
 		if (!p->locked)
 			continue;
-		if (q->conf.fsync >= MQ_FSYNC_BATCH && part_sync(p, e) < 0)
+		/* The head is synced too: recovery cuts a commit's batches past
+		 * the head on disk, so one that returned must be named there. */
+		int sync = q->conf.fsync >= MQ_FSYNC_BATCH;
+		if (sync && part_sync(p, e) < 0)
 			r = -1;
-		else if (part_publish(p, 0, e) < 0) {
+		else if (part_publish(p, sync, e) < 0) {
 			part_fail(p);
 			r = -1;
 		}
@@ -11559,6 +11562,7 @@ static int txn_run_check(const char *queue, const char *name, uint32_t checks, i
 	if (pid == 0) {
 		char v[64], id[2 * MQ_NAME_MAX + 64];
 		dup2(fds[0], 0);
+		dup2(2, 1); /* its output is not txn check's answer lines */
 		close(fds[0]);
 		close(fds[1]);
 		strfmt(id, sizeof id, "%s:%s", queue, name);
@@ -11627,6 +11631,8 @@ static int tcheck_begin_local(struct tcheck *tc, const char *name, struct txn_in
 		sys.unlink(t.path);
 		k = 0;
 	}
+	if (k == 1 && t.state >= MQ_TXN_COMMITTED) /* ended, its file left by a crash */
+		k = txn_end(&t, t.state, e) < 0 ? -1 : 0;
 	if (k == 1 && t.state == MQ_TXN_COMMITTING) { /* a commit cut short */
 		k = txn_commit(&t, e);
 		if (k > 0)
@@ -12027,6 +12033,34 @@ static int64_t consumer_pass(struct queue *q, const struct cpass *cp, struct mq_
 	return total;
 }
 
+/*
+ * Passes until nothing is left (wait_ms -2), or, idle, waiting for new
+ * messages up to wait_ms (-1: for ever) since the last one; cp->more()
+ * or a signal ends it too.  Returns the last pass's count, or -1.
+ */
+static int64_t consumer_loop(struct queue *q, const struct cpass *cp, int64_t wait_ms,
+                             struct mq_err *e)
+{
+	struct waiter wt = {-1};
+	if (wait_ms != -2)
+		wait_init(&wt, q);
+	int64_t got = 0, idle_since = mono_ms();
+	while (!stop_flag && cp->more(cp->ctx, 0)) {
+		if ((got = consumer_pass(q, cp, e)) < 0)
+			break;
+		if (got > 0) {
+			idle_since = mono_ms();
+			continue;
+		}
+		int64_t left = wait_ms < 0 ? -1 : idle_since + wait_ms - mono_ms();
+		if (wait_ms == -2 || (wait_ms >= 0 && left <= 0))
+			break;
+		wait_change(&wt, left);
+	}
+	wait_free(&wt);
+	return got;
+}
+
 static int64_t get_pass_part(void *ctx, int p, int nonblock, int64_t total, int *busy,
                              struct mq_err *e)
 {
@@ -12200,6 +12234,21 @@ static int cmd_get(struct args *a)
 	if (got < 0)
 		return fail(a, &e);
 	return got > 0 ? MQ_EX_OK : MQ_EX_EMPTY;
+}
+
+/* -w [TIMEOUT] and -e of consume and pipe: *wait_ms -2 (stop when
+ * empty), -1 (wait for ever) or the timeout; -1 after a usage error. */
+static int opt_wait(struct args *a, int64_t *wait_ms)
+{
+	const char *w = opt_val(a, "wait");
+	*wait_ms = -2;
+	if (w && *w && parse_duration_ms(w, wait_ms) < 0)
+		return usage_error(a->cmd, "bad duration '%s' for --wait", w), -1;
+	if (w && !*w)
+		*wait_ms = -1;
+	if (w && opt_has(a, "until-empty"))
+		return usage_error(a->cmd, "-e and -w exclude each other"), -1;
+	return 0;
 }
 
 /* ----- mq consume ----- */
@@ -12616,8 +12665,8 @@ static int cmd_consume(struct args *a)
 {
 	struct mq_err e = {0};
 	struct consume c = {0};
-	const char *w = opt_val(a, "wait"), *t = opt_val(a, "timeout");
-	int64_t wait_ms = -2; /* -2: stop when empty; -1: wait for ever */
+	const char *t = opt_val(a, "timeout");
+	int64_t wait_ms;
 	struct kv set[2];
 	int nset = opt_retry_settings(a, set);
 	a->queue = a->pos[0];
@@ -12641,12 +12690,8 @@ static int cmd_consume(struct args *a)
 		return usage_error(a->cmd, "--batch must be at least 1");
 	if (t && (parse_duration_ms(t, &c.timeout_ms) < 0 || c.timeout_ms == 0))
 		return usage_error(a->cmd, "bad duration '%s' for --timeout", t);
-	if (w && *w && parse_duration_ms(w, &wait_ms) < 0)
-		return usage_error(a->cmd, "bad duration '%s' for --wait", w);
-	if (w && !*w)
-		wait_ms = -1;
-	if (w && opt_has(a, "until-empty"))
-		return usage_error(a->cmd, "-e and -w exclude each other");
+	if (opt_wait(a, &wait_ms) < 0)
+		return MQ_EX_USAGE;
 	struct tagset tsbuf;
 	if (opt_tags(a, &tsbuf, &c.tags) < 0)
 		return MQ_EX_USAGE;
@@ -12665,24 +12710,8 @@ static int cmd_consume(struct args *a)
 		return fail(a, &e);
 	}
 	signal(SIGPIPE, SIG_IGN);
-	struct waiter wt = {-1};
-	if (wait_ms != -2)
-		wait_init(&wt, c.q);
-	int64_t got = 0, idle_since = mono_ms();
-	while (!stop_flag && (c.max == 0 || c.done < c.max)) {
-		struct cpass cp = {consume_pass_part, consume_pass_more, &c};
-		if ((got = consumer_pass(c.q, &cp, &e)) < 0)
-			break;
-		if (got > 0) {
-			idle_since = mono_ms();
-			continue;
-		}
-		int64_t left = wait_ms < 0 ? -1 : idle_since + wait_ms - mono_ms();
-		if (wait_ms == -2 || (wait_ms >= 0 && left <= 0))
-			break;
-		wait_change(&wt, left);
-	}
-	wait_free(&wt);
+	struct cpass cp = {consume_pass_part, consume_pass_more, &c};
+	int64_t got = consumer_loop(c.q, &cp, wait_ms, &e);
 	q_close(c.q);
 	tagset_free(&tsbuf);
 	if (got < 0)
@@ -12876,8 +12905,7 @@ static int cmd_pipe(struct args *a)
 {
 	struct mq_err e = {0};
 	struct pipe pp = {0};
-	const char *w = opt_val(a, "wait");
-	int64_t wait_ms = -2; /* -2: stop when empty; -1: wait for ever */
+	int64_t wait_ms;
 	a->queue = a->pos[0];
 	pp.group = opt_val(a, "group");
 	pp.argv = a->pos + 2;
@@ -12887,12 +12915,8 @@ static int cmd_pipe(struct args *a)
 		return MQ_EX_USAGE;
 	if (pp.batch == 0)
 		return usage_error(a->cmd, "--batch must be at least 1");
-	if (w && *w && parse_duration_ms(w, &wait_ms) < 0)
-		return usage_error(a->cmd, "bad duration '%s' for --wait", w);
-	if (w && !*w)
-		wait_ms = -1;
-	if (w && opt_has(a, "until-empty"))
-		return usage_error(a->cmd, "-e and -w exclude each other");
+	if (opt_wait(a, &wait_ms) < 0)
+		return MQ_EX_USAGE;
 	if (!strcmp(a->pos[0], a->pos[1]))
 		return usage_error(a->cmd, "SOURCE and DEST must differ");
 	if (a->server || a->namesrv)
@@ -12906,24 +12930,8 @@ static int cmd_pipe(struct args *a)
 		return fail(a, &e);
 	}
 	signal(SIGPIPE, SIG_IGN);
-	struct waiter wt = {-1};
-	if (wait_ms != -2)
-		wait_init(&wt, pp.src);
-	int64_t got = 0, idle_since = mono_ms();
-	while (!stop_flag && (pp.max == 0 || pp.done < pp.max)) {
-		struct cpass cp = {pipe_part, pipe_more, &pp};
-		if ((got = consumer_pass(pp.src, &cp, &e)) < 0)
-			break;
-		if (got > 0) {
-			idle_since = mono_ms();
-			continue;
-		}
-		int64_t left = wait_ms < 0 ? -1 : idle_since + wait_ms - mono_ms();
-		if (wait_ms == -2 || (wait_ms >= 0 && left <= 0))
-			break;
-		wait_change(&wt, left);
-	}
-	wait_free(&wt);
+	struct cpass cp = {pipe_part, pipe_more, &pp};
+	int64_t got = consumer_loop(pp.src, &cp, wait_ms, &e);
 	q_close(pp.src);
 	q_close(pp.dst);
 	if (got < 0)
