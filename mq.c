@@ -10310,6 +10310,19 @@ static int rmt_call(struct rconn *c, struct buf *b, int (*fn)(void *ctx, char *l
 	return k;
 }
 
+/* rmt_call() of the request "VERB QUEUE". */
+static int rmt_qcall(struct rconn *c, const char *verb, const char *queue,
+                     int (*fn)(void *ctx, char *line, struct mq_err *e), void *ctx,
+                     struct mq_err *e)
+{
+	struct buf b = {0};
+	buf_printf(&b, "%s ", verb);
+	proto_esc(&b, queue, strlen(queue));
+	int k = rmt_call(c, &b, fn, ctx, NULL, e);
+	buf_free(&b);
+	return k;
+}
+
 /* A duration option as milliseconds on the wire (" NAME=MS"). */
 static void rmt_ms(struct buf *b, const char *name, int64_t ms)
 {
@@ -11399,13 +11412,8 @@ static int rtxns_line(void *ctx, char *line, struct mq_err *e)
 
 static int rmt_txns(struct rconn *c, const char *queue, struct rtxns *r, struct mq_err *e)
 {
-	struct buf b = {0};
 	memset(r, 0, sizeof *r);
-	buf_adds(&b, "TXNS ");
-	proto_esc(&b, queue, strlen(queue));
-	int k = rmt_call(c, &b, rtxns_line, r, NULL, e);
-	buf_free(&b);
-	return k;
+	return rmt_qcall(c, "TXNS", queue, rtxns_line, r, e);
 }
 
 static void rtxns_free(struct rtxns *r)
@@ -11762,13 +11770,8 @@ static int rmt_setting(struct rconn *c, const char *queue, const char *key, char
                        struct mq_err *e)
 {
 	struct rsetting r = {key, out, n};
-	struct buf b = {0};
 	*out = 0;
-	buf_adds(&b, "CONFIG ");
-	proto_esc(&b, queue, strlen(queue));
-	int k = rmt_call(c, &b, rsetting_line, &r, NULL, e);
-	buf_free(&b);
-	return k;
+	return rmt_qcall(c, "CONFIG", queue, rsetting_line, &r, e);
 }
 
 /*
@@ -13505,13 +13508,8 @@ static int rstat_line(void *ctx, char *line, struct mq_err *e)
 /* STAT QUEUE into st. */
 static int rmt_stat(struct rconn *c, const char *q, struct qstat *st, struct mq_err *e)
 {
-	struct buf b = {0};
 	memset(st, 0, sizeof *st);
-	buf_adds(&b, "STAT ");
-	proto_esc(&b, q, strlen(q));
-	int k = rmt_call(c, &b, rstat_line, st, NULL, e);
-	buf_free(&b);
-	return k;
+	return rmt_qcall(c, "STAT", q, rstat_line, st, e);
 }
 
 /* ----- mq serve ----- */
