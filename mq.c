@@ -13263,11 +13263,11 @@ again:
 		if (one)
 			buf_printf(&b, " partition=%" PRIu64, part);
 		buf_adds(&b, " wait=1000");
-		if ((rc = rmt_call(&c, &b, NULL, NULL, &rest, &e)) < 0 && stop_flag && c.broken)
-			rc = 0; /* a signal: done, as locally */
-		else if (rc == 0 && !strcmp(rest, "1"))
+		if ((rc = rmt_call(&c, &b, NULL, NULL, &rest, &e)) == 0 && !strcmp(rest, "1"))
 			goto again;
 	}
+	if (rc < 0 && follow && stop_flag && c.broken)
+		rc = 0; /* a signal, waiting or reading what came: done, as locally */
 	free(nx);
 	rc_close(&c);
 	buf_free(&b);
