@@ -10177,6 +10177,22 @@ static int stdout_done(struct args *a)
 	return fail(a, &e);
 }
 
+/* Write in to a command's stdin pipe, then close it.  A command that
+ * does not read its input makes the write fail with EPIPE once it exits:
+ * that is its business, not an error here. */
+static void feed_close(int fd, const struct buf *in)
+{
+	for (size_t done = 0; done < in->len;) {
+		ssize_t w = write(fd, in->p + done, in->len - done);
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w <= 0)
+			break;
+		done += (size_t)w;
+	}
+	close(fd);
+}
+
 static void notice_stderr(void *ctx, const char *msg)
 {
 	(void)ctx;
@@ -11600,15 +11616,7 @@ static int txn_run_check(const char *queue, const char *name, uint32_t checks, i
 		_exit(127);
 	}
 	close(fds[0]);
-	for (size_t done = 0; done < in->body.len;) { /* EPIPE: the command's business */
-		ssize_t w = write(fds[1], in->body.p + done, in->body.len - done);
-		if (w < 0 && errno == EINTR)
-			continue;
-		if (w <= 0)
-			break;
-		done += (size_t)w;
-	}
-	close(fds[1]);
+	feed_close(fds[1], &in->body);
 	int st;
 	while (waitpid(pid, &st, 0) < 0)
 		if (errno != EINTR)
@@ -12322,17 +12330,7 @@ static pid_t consume_start(struct consume *c, const struct runmeta *rm, const st
 		_exit(127);
 	}
 	close(fds[0]);
-	/* A command that does not read its input makes this write fail with
-	 * EPIPE once it exits: that is its business, not an error here. */
-	for (size_t done = 0; done < in->len;) {
-		ssize_t w = write(fds[1], in->p + done, in->len - done);
-		if (w < 0 && errno == EINTR)
-			continue;
-		if (w <= 0)
-			break;
-		done += (size_t)w;
-	}
-	close(fds[1]);
+	feed_close(fds[1], in);
 	return pid;
 }
 
