@@ -6310,6 +6310,17 @@ static int grp_settle_failed(struct claim *c, uint32_t why, struct mq_err *e)
 	return grp_save(c, 1, e);
 }
 
+/* Forget what was taken since the last settle, as if it had only been
+ * looked at: grp_release() records nothing of it. */
+static void grp_untake(struct claim *c)
+{
+	c->nt = 0;
+	if (c->r.p) { /* (grp_save() would take its position as passed) */
+		rd_close(&c->r);
+		c->r.p = NULL;
+	}
+}
+
 /* Drop the claim: write the state if it changed, say once if retention
  * removed offsets the group never read, and run retention if the
  * committed offset moved. */
@@ -6484,6 +6495,54 @@ static int pipe_commit(struct claim *c, struct txn *t, uint64_t lo, uint64_t hi,
 	if (txn_seal(t, 0, e) < 0 || txn_move(t, e) < 0 || pipe_settle(c, t, e) < 0)
 		return -1;
 	return txn_end(t, MQ_TXN_COMMITTED, e);
+}
+
+/*
+ * A step's source messages: up to want of them under the claim, each
+ * handed to emit() (nonzero: take no more), their offsets summed up in
+ * *pt.  mq pipe through a server takes a step twice, letting the claim
+ * go while the client runs its filter: the commit goes on only if the
+ * second take (pipe_retake) is the same as the first, that is, nothing
+ * consumed, acknowledged or rewound those offsets in between.
+ */
+struct ptake {
+	uint64_t n, lo, hi;
+	uint32_t sum;
+};
+
+static int64_t pipe_take(struct claim *c, uint64_t want,
+                         int (*emit)(void *ctx, int part, const struct rec_msg *m,
+                                     unsigned attempt), void *ctx, struct ptake *pt,
+                         struct mq_err *e)
+{
+	struct rec_msg m;
+	unsigned attempt;
+	int k = 0, full = 0;
+	memset(pt, 0, sizeof *pt);
+	while (!full && pt->n < want && (k = grp_take(c, &m, &attempt, e)) == 1) {
+		unsigned char b[8];
+		le64_put(b, m.offset);
+		pt->sum = (uint32_t)crc32(pt->sum, b, 8);
+		if (pt->n++ == 0)
+			pt->lo = m.offset;
+		pt->hi = m.offset + 1;
+		if (emit)
+			full = emit(ctx, c->part, &m, attempt);
+	}
+	return k < 0 ? -1 : (int64_t)pt->n;
+}
+
+/* Take the step *was describes again: 1 if it is the same, 0 if the
+ * group's position moved (what was taken is let go), -1 on error. */
+static int pipe_retake(struct claim *c, const struct ptake *was, struct mq_err *e)
+{
+	struct ptake now;
+	if (pipe_take(c, was->n, NULL, NULL, &now, e) < 0)
+		return -1;
+	if (now.n == was->n && now.lo == was->lo && now.hi == was->hi && now.sum == was->sum)
+		return 1;
+	grp_untake(c);
+	return 0;
 }
 
 /* A receipt names one leased message: GROUP:PARTITION:OFFSET:LEASE. */
@@ -7144,6 +7203,10 @@ struct conn {
 	struct txn *tx;        /* BEGIN ... PREPARE: the transaction being put */
 	int txbad;             /* a put into it failed: PREPARE refuses it */
 	struct queue *txq;     /* ... and its queue handle */
+	struct claim *pcl;     /* PIPEBEGIN ... PIPECOMMIT: tx is a pipe step, this its */
+	struct queue *psrc;    /* source's claim, of this queue handle, */
+	char *pgroup;          /* for this group, */
+	struct ptake ptk;      /* taking these messages */
 	struct buf pkey, ptag, phdr;
 	struct rec_msg tmpl;
 	uint64_t skip;         /* bytes of a refused frame still to discard */
@@ -7446,15 +7509,25 @@ static void srv_unwait(struct srv *s, struct ticket *t)
  * acknowledged for it. */
 static void srv_tx_drop(struct conn *c)
 {
-	if (!c->tx)
-		return;
-	if (!c->tx->valid)
+	if (c->tx && c->tx->fd >= 0 && !c->tx->valid && !c->pcl) /* (a pipe's step file stays) */
 		sys.unlink(c->tx->path);
-	txn_free(c->tx);
+	if (c->tx)
+		txn_free(c->tx);
 	free(c->tx);
 	q_close(c->txq);
 	c->tx = NULL;
 	c->txq = NULL;
+	if (c->pcl) { /* an unfinished step: its source messages stay where they were */
+		struct mq_err ignored;
+		grp_untake(c->pcl);
+		grp_release(c->pcl, &ignored);
+		free(c->pcl);
+		c->pcl = NULL;
+	}
+	q_close(c->psrc);
+	c->psrc = NULL;
+	free(c->pgroup);
+	c->pgroup = NULL;
 }
 
 static void srv_close(struct srv *s, struct conn *c, const char *why)
@@ -7754,6 +7827,8 @@ static int v_put(struct srv *s, struct conn *c, struct preq *r, struct ticket *t
 	buf_free(&pairs);
 	if (at || id || nset || txn || preq_opt(r, "partition")) { /* a producer of its own */
 		int fixed = preq_opt(r, "partition") ? (int)part : -1;
+		if (txn && c->pcl) /* a pipe step: source partition P goes to P mod N */
+			fixed = c->pcl->part % c->txq->nparts;
 		if (nset && q_open(s->sp, name, 0, set, nset, &c->pq, &qe) < 0) {
 			t->err = qe;
 			return 0;
@@ -8480,6 +8555,8 @@ static int v_prepare(struct srv *s, struct conn *c, struct preq *r, struct ticke
 	if (!c->tx || strcmp(c->txq->name, preq_pos(r, 0)))
 		return err_set(e, MQ_EX_USAGE, "no transaction of '%s' begun on this connection",
 		               preq_pos(r, 0));
+	if (c->pcl)
+		return err_set(e, MQ_EX_USAGE, "the transaction begun is a pipe step: PIPECOMMIT it");
 	int rc = 0;
 	if (c->txbad)
 		rc = err_set(e, MQ_EX_DATAERR, "a put into this transaction failed: it is dropped");
@@ -8620,6 +8697,183 @@ static int v_txncheck(struct srv *s, struct conn *c, struct preq *r, struct tick
 	return rc;
 }
 
+/*
+ * mq pipe through a server: a step is PIPEGET (the messages, for the
+ * client's filter; nothing recorded), PIPEBEGIN (the same messages
+ * taken again under the group's claim, which the connection then holds),
+ * PUT DEST COUNT txn=1 (the filter's output) and PIPECOMMIT (output and
+ * offsets together, pipe_commit()).  A connection that goes before
+ * PIPECOMMIT leaves the source as it was.
+ */
+static int spipe_emit(void *ctx, int part, const struct rec_msg *m, unsigned attempt)
+{
+	struct ticket *t = ctx;
+	proto_msg(&t->resp, part, m, attempt, 0);
+	return t->resp.len >= MQ_ANSWER_MAX;
+}
+
+static int spipe_names(struct srv *s, struct conn *c, struct preq *r, struct mq_err *e)
+{
+	if (srv_allowed(s, c, NEED_WRITE, preq_pos(r, 1), e) < 0 ||
+	    q_check_name("queue", preq_pos(r, 1), e) < 0 || q_check_name("group", preq_pos(r, 2), e) < 0)
+		return -1;
+	if (!strcmp(preq_pos(r, 0), preq_pos(r, 1)))
+		return err_set(e, MQ_EX_USAGE, "SOURCE and DEST must differ");
+	return 0;
+}
+
+/* PIPEGET SOURCE DEST GROUP [count=N] [wait=MS]: up to N (default 100)
+ * of the group's next messages of one partition of SOURCE as MSG frames,
+ * then "OK N partition=P lo=L hi=H sum=S" to give PIPEBEGIN, or "OK 0
+ * busy=B" (B partitions held by other consumers: ask again soon).  A
+ * step DEST holds decided for that partition is finished first. */
+static int srv_pipeget(struct srv *s, struct ticket *t, struct preq *r, struct mq_err *e)
+{
+	uint64_t want, wait = 0;
+	const char *g = preq_pos(r, 2);
+	struct sq *sq, *dq;
+	if (ropt_u64(r, "count", 100, &want, e) < 0 || ropt_u64(r, "wait", 0, &wait, e) < 0 ||
+	    spipe_names(s, t->c, r, e) < 0 || !(sq = srv_queue(s, preq_pos(r, 0), 0, e)) ||
+	    !(dq = srv_queue(s, preq_pos(r, 1), 1, e)))
+		return -1;
+	if (want == 0 || want > MQ_ANSWER_MSGS)
+		want = MQ_ANSWER_MSGS;
+	struct queue *q = sq->q;
+	struct ptake pt = {0};
+	struct mq_err te;
+	int busy = 0, part = 0;
+	dly_tick(q, &te);
+	unsigned start = s->rr++;
+	for (int j = 0; j < q->nparts && pt.n == 0; j++) {
+		struct claim cl;
+		struct txn tx;
+		struct mq_err re;
+		part = (int)((start + (unsigned)j) % (unsigned)q->nparts);
+		int k = grp_claim(q, g, part, CL_ORDERED | CL_NONBLOCK, &cl, e);
+		busy += k == 0;
+		if (k < 0)
+			return -1;
+		if (k == 0)
+			continue;
+		size_t mark = t->resp.len;
+		int rc = pipe_open(&cl, dq->q, &tx, e) < 0 || pipe_take(&cl, want, spipe_emit, t, &pt,
+		                                                          e) < 0 ? -1 : 0;
+		txn_free(&tx);
+		grp_untake(&cl); /* nothing recorded */
+		if (grp_release(&cl, &re) < 0 && rc == 0)
+			rc = (*e = re, -1);
+		if (rc < 0) {
+			t->resp.len = mark;
+			return -1;
+		}
+	}
+	if (pt.n == 0 && busy == 0 && preq_opt(r, "wait")) {
+		if (t->kind != TK_WAIT) {
+			t->deadline = wait ? mono_ms() + (int64_t)wait : -1;
+			t->wq = sq;
+		}
+		if (t->deadline < 0 || mono_ms() < t->deadline)
+			return 1;
+	}
+	if (pt.n == 0)
+		buf_printf(&t->resp, "OK 0 busy=%d\n", busy);
+	else
+		buf_printf(&t->resp, "OK %" PRIu64 " partition=%d lo=%" PRIu64 " hi=%" PRIu64 " sum=%"
+		           PRIu32 "\n", pt.n, part, pt.lo, pt.hi, pt.sum);
+	s->msgs_out += pt.n;
+	return 0;
+}
+
+static int v_pipeget(struct srv *s, struct conn *c, struct preq *r, struct ticket *t,
+                     struct mq_err *e)
+{
+	return srv_waiting(s, c, r, t, srv_pipeget, e);
+}
+
+/* PIPEBEGIN SOURCE DEST GROUP PARTITION n=N lo=L hi=H sum=S: take
+ * PIPEGET's messages again under the group's claim of the partition, to
+ * be committed by PIPECOMMIT with the PUT DEST COUNT txn=1 between; 75
+ * when the partition is busy or its messages are no longer those (the
+ * client takes them again). */
+static int v_pipebegin(struct srv *s, struct conn *c, struct preq *r, struct ticket *t,
+                       struct mq_err *e)
+{
+	uint64_t part;
+	struct ptake pt = {0};
+	uint64_t sum = 0;
+	if (c->tx)
+		return err_set(e, MQ_EX_USAGE, "a transaction of '%s' is begun on this connection: "
+		               "end it first", c->txq->name);
+	if (parse_u64(preq_pos(r, 3), &part) < 0)
+		return err_set(e, MQ_EX_USAGE, "bad partition '%s'", preq_pos(r, 3));
+	if (ropt_u64(r, "n", 0, &pt.n, e) < 0 || ropt_u64(r, "lo", 0, &pt.lo, e) < 0 ||
+	    ropt_u64(r, "hi", 0, &pt.hi, e) < 0 || ropt_u64(r, "sum", 0, &sum, e) < 0 ||
+	    spipe_names(s, c, r, e) < 0)
+		return -1;
+	if (pt.n == 0 || sum > UINT32_MAX)
+		return err_set(e, MQ_EX_USAGE, "PIPEBEGIN needs n, lo, hi and sum as PIPEGET gave them");
+	pt.sum = (uint32_t)sum;
+	if (q_open(s->sp, preq_pos(r, 0), 0, NULL, 0, &c->psrc, e) < 0 ||
+	    q_open(s->sp, preq_pos(r, 1), 1, NULL, 0, &c->txq, e) < 0)
+		goto fail;
+	if (part >= (uint64_t)c->psrc->nparts) {
+		err_set(e, MQ_EX_USAGE, "partition %" PRIu64 " does not exist (the queue has %d)",
+		        part, c->psrc->nparts);
+		goto fail;
+	}
+	struct claim *cl = calloc(1, sizeof *cl);
+	if (!cl || !(c->tx = calloc(1, sizeof *c->tx)) || !(c->pgroup = strdup(preq_pos(r, 2))))
+		abort();
+	c->tx->fd = -1; /* (pipe_open() fills it in) */
+	int k = grp_claim(c->psrc, c->pgroup, (int)part, CL_ORDERED | CL_NONBLOCK, cl, e);
+	if (k <= 0) {
+		free(cl);
+		if (k == 0)
+			err_set(e, MQ_EX_TEMPFAIL, "partition %" PRIu64 " of '%s' is busy: another consumer "
+			        "of group '%s' holds it", part, c->psrc->name, c->pgroup);
+		goto fail;
+	}
+	c->pcl = cl;
+	if (pipe_open(cl, c->txq, c->tx, e) < 0 || (k = pipe_retake(cl, &pt, e)) < 0)
+		goto fail;
+	if (k == 0) {
+		err_set(e, MQ_EX_TEMPFAIL, "group '%s' of '%s' partition %" PRIu64 " moved since "
+		        "PIPEGET: get the step again", c->pgroup, c->psrc->name, part);
+		goto fail;
+	}
+	if (pipe_begin(c->tx, e) < 0)
+		goto fail;
+	c->ptk = pt;
+	c->txbad = 0;
+	buf_adds(&t->resp, "OK\n");
+	return 0;
+fail:
+	srv_tx_drop(c);
+	return -1;
+}
+
+/* PIPECOMMIT DEST: the step begun commits: "OK N" (messages put). */
+static int v_pipecommit(struct srv *s, struct conn *c, struct preq *r, struct ticket *t,
+                        struct mq_err *e)
+{
+	if (!c->pcl || strcmp(c->txq->name, preq_pos(r, 0)))
+		return err_set(e, MQ_EX_USAGE, "no pipe step into '%s' begun on this connection "
+		               "(PIPEBEGIN first)", preq_pos(r, 0));
+	int rc = 0;
+	if (c->txbad)
+		rc = err_set(e, MQ_EX_DATAERR, "a put into this step failed: it is dropped, and its "
+		             "messages come again");
+	else if (pipe_commit(c->pcl, c->tx, c->ptk.lo, c->ptk.hi, e) < 0)
+		rc = -1;
+	else
+		buf_printf(&t->resp, "OK %" PRIu64 "\n", c->ptk.n);
+	for (struct sq *q = s->queues; rc == 0 && q; q = q->next)
+		if (!strcmp(q->q->name, c->txq->name))
+			q->changed = 1; /* waiting readers look again */
+	srv_tx_drop(c);
+	return rc;
+}
+
 static const struct verb verbs[] = {
 	{"HELLO", v_hello, 0, 1, NEED_NONE, 0},    {"AUTH", v_auth, 1, 1, NEED_NONE, 0},
 	{"PING", v_ping, 0, 0, NEED_NONE, 0},      {"QUIT", v_quit, 0, 0, NEED_NONE, 0},
@@ -8635,6 +8889,8 @@ static const struct verb verbs[] = {
 	{"BEGIN", v_begin, 1, 1, NEED_WRITE, 0},   {"PREPARE", v_prepare, 1, 1, NEED_WRITE, 0},
 	{"COMMIT", v_end, 2, 2, NEED_WRITE, 0},    {"ROLLBACK", v_end, 2, 2, NEED_WRITE, 0},
 	{"TXNS", v_txns, 1, 1, NEED_READ, 0},      {"TXNCHECK", v_txncheck, 2, 2, NEED_WRITE, 0},
+	{"PIPEGET", v_pipeget, 3, 3, NEED_READ, 0}, {"PIPEBEGIN", v_pipebegin, 4, 4, NEED_READ, 0},
+	{"PIPECOMMIT", v_pipecommit, 1, 1, NEED_WRITE, 0},
 };
 
 /* Run one request line (NUL-terminated). */
@@ -12844,6 +13100,15 @@ static int pipe_output(struct pipe *pp, struct txn *t, int dp, const struct buf 
 	return r;
 }
 
+/* pipe_take()'s emit: the filter's input, a message a line. */
+static int pipe_in(void *ctx, int part, const struct rec_msg *m, unsigned attempt)
+{
+	(void)part, (void)attempt;
+	buf_add(ctx, m->body, m->blen);
+	buf_add(ctx, "\n", 1);
+	return 0;
+}
+
 /* Pipe one partition of the source under the group's claim, a step at a
  * time, until it is drained.  Returns source messages consumed, or -1. */
 static int64_t pipe_part(void *ctx, int part, int nonblock, int64_t total, int *busy,
@@ -12861,29 +13126,21 @@ static int64_t pipe_part(void *ctx, int part, int nonblock, int64_t total, int *
 		return k;
 	int rc = pipe_open(&c, pp->dst, &t, e);
 	while (rc == 0 && !stop_flag && (pp->max == 0 || pp->done < pp->max)) {
-		struct rec_msg m;
-		unsigned attempt;
-		uint64_t n = 0, lo = 0, hi = 0, want = pp->batch;
+		struct ptake pt;
+		uint64_t want = pp->batch;
 		if (pp->max && pp->max - pp->done < want)
 			want = pp->max - pp->done;
 		in.len = 0;
-		while (n < want && (k = grp_take(&c, &m, &attempt, e)) == 1) {
-			if (n++ == 0)
-				lo = m.offset;
-			hi = m.offset + 1;
-			buf_add(&in, m.body, m.blen);
-			buf_add(&in, "\n", 1);
-		}
-		if (k < 0)
+		if (pipe_take(&c, want, pipe_in, &in, &pt, e) < 0)
 			rc = -1;
-		if (rc < 0 || n == 0)
+		if (rc < 0 || pt.n == 0)
 			break;
-		if (pipe_filter(pp, part, lo, n, &in, &out, e) < 0 || pipe_begin(&t, e) < 0 ||
+		if (pipe_filter(pp, part, pt.lo, pt.n, &in, &out, e) < 0 || pipe_begin(&t, e) < 0 ||
 		    pipe_output(pp, &t, part % pp->dst->nparts, &out, e) < 0 ||
-		    pipe_commit(&c, &t, lo, hi, e) < 0)
+		    pipe_commit(&c, &t, pt.lo, pt.hi, e) < 0)
 			rc = -1;
 		else
-			pp->done += n;
+			pp->done += pt.n;
 	}
 	txn_free(&t);
 	buf_free(&in);
@@ -12892,6 +13149,167 @@ static int64_t pipe_part(void *ctx, int part, int nonblock, int64_t total, int *
 	if (grp_release(&c, &re) < 0 && rc == 0)
 		rc = (*e = re, -1);
 	return rc < 0 ? -1 : (int64_t)(pp->done - done0);
+}
+
+/* A PIPEGET answer's MSG frames: the filter's input. */
+struct rpipe {
+	struct rconn *c;
+	struct buf in, hb;
+};
+
+static int rpipe_line(void *ctx, char *line, struct mq_err *e)
+{
+	struct rpipe *g = ctx;
+	struct rec_msg m;
+	int part;
+	unsigned attempt;
+	uint32_t lease;
+	if (rc_msg(g->c, line, &m, &part, &attempt, &lease, &g->hb, e) < 0)
+		return -1;
+	return pipe_in(&g->in, part, &m, attempt);
+}
+
+/* Read the answer to one request sent before: 0, or -1 with the error. */
+static int rmt_answer(struct rconn *c, struct mq_err *e)
+{
+	char *line;
+	int k;
+	while ((k = rc_next(c, &line, e)) == 1)
+		;
+	return k;
+}
+
+/*
+ * mq pipe through a server: PIPEGET the next step, run the filter here,
+ * then PIPEBEGIN, PUT DEST COUNT txn=1 and PIPECOMMIT in one round trip.
+ * The server commits output and offsets together, and only if the step's
+ * messages are still the group's next ones; if they are not (another
+ * pipe of the group got there first), the output is dropped and the
+ * step taken again.
+ */
+static int pipe_remote(struct args *a, struct pipe *pp, int64_t wait_ms)
+{
+	struct mq_err e = {0};
+	struct rput rp;
+	struct rpipe g = {&rp.c, {0}, {0}};
+	struct buf req = {0}, out = {0};
+	struct queue *names = calloc(2, sizeof *names); /* only their names, for messages */
+	const char *src = a->pos[0], *dst = a->pos[1];
+	int rc = 0;
+	if (!names)
+		abort();
+	strfmt(names[0].name, sizeof names[0].name, "%s", src);
+	strfmt(names[1].name, sizeof names[1].name, "%s", dst);
+	pp->src = &names[0];
+	pp->dst = &names[1];
+	memset(&rp, 0, sizeof rp);
+	rp.queue = dst;
+	buf_adds(&rp.opts, " txn=1");
+	rp.c.fd = -1;
+	if (rmt_open(a, &rp.c, &e) < 0) {
+		free(names);
+		return fail(a, &e);
+	}
+	signal(SIGPIPE, SIG_IGN);
+	while (!stop_flag && (pp->max == 0 || pp->done < pp->max)) {
+		uint64_t want = pp->batch, n, lo, hi;
+		uint32_t sum;
+		int part;
+		char *rest;
+		if (pp->max && pp->max - pp->done < want)
+			want = pp->max - pp->done;
+		req.len = g.in.len = 0;
+		buf_adds(&req, "PIPEGET ");
+		proto_esc(&req, src, strlen(src));
+		buf_add(&req, " ", 1);
+		proto_esc(&req, dst, strlen(dst));
+		buf_add(&req, " ", 1);
+		proto_esc(&req, pp->group, strlen(pp->group));
+		buf_printf(&req, " count=%" PRIu64, want);
+		if (wait_ms != -2)
+			rmt_ms(&req, "wait", wait_ms < 0 ? 0 : wait_ms ? wait_ms : 1);
+		rp.c.stop = &stop_flag; /* a signal ends a wait for messages */
+		if ((rc = rmt_call(&rp.c, &req, rpipe_line, &g, &rest, &e)) < 0) {
+			if (stop_flag && rp.c.broken && g.in.len == 0)
+				rc = 0; /* a signal while waiting: done, as locally */
+			break;
+		}
+		rp.c.stop = NULL;
+		if (sscanf(rest, "%" SCNu64 " partition=%d lo=%" SCNu64 " hi=%" SCNu64 " sum=%" SCNu32,
+		           &n, &part, &lo, &hi, &sum) != 5) {
+			const char *b = strstr(rest, "busy=");
+			if (strtoull(rest, NULL, 10) == 0 && b && atoi(b + 5) > 0) {
+				poll(NULL, 0, 10); /* another consumer holds a partition: as a local
+				                      pipe waits for it */
+				continue;
+			}
+			if (strtoull(rest, NULL, 10) == 0 && b)
+				break; /* empty (after the wait, if any) */
+			rc = err_set(&e, MQ_EX_UNAVAILABLE, "server '%s' answered '%s' to PIPEGET",
+			             a->server, rest);
+			break;
+		}
+		if ((rc = pipe_filter(pp, part, lo, n, &g.in, &out, &e)) < 0)
+			break;
+		req.len = 0;
+		buf_adds(&req, "PIPEBEGIN ");
+		proto_esc(&req, src, strlen(src));
+		buf_add(&req, " ", 1);
+		proto_esc(&req, dst, strlen(dst));
+		buf_add(&req, " ", 1);
+		proto_esc(&req, pp->group, strlen(pp->group));
+		buf_printf(&req, " %d n=%" PRIu64 " lo=%" PRIu64 " hi=%" PRIu64 " sum=%" PRIu32 "\n",
+		           part, n, lo, hi, sum);
+		uint64_t lines = 0;
+		for (size_t at = 0; at < out.len; lines++) {
+			const char *nl = memchr(out.p + at, '\n', out.len - at);
+			size_t len = nl ? (size_t)(nl - (out.p + at)) : out.len - at;
+			buf_printf(&rp.frames, "%zu\n", len);
+			buf_add(&rp.frames, out.p + at, len);
+			buf_add(&rp.frames, "\n", 1);
+			at += len + (nl != NULL);
+		}
+		if (lines) {
+			buf_adds(&req, "PUT ");
+			proto_esc(&req, dst, strlen(dst));
+			buf_printf(&req, " %" PRIu64 " txn=1\n", lines);
+		}
+		struct buf tail = {0};
+		buf_adds(&tail, "PIPECOMMIT ");
+		proto_esc(&tail, dst, strlen(dst));
+		buf_add(&tail, "\n", 1);
+		rc = rc_send(&rp.c, req.p, req.len, &e) < 0 ||
+		     rc_send(&rp.c, rp.frames.p, rp.frames.len, &e) < 0 ||
+		     rc_send(&rp.c, tail.p, tail.len, &e) < 0 ? -1 : 0;
+		buf_free(&tail);
+		rp.frames.len = 0;
+		/* the first failure tells why: a busy or moved step (75) is taken again */
+		struct mq_err be = {0}, pe = {0}, ce = {0};
+		int kb = rc < 0 ? -1 : rmt_answer(&rp.c, &be);
+		int kp = rc < 0 || !lines ? 0 : rmt_answer(&rp.c, &pe);
+		int kc = rc < 0 ? -1 : rmt_answer(&rp.c, &ce);
+		if (rc < 0 || rp.c.broken)
+			rc = rc < 0 ? -1 : (e = kc < 0 ? ce : kp < 0 ? pe : be, -1);
+		else if (kb < 0 && be.code == MQ_EX_TEMPFAIL)
+			continue;
+		else if (kb < 0 || kp < 0 || kc < 0)
+			rc = (e = kb < 0 ? be : kp < 0 ? pe : ce, -1);
+		if (rc < 0 && kb == 0 && kp < 0 && pe.code == MQ_EX_DATAERR) /* output refused */
+			err_set(&e, MQ_EX_DATAERR, "an output line was refused by %s (%s): nothing of "
+			        "that batch was written", dst, pe.msg);
+		if (rc < 0)
+			break;
+		pp->done += n;
+		pp->out += lines;
+	}
+	rput_free(&rp);
+	buf_free(&rp.opts);
+	buf_free(&req);
+	buf_free(&out);
+	buf_free(&g.in);
+	buf_free(&g.hb);
+	free(names);
+	return rc < 0 ? fail(a, &e) : MQ_EX_OK;
 }
 
 static int pipe_more(void *ctx, int64_t total)
@@ -12920,10 +13338,13 @@ static int cmd_pipe(struct args *a)
 		return MQ_EX_USAGE;
 	if (!strcmp(a->pos[0], a->pos[1]))
 		return usage_error(a->cmd, "SOURCE and DEST must differ");
-	if (a->server || a->namesrv)
-		return usage_error(a->cmd, "not through a server yet");
-	if (q_check_name("group", pp.group, &e) < 0 || q_check_name("queue", a->pos[1], &e) < 0 ||
-	    spool_init(a, 0, &e) < 0 || q_open(&a->sp, a->pos[0], 0, NULL, 0, &pp.src, &e) < 0)
+	if (a->namesrv)
+		return usage_error(a->cmd, "not through nameservers: name the broker with -s");
+	if (q_check_name("group", pp.group, &e) < 0 || q_check_name("queue", a->pos[1], &e) < 0)
+		return fail(a, &e);
+	if (a->server)
+		return pipe_remote(a, &pp, wait_ms);
+	if (spool_init(a, 0, &e) < 0 || q_open(&a->sp, a->pos[0], 0, NULL, 0, &pp.src, &e) < 0)
 		return fail(a, &e);
 	if (q_open(&a->sp, a->pos[1], 1, NULL, 0, &pp.dst, &e) < 0) {
 		q_close(pp.src);
@@ -14344,7 +14765,7 @@ static const struct cmd cmds[] = {
 	 "at any instant and run again neither loses nor doubles a message.  Partition\n"
 	 "P of SOURCE goes to partition P mod N of DEST.  A failed run of CMD stops the\n"
 	 "pipe (75) with nothing of its batch written.",
-	 pipe_opts, 3, -1, 0},
+	 pipe_opts, 3, -1, 1},
 	{"ack", cmd_ack, "QUEUE [RECEIPT...]",
 	 "Acknowledge leased messages by receipt (from the arguments, else stdin): they\n"
 	 "are done.  Exits 75 if a lease had expired and the message was handed out\n"
@@ -14556,7 +14977,7 @@ static int mq_run(int argc, char **argv, const char *spool, const char *server,
 	} else if (rc == 0 && (a.npos < c->min_pos || (c->max_pos >= 0 && a.npos > c->max_pos))) {
 		rc = usage_error(c, a.npos < c->min_pos ? "missing arguments" : "too many arguments");
 	} else if (rc == 0 && a.namesrv && c->fn != cmd_route && c->fn != cmd_put &&
-	           c->fn != cmd_ack && c->fn != cmd_txn) { /* these find their brokers themselves */
+	           c->fn != cmd_ack && c->fn != cmd_txn && c->fn != cmd_pipe) { /* these find their brokers themselves */
 		rc = ns_run(c, &a);
 	} else if (rc == 0) {
 		rc = c->fn(&a);

@@ -3,6 +3,8 @@
 
 load helper
 
+teardown() { serve_teardown; }
+
 # SRC with $1 keyed messages over 2 partitions, and what each partition
 # holds saved in $BATS_TEST_TMPDIR/src.P (consumption-driven retention may
 # remove them from SRC once piped).
@@ -144,4 +146,135 @@ assert_piped() {
 	run -0 mq pipe src dst -g g -- cat
 	assert_piped
 	run -0 mq verify
+}
+
+# ----- through a server (-s) -----
+
+@test "pipe -s: the same steps through a server: output in DEST, P mod N, metadata, offsets" {
+	serve_start
+	fill_src 300
+	run -0 mq pipe src dst -g g --batch 7 -- cat
+	assert_piped
+	run -1 mq get src -g g
+	mq create --partitions 3 three
+	run -0 mq pipe src three -g h --batch 100 -- sh -c 'cat >/dev/null; echo "$MQ_QUEUE $MQ_PARTITION $MQ_OFFSET $MQ_COUNT"'
+	local p
+	for p in 0 1; do # one output line per step of 100, from partition p into p mod 3
+		run -0 mq peek three -p "$p"
+		assert_eq "$output" "$(awk -v p="$p" 'END { for (o = 0; o < NR; o += 100)
+			print "src", p, o, (NR - o < 100 ? NR - o : 100) }' "$BATS_TEST_TMPDIR/src.$p")"
+	done
+	run -1 mq peek three -p 2
+	# the spool itself agrees: nothing left for either group, verify clean
+	run -1 mq -d "$MQ_SPOOL" get src -g g
+	run -1 mq -d "$MQ_SPOOL" get src -g h
+	run -0 mq -d "$MQ_SPOOL" verify
+}
+
+@test "pipe -s: a failing filter is 75 and an over-long output line 65, nothing of the batch written; usage 64, missing source 66" {
+	serve_start
+	mq put src a b c d
+	run -75 --separate-stderr mq pipe src dst -g g --batch 2 -- sh -c 'read -r l; [ "$l" != c ] || exit 3; echo "$l"; cat'
+	[[ "$stderr" == *"offsets 2-3"*"exit status 3"*"nothing of that batch went to dst"* ]]
+	run -0 mq peek dst
+	assert_eq "$output" "$(printf '%s\n' a b)"
+	mq create --max-message-bytes 3 small
+	run -65 --separate-stderr mq pipe src small -g s --batch 1 -- sed 's/^/xxx/'
+	[[ "$stderr" == *"refused by small"*"maximum of 3"*"nothing of that batch was written"* ]]
+	run -1 mq peek small
+	run -0 mq pipe src dst -g g -- cat
+	run -0 mq peek dst
+	assert_eq "$output" "$(printf '%s\n' a b c d)"
+	run -64 mq pipe src src -g g -- cat
+	run -64 mq pipe src dst -g ../x -- cat
+	run -64 mq pipe src ../x -g g -- cat
+	run -66 mq pipe nope dst -g g -- cat
+	run -64 --separate-stderr mq -n "127.0.0.1:$PORT" pipe src dst -g g -- cat
+	[[ "$stderr" == *"name the broker with -s"* ]]
+}
+
+@test "pipe -s: -w waits on the server for new messages; SIGTERM ends the wait with 0" {
+	serve_start
+	mq put src a
+	"$MQ" pipe src dst -g g -w -- cat &
+	local pid=$!
+	wait_for '[ "$(mq peek dst)" = a ]'
+	mq put src b
+	wait_for '[ "$(mq peek dst | tail -n 1)" = b ]'
+	kill -TERM "$pid"
+	local rc=0
+	wait "$pid" || rc=$?
+	assert_eq "$rc" 0
+	run -0 mq peek dst
+	assert_eq "$output" "$(printf '%s\n' a b)"
+}
+
+@test "pipe -s: three pipes of one group at once, two through the server and one local, give exactly one output per message" {
+	serve_start
+	fill_src 6000
+	local p1 p2 p3 rc=0
+	"$MQ" pipe src dst -g g --batch 50 -e -- cat & p1=$!
+	"$MQ" pipe src dst -g g --batch 30 -e -- cat & p2=$!
+	"$MQ" -d "$MQ_SPOOL" pipe src dst -g g --batch 40 -e -- cat & p3=$!
+	wait "$p1" || rc=$?
+	wait "$p2" || rc=$?
+	wait "$p3" || rc=$?
+	assert_eq "$rc" 0
+	run -0 mq pipe src dst -g g -- cat
+	assert_piped
+	run -0 mq -d "$MQ_SPOOL" verify
+}
+
+@test "pipe -s: pipes killed with SIGKILL 40 times and the server 4 times, DEST still gets exactly one output per message, in order" {
+	serve_start
+	mq create --partitions 2 src
+	mq create --partitions 2 dst
+	local i p pid d=$BATS_TEST_TMPDIR
+	for ((i = 0; i < 40; i++)); do
+		for p in 0 1; do
+			seq -f "p$p-r$i-%g" 1 100 | tee -a "$d/src.$p" | mq put -p "$p" src
+		done
+		"$MQ" pipe src dst -g g --batch 10 -w -- cat &
+		pid=$!
+		sleep "0.0$((RANDOM % 50 + 10))"
+		if ((i % 10 == 9)); then
+			kill -9 "$SERVE_PID"
+			wait "$SERVE_PID" 2>/dev/null || true
+			serve_start
+		fi
+		kill -9 "$pid" 2>/dev/null || true
+		wait "$pid" 2>/dev/null || true
+	done
+	run -0 mq pipe src dst -g g --batch 100 -- cat
+	assert_piped
+	run -1 mq get src -g g
+	run -0 mq -d "$MQ_SPOOL" verify
+}
+
+@test "pipe -s: a step whose messages moved is refused (75); a client gone mid-step leaves the source as it was" {
+	serve_start
+	mq put src a b c
+	local line ok sum
+	exec 5<>"/dev/tcp/127.0.0.1/$PORT"
+	printf 'PIPEGET src dst g count=2\n' >&5
+	for _ in 1 2 3 4; do read -r -t 10 line <&5; done # two MSG lines and their bodies
+	read -r -t 10 ok <&5
+	[[ "$ok" == "OK 2 partition=0 lo=0 hi=2 sum="* ]]
+	sum=${ok##*sum=}
+	printf 'PIPEBEGIN src dst g 0 n=2 lo=0 hi=2 sum=%s\n' "$((sum ^ 1))" >&5
+	read -r -t 10 line <&5
+	[[ "$line" == "ERR 75 "*"moved since PIPEGET"* ]]
+	printf 'PIPEBEGIN src dst g 0 n=2 lo=0 hi=2 sum=%s\nPUT dst 1 txn=1\n1\nx\n' "$sum" >&5
+	read -r -t 10 line <&5
+	assert_eq "$line" OK
+	read -r -t 10 line <&5
+	[[ "$line" == OK* ]]
+	# while the step is begun, the group's partition is held
+	run -1 mq get src -g g
+	exec 5>&-
+	run -0 mq pipe src dst -g g -- tr a-z A-Z
+	run -0 mq peek dst
+	assert_eq "$output" "$(printf '%s\n' A B C)"
+	run -0 mq -d "$MQ_SPOOL" txn ls
+	assert_eq "$output" ""
 }
