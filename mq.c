@@ -6417,6 +6417,74 @@ static int64_t grp_deliver(struct queue *q, int part, const struct deliver *d, i
 	return rc < 0 ? -1 : got;
 }
 
+/* m's header block without the headers whose names start with prefix. */
+static void hdrs_without(const struct rec_msg *m, const char *prefix, struct buf *b)
+{
+	unsigned char tmp[10];
+	struct buf pairs = {0};
+	uint64_t kept = rec_hdr_copy(m, prefix, &pairs);
+	b->len = 0;
+	if (kept) {
+		buf_add(b, tmp, varint_put(tmp, kept));
+		buf_add(b, pairs.p, pairs.len);
+	}
+	buf_free(&pairs);
+}
+
+/*
+ * Move up to want messages (0: all) of src, consumed as group g, into
+ * dst, without the mq-dlq-* headers a burial added: dead letters going
+ * back.  Each partition's messages are committed in src only once dst
+ * has them durable, so a crash in between moves them again
+ * (at-least-once), never loses them.  With nonblock a partition another
+ * consumer of g holds is skipped and counted in *busy.
+ */
+static int q_move(struct queue *src, struct queue *dst, const char *g, uint64_t want,
+                  int nonblock, uint64_t *moved, int *busy, struct mq_err *e)
+{
+	struct prod pr;
+	struct buf hb = {0};
+	int rc = 0;
+	*moved = 0;
+	if (busy)
+		*busy = 0;
+	prod_init(&pr, dst, -1);
+	for (int i = 0; i < src->nparts && rc == 0 && (want == 0 || *moved < want); i++) {
+		struct claim c;
+		struct rec_msg m;
+		unsigned attempt;
+		int k = grp_claim(src, g, i, nonblock ? CL_NONBLOCK : 0, &c, e);
+		if (k < 0) {
+			rc = -1;
+			break;
+		}
+		if (k == 0) {
+			++*busy;
+			continue;
+		}
+		while ((want == 0 || *moved < want) && (k = grp_take(&c, &m, &attempt, e)) == 1) {
+			struct rec_msg d = m;
+			hdrs_without(&m, "mq-dlq-", &hb);
+			d.hdrs = (const unsigned char *)hb.p;
+			d.hlen = hb.len;
+			d.ts = now_ms();
+			if (prod_add(&pr, &d, e) < 0) {
+				k = -1;
+				break;
+			}
+			++*moved;
+		}
+		if (k < 0 || prod_flush(&pr, 1, e) < 0 || grp_settle_done(&c, e) < 0)
+			rc = -1;
+		struct mq_err re;
+		if (grp_release(&c, &re) < 0 && rc == 0)
+			rc = (*e = re, -1);
+	}
+	prod_free(&pr);
+	buf_free(&hb);
+	return rc;
+}
+
 /*
  * mq pipe's steps.  A step takes a run of source messages under the
  * group's claim of one partition, stores what the command made of them
@@ -8874,6 +8942,33 @@ static int v_pipecommit(struct srv *s, struct conn *c, struct preq *r, struct ti
 	return rc;
 }
 
+/* MOVE SOURCE DEST [group=G] [count=N]: q_move() (group "move", all
+ * messages by default): "OK MOVED busy=B", B partitions skipped because
+ * another consumer of the group holds them (ask again for the rest). */
+static int v_move(struct srv *s, struct conn *c, struct preq *r, struct ticket *t,
+                  struct mq_err *e)
+{
+	uint64_t want, moved;
+	int busy;
+	const char *g = preq_opt(r, "group") ? preq_opt(r, "group") : "move";
+	struct sq *sq, *dq;
+	if (ropt_u64(r, "count", 0, &want, e) < 0 || q_check_name("group", g, e) < 0 ||
+	    srv_allowed(s, c, NEED_WRITE, preq_pos(r, 1), e) < 0)
+		return -1;
+	if (!strcmp(preq_pos(r, 0), preq_pos(r, 1)))
+		return err_set(e, MQ_EX_USAGE, "source and destination are the same queue");
+	if (!(sq = srv_queue(s, preq_pos(r, 0), 0, e)) || !(dq = srv_queue(s, preq_pos(r, 1), 1, e)))
+		return -1;
+	int rc = q_move(sq->q, dq->q, g, want, 1, &moved, &busy, e);
+	if (moved)
+		dq->changed = 1; /* waiting readers look again */
+	s->msgs_in += moved;
+	if (rc < 0)
+		return -1;
+	buf_printf(&t->resp, "OK %" PRIu64 " busy=%d\n", moved, busy);
+	return 0;
+}
+
 static const struct verb verbs[] = {
 	{"HELLO", v_hello, 0, 1, NEED_NONE, 0},    {"AUTH", v_auth, 1, 1, NEED_NONE, 0},
 	{"PING", v_ping, 0, 0, NEED_NONE, 0},      {"QUIT", v_quit, 0, 0, NEED_NONE, 0},
@@ -8890,7 +8985,7 @@ static const struct verb verbs[] = {
 	{"COMMIT", v_end, 2, 2, NEED_WRITE, 0},    {"ROLLBACK", v_end, 2, 2, NEED_WRITE, 0},
 	{"TXNS", v_txns, 1, 1, NEED_READ, 0},      {"TXNCHECK", v_txncheck, 2, 2, NEED_WRITE, 0},
 	{"PIPEGET", v_pipeget, 3, 3, NEED_READ, 0}, {"PIPEBEGIN", v_pipebegin, 4, 4, NEED_READ, 0},
-	{"PIPECOMMIT", v_pipecommit, 1, 1, NEED_WRITE, 0},
+	{"PIPECOMMIT", v_pipecommit, 1, 1, NEED_WRITE, 0}, {"MOVE", v_move, 2, 2, NEED_READ, 0},
 };
 
 /* Run one request line (NUL-terminated). */
@@ -13536,26 +13631,42 @@ out:
 
 /* ----- mq move ----- */
 
-/* m's header block without the headers whose names start with prefix. */
-static void hdrs_without(const struct rec_msg *m, const char *prefix, struct buf *b)
+/* MOVE through a server: "OK MOVED busy=B"; a busy partition (another
+ * consumer of the group holds it) is asked for again, as a local move
+ * waits for it. */
+static int move_remote(struct args *a, const char *g, uint64_t want, uint64_t *moved,
+                       struct mq_err *e)
 {
-	unsigned char tmp[10];
-	struct buf pairs = {0};
-	uint64_t kept = rec_hdr_copy(m, prefix, &pairs);
-	b->len = 0;
-	if (kept) {
-		buf_add(b, tmp, varint_put(tmp, kept));
-		buf_add(b, pairs.p, pairs.len);
+	struct rconn c;
+	struct buf b = {0};
+	int rc = 0;
+	*moved = 0;
+	if (rmt_open(a, &c, e) < 0)
+		return -1;
+	while (rc == 0 && !stop_flag) {
+		char *rest;
+		b.len = 0;
+		buf_adds(&b, "MOVE ");
+		proto_esc(&b, a->pos[0], strlen(a->pos[0]));
+		buf_add(&b, " ", 1);
+		proto_esc(&b, a->pos[1], strlen(a->pos[1]));
+		proto_opt(&b, "group", g, strlen(g));
+		if (want)
+			buf_printf(&b, " count=%" PRIu64, want - *moved);
+		if ((rc = rmt_call(&c, &b, NULL, NULL, &rest, e)) < 0)
+			break;
+		const char *busy = strstr(rest, "busy=");
+		*moved += strtoull(rest, NULL, 10);
+		if (!busy || atoi(busy + 5) == 0 || (want && *moved >= want))
+			break;
+		poll(NULL, 0, 10);
 	}
-	buf_free(&pairs);
+	rc_close(&c);
+	buf_free(&b);
+	return rc;
 }
 
-/*
- * mq move [-g GROUP] [-n COUNT] SRC DST: consume SRC as GROUP and put its
- * messages into DST (without the mq-dlq-* headers a burial added).  SRC's
- * group commits only once DST has them durable: a crash in between
- * moves them again (at-least-once), never loses them.
- */
+/* mq move [-g GROUP] [-n COUNT] SRC DST: q_move(), dead letters back. */
 static int cmd_move(struct args *a)
 {
 	struct mq_err e = {0};
@@ -13568,44 +13679,21 @@ static int cmd_move(struct args *a)
 		return MQ_EX_USAGE;
 	if (!strcmp(a->pos[0], a->pos[1]))
 		return usage_error(a->cmd, "source and destination are the same queue");
+	if (a->namesrv)
+		return usage_error(a->cmd, "not through nameservers: name the broker with -s");
+	if (a->server) {
+		if (q_check_name("group", g, &e) < 0 || q_check_name("queue", a->pos[1], &e) < 0 ||
+		    move_remote(a, g, want, &moved, &e) < 0)
+			return fail(a, &e);
+		return moved ? MQ_EX_OK : MQ_EX_EMPTY;
+	}
 	if (q_check_name("group", g, &e) < 0 || spool_init(a, 0, &e) < 0 ||
 	    q_open(&a->sp, a->pos[0], 0, NULL, 0, &src, &e) < 0 ||
 	    q_open(&a->sp, a->pos[1], 1, NULL, 0, &dst, &e) < 0) {
 		q_close(src);
 		return fail(a, &e);
 	}
-	struct prod pr;
-	struct buf hb = {0};
-	prod_init(&pr, dst, -1);
-	for (int i = 0; i < src->nparts && rc == 0 && (want == 0 || moved < want); i++) {
-		struct claim c;
-		struct rec_msg m;
-		unsigned attempt;
-		int k = 0;
-		if (grp_claim(src, g, i, 0, &c, &e) < 0) {
-			rc = -1;
-			break;
-		}
-		while ((want == 0 || moved < want) && (k = grp_take(&c, &m, &attempt, &e)) == 1) {
-			struct rec_msg d = m;
-			hdrs_without(&m, "mq-dlq-", &hb);
-			d.hdrs = (const unsigned char *)hb.p;
-			d.hlen = hb.len;
-			d.ts = now_ms();
-			if (prod_add(&pr, &d, &e) < 0) {
-				k = -1;
-				break;
-			}
-			moved++;
-		}
-		if (k < 0 || prod_flush(&pr, 1, &e) < 0 || grp_settle_done(&c, &e) < 0)
-			rc = -1;
-		struct mq_err re;
-		if (grp_release(&c, &re) < 0 && rc == 0)
-			rc = (e = re, -1);
-	}
-	prod_free(&pr);
-	buf_free(&hb);
+	rc = q_move(src, dst, g, want, 0, &moved, NULL, &e);
 	q_close(src);
 	q_close(dst);
 	if (rc < 0)
@@ -14781,7 +14869,7 @@ static const struct cmd cmds[] = {
 	 "Move messages from SOURCE to DEST: dead letters back with\n"
 	 "'mq move jobs.dlq jobs'.  SOURCE is read as consumer group GROUP (default\n"
 	 "move), so a second run moves only what came since.  Exits 1 if nothing moved.",
-	 move_opts, 2, 2, 0},
+	 move_opts, 2, 2, 1},
 	{"peek", cmd_peek, "[-n COUNT] [--from OFFSET | --since TIME | --last N] [-p P] "
 	 "[-f FORMAT] [-0] [--tag EXPR] QUEUE",
 	 "Print messages without consuming them.  Exits 1 when it printed nothing.",
@@ -14977,7 +15065,8 @@ static int mq_run(int argc, char **argv, const char *spool, const char *server,
 	} else if (rc == 0 && (a.npos < c->min_pos || (c->max_pos >= 0 && a.npos > c->max_pos))) {
 		rc = usage_error(c, a.npos < c->min_pos ? "missing arguments" : "too many arguments");
 	} else if (rc == 0 && a.namesrv && c->fn != cmd_route && c->fn != cmd_put &&
-	           c->fn != cmd_ack && c->fn != cmd_txn && c->fn != cmd_pipe) { /* these find their brokers themselves */
+	           c->fn != cmd_ack && c->fn != cmd_txn && c->fn != cmd_pipe &&
+	           c->fn != cmd_move) { /* these find their brokers, or refuse -n, themselves */
 		rc = ns_run(c, &a);
 	} else if (rc == 0) {
 		rc = c->fn(&a);

@@ -963,12 +963,9 @@ EOF2
 
 	serve_start
 	mq put q x
-	run -64 --separate-stderr mq move q r
-	assert_eq "$output" ""
-	[[ "$stderr" == *"through a server"* ]]
 	run -64 --separate-stderr mq consume -g g --parallel 2 -e q -- cat
+	assert_eq "$output" ""
 	[[ "$stderr" == *"not through a server"* ]]
-	run -64 mq -s "$MQ_SERVER" move q r
 	# verify, config and consume run on the server, as they do locally
 	run -0 mq verify
 	assert_eq "$output" "$("$MQ" -d "$MQ_SPOOL" verify)"
@@ -985,4 +982,41 @@ EOF2
 	run -64 mq -s '[::1' ls
 	run -0 mq peek q
 	assert_eq "$output" x
+}
+
+@test "serve: move through a server returns dead letters as locally, and waits for a partition another consumer holds" {
+	serve_start
+	mq create q --retries 0
+	mq put q -k K -t T -H h=v m1
+	mq put q m2
+	run -0 --separate-stderr mq consume q -g w -e -- false
+	assert_eq "$(mq peek q.dlq -f '%s\n' | tr '\n' ' ')" "m1 m2 "
+	run -0 --separate-stderr mq move q.dlq q
+	run -0 mq peek q --from 2 -f json
+	assert_eq "${#lines[@]}" 2
+	assert_eq "$(json_eval '[d["key"], d["tag"], d["headers"], d["body"]]' <<<"${lines[0]}")" \
+		'["K", "T", {"h": "v"}, "m1"]'
+	run -1 --separate-stderr mq move q.dlq q
+	mq put q.dlq d1 d2 d3
+	run -0 mq move -n 2 q.dlq r
+	assert_eq "$(mq peek r | tr '\n' ' ')" "d1 d2 "
+	run -64 mq move q q
+	run -64 mq move -g ../x q.dlq r
+	run -66 mq move nope r
+	run -64 --separate-stderr mq -n "127.0.0.1:$PORT" move q.dlq r
+	[[ "$stderr" == *"name the broker with -s"* ]]
+	# a local consumer of the group "move" holds the partition: the move
+	# through the server waits for it, as a local move would
+	mkfifo "$BATS_TEST_TMPDIR/gate"
+	bg "$MQ" -d "$MQ_SPOOL" consume q.dlq -g move --max 1 -- sh -c "cat >/dev/null; touch '$BATS_TEST_TMPDIR/held'; read -r _ <'$BATS_TEST_TMPDIR/gate'"
+	wait_for '[ -e "$BATS_TEST_TMPDIR/held" ]'
+	mq put q.dlq d4
+	"$MQ" move q.dlq r >"$BATS_TEST_TMPDIR/moved" 2>&1 &
+	local pid=$! rc=0
+	sleep 0.3
+	proc_gone "$pid" && { echo "move did not wait for the held partition" >&2; return 1; }
+	echo go >"$BATS_TEST_TMPDIR/gate"
+	wait "$pid" || rc=$?
+	assert_eq "$rc" 0
+	assert_eq "$(mq peek r | tr '\n' ' ')" "d1 d2 d4 "
 }
