@@ -8063,8 +8063,9 @@ static int srv_get(struct srv *s, struct ticket *t, struct preq *r, struct mq_er
 	struct mq_err te;
 	dly_tick(q, &te); /* delayed messages now due join their partitions */
 	unsigned start = s->rr++;
+	int nbusy = 0;
 	for (int j = 0; j < q->nparts && rc == 0; j++) {
-		int busy;
+		int busy = 0;
 		if (want && sg.n >= want)
 			break;
 		if (t->resp.len >= MQ_ANSWER_MAX)
@@ -8074,6 +8075,7 @@ static int srv_get(struct srv *s, struct ticket *t, struct preq *r, struct mq_er
 		sg.nmark = sg.n;
 		if (grp_deliver(q, (int)((start + (unsigned)j) % (unsigned)q->nparts), &d, &busy, e) < 0)
 			rc = -1;
+		nbusy += busy;
 		if (sg.n >= MQ_ANSWER_MSGS)
 			break;
 	}
@@ -8094,7 +8096,10 @@ static int srv_get(struct srv *s, struct ticket *t, struct preq *r, struct mq_er
 		if (t->deadline < 0 || mono_ms() < t->deadline)
 			return 1;
 	}
-	buf_printf(&t->resp, "OK %" PRIu64 "\n", sg.n);
+	if (nbusy) /* held by other consumers: the client may ask again */
+		buf_printf(&t->resp, "OK %" PRIu64 " busy=%d\n", sg.n, nbusy);
+	else
+		buf_printf(&t->resp, "OK %" PRIu64 "\n", sg.n);
 	return 0;
 }
 
@@ -12480,7 +12485,7 @@ static int get_remote(struct args *a, const char *g, uint64_t want, int64_t wait
 	struct rmsgs r = {&c, &o, f, a->pos[0], g, lease_ms >= 0, {0}, {0}, 0, 0};
 	struct buf b = {0};
 	uint64_t total = 0;
-	int rc = 0, first = opt_has(a, "commit-first");
+	int rc = 0, first = opt_has(a, "commit-first"), busy = 0;
 	if (rmt_open(a, &c, &e) < 0)
 		return fail(a, &e);
 	c.stop = &stop_flag; /* SIGINT, SIGTERM: give up a wait, as locally */
@@ -12499,10 +12504,12 @@ static int get_remote(struct args *a, const char *g, uint64_t want, int64_t wait
 		if (opt_val(a, "tag"))
 			proto_opt(&b, "tag", opt_val(a, "tag"), strlen(opt_val(a, "tag")));
 		rmt_retry_opts(a, &b);
-		if (rmt_call(&c, &b, rmsgs_line, &r, NULL, &e) < 0) {
+		char *rest;
+		if (rmt_call(&c, &b, rmsgs_line, &r, &rest, &e) < 0) {
 			rc = -1;
 			break;
 		}
+		busy = strstr(rest, "busy=") ? atoi(strstr(rest, "busy=") + 5) : 0;
 		if (out_flush(&o) < 0) {
 			rc = err_set(&e, MQ_EX_IOERR, "cannot write to stdout: %s (%s)", strerror(o.err),
 			             lease_ms >= 0 || !first ? "the leases will expire and the messages "
@@ -12527,7 +12534,9 @@ static int get_remote(struct args *a, const char *g, uint64_t want, int64_t wait
 		if (rc < 0)
 			break;
 		total += r.n;
-	} while (r.n > 0 && (want == 0 || total < want) && !stop_flag);
+		if (r.n == 0 && busy) /* another consumer holds a partition: a local get waits */
+			poll(NULL, 0, 10);
+	} while ((r.n > 0 || busy) && (want == 0 || total < want) && !stop_flag);
 	rc_close(&c);
 	buf_free(&b);
 	buf_free(&o.b);
@@ -12957,12 +12966,17 @@ static int consume_remote(struct args *a, struct consume *cs, int64_t wait_ms)
 		if (opt_val(a, "tag"))
 			proto_opt(&req, "tag", opt_val(a, "tag"), strlen(opt_val(a, "tag")));
 		rmt_retry_opts(a, &req);
-		if ((rc = rmt_call(&c, &req, rbatch_line, &b, NULL, &e)) < 0) {
+		char *rest;
+		if ((rc = rmt_call(&c, &req, rbatch_line, &b, &rest, &e)) < 0) {
 			if (stop_flag && c.broken && b.n == 0)
 				rc = 0; /* a signal while waiting: done, as locally */
 			break;
 		}
 		c.stop = NULL;
+		if (b.n == 0 && strstr(rest, "busy=")) { /* another consumer holds a partition */
+			poll(NULL, 0, 10);
+			continue;
+		}
 		if (b.n == 0)
 			break; /* empty (after the wait, if any) */
 		pid_t pid = consume_start(cs, &b.rm, &b.o.b, &e);

@@ -269,8 +269,12 @@ assert_piped() {
 	assert_eq "$line" OK
 	read -r -t 10 line <&5
 	[[ "$line" == OK* ]]
-	# while the step is begun, the group's partition is held
-	run -1 mq get src -g g
+	# while the step is begun, the group's partition is held: a GET says so
+	exec 6<>"/dev/tcp/127.0.0.1/$PORT"
+	printf 'GET src group=g\n' >&6
+	read -r -t 10 line <&6
+	assert_eq "$line" "OK 0 busy=1"
+	exec 6>&-
 	exec 5>&-
 	run -0 mq pipe src dst -g g -- tr a-z A-Z
 	run -0 mq peek dst
