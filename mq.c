@@ -5269,6 +5269,9 @@ struct prod {
 	struct txn *txn;       /* put --txn: into this transaction's file */
 	int group;             /* the caller flushes (mq serve's group commit): no
 	                        * flush per message under fsync=always */
+	int nonblock;          /* a partition another process holds defers the flush
+	                        * (mq serve's shared producers), rather than waiting */
+	int64_t retry_ms;      /* ... until then (monotonic) */
 	const char *id;        /* put --id: drop the put if this id is stored */
 	int id_checked;        /* the first flush looked for it */
 	int dup;               /* it was there: everything is dropped */
@@ -5315,6 +5318,8 @@ static int64_t prod_due(const struct prod *pr)
 	int64_t now = mono_ms(), due = -1;
 	if (pr->pending)
 		due = pr->oldest_ms + MQ_SYNC_EVERY_MS - now;
+	if (pr->pending && pr->retry_ms > now && due < pr->retry_ms - now)
+		due = pr->retry_ms - now; /* a lock was busy: not before then */
 	if (pr->q->conf.fsync == MQ_FSYNC_INTERVAL)
 		for (int i = 0; i < pr->q->nparts; i++)
 			if (pr->dirty[i]) {
@@ -5349,21 +5354,66 @@ static int prod_seen(struct prod *pr, struct part *p, uint64_t *off, struct mq_e
  * the sync that interval mode would otherwise postpone.  Returns 0 once
  * the messages are acknowledged; prod_offset() then names their offsets.
  */
+/* Does partition i have anything to write, or to sync, in this flush?
+ * *sync says whether it is synced. */
+static int prod_part_due(const struct prod *pr, int i, int final, int64_t now, int *sync)
+{
+	const struct queue *q = pr->q;
+	int64_t mode = q->conf.fsync;
+	/* interval: unsynced data (dirty since dirty_ms) is synced once the
+	 * interval has passed, and always before the command ends. */
+	int pending = pr->enc[i].nmsgs > 0 || pr->dirty[i];
+	*sync = mode >= MQ_FSYNC_BATCH ||
+	        (mode == MQ_FSYNC_INTERVAL && pending &&
+	         (final || (pr->dirty[i] && now - pr->dirty_ms[i] >= q->conf.fsync_ms)));
+	return pr->enc[i].nmsgs > 0 || (*sync && pr->dirty[i]);
+}
+
+static void q_unlock_all(struct queue *q)
+{
+	for (int i = 0; i < q->nparts; i++)
+		part_unlock(&q->parts[i]);
+}
+
+/* pr->nonblock: take every writer lock this flush needs, or none.
+ * Returns 1 with them held, 0 if another process holds one (nothing is
+ * held; try again from pr->retry_ms), -1 on error. */
+static int prod_lock_all(struct prod *pr, int64_t now, struct mq_err *e)
+{
+	struct queue *q = pr->q;
+	if (pr->retry_ms > now)
+		return 0;
+	for (int i = 0; i < q->nparts; i++) {
+		int sync;
+		if (!prod_part_due(pr, i, 0, now, &sync) || part_lock(&q->parts[i], 1, e) == 0)
+			continue;
+		q_unlock_all(q);
+		if (e->code != MQ_EX_TEMPFAIL)
+			return -1;
+		pr->retry_ms = now + 1;
+		return 0;
+	}
+	return 1;
+}
+
 static int prod_flush(struct prod *pr, int final, struct mq_err *e)
 {
 	struct queue *q = pr->q;
 	int64_t mode = q->conf.fsync, now = mono_ms();
 	if (pr->failed)
 		return err_set(e, MQ_EX_IOERR, "%s: an earlier write failed", q->name);
+	int held = pr->nonblock && !final && !pr->txn && pr->due_ms <= 0;
+	if (held) {
+		int k = prod_lock_all(pr, now, e);
+		if (k < 0)
+			pr->failed = 1;
+		if (k <= 0)
+			return k; /* 0: everything stays buffered for the next flush */
+	}
 	for (int i = 0; i < q->nparts; i++) {
 		struct rec_enc *enc = &pr->enc[i];
-		/* interval: unsynced data (dirty since dirty_ms) is synced once the
-		 * interval has passed, and always before the command ends. */
-		int pending = enc->nmsgs > 0 || pr->dirty[i];
-		int sync = mode >= MQ_FSYNC_BATCH ||
-		           (mode == MQ_FSYNC_INTERVAL && pending &&
-		            (final || (pr->dirty[i] && now - pr->dirty_ms[i] >= q->conf.fsync_ms)));
-		if (enc->nmsgs == 0 && !(sync && pr->dirty[i]))
+		int sync;
+		if (!prod_part_due(pr, i, final, now, &sync))
 			continue;
 		struct part *p = &q->parts[i];
 		rec_enc_close(enc);
@@ -5383,7 +5433,7 @@ static int prod_flush(struct prod *pr, int final, struct mq_err *e)
 			rec_enc_reset(enc);
 			continue;
 		}
-		if (part_lock(p, 0, e) < 0) {
+		if (!held && part_lock(p, 0, e) < 0) {
 			pr->failed = 1;
 			return -1;
 		}
@@ -5424,6 +5474,7 @@ static int prod_flush(struct prod *pr, int final, struct mq_err *e)
 		if (r < 0) {
 			/* Partitions before this one are written and published; their
 			 * buffers are already empty, and nothing is ever written twice. */
+			q_unlock_all(q);
 			pr->failed = 1;
 			return -1;
 		}
@@ -7417,6 +7468,7 @@ static void sq_prod_init(struct sq *q)
 {
 	prod_init(&q->pr, q->q, -1);
 	q->pr.group = 1;
+	q->pr.nonblock = 1;
 	q->pr.acked = sq_acked;
 	q->pr.ctx = q;
 }
@@ -7541,8 +7593,10 @@ static int sq_busy(struct srv *s, struct sq *q)
 	return q->flen > 0;
 }
 
-/* Group commit: flush every shared producer once; answer the puts. */
-static void srv_commit(struct srv *s)
+/* Group commit: flush every shared producer once; answer the puts.  A
+ * partition another process holds defers its queue's flush to a later
+ * round, unless final (the server is stopping), which waits for it. */
+static void srv_commit(struct srv *s, int final)
 {
 	for (struct sq *q = s->queues; q; q = q->next) {
 		struct mq_err e;
@@ -7552,7 +7606,7 @@ static void srv_commit(struct srv *s)
 		if (q->pr.pending)
 			q->changed = 1;
 		s->commits++;
-		if (prod_flush(&q->pr, 0, &e) < 0) {
+		if (prod_flush(&q->pr, final, &e) < 0) {
 			srv_log(s, "level=error event=commit queue=%s error=\"%s\"", q->q->name, e.msg);
 			sq_failed(q, &e);
 		}
@@ -8565,7 +8619,7 @@ static int v_verify(struct srv *s, struct conn *c, struct preq *r, struct ticket
 		return -1;
 	if (np == 0 && q_list(s->sp, &names, &n, e) < 0)
 		return -1;
-	srv_commit(s); /* what the shared producers hold, on disk first */
+	srv_commit(s, 1); /* what the shared producers hold, on disk first */
 	size_t total = np ? (size_t)np : n;
 	for (size_t i = 0; i < total && rc == 0; i++) {
 		struct queue *q = NULL;
@@ -9849,7 +9903,7 @@ static void srv_timers(struct srv *s)
  */
 static void srv_reconf(struct srv *s, struct srv_opts *o)
 {
-	srv_commit(s);
+	srv_commit(s, 0);
 	int same = o->nlisten == s->o.nlisten && !strcmp(o->metrics, s->o.metrics) &&
 	           !strcmp(o->spool, s->o.spool);
 	for (int i = 0; same && i < o->nlisten; i++)
@@ -9928,7 +9982,7 @@ static int srv_run(struct srv *s, volatile sig_atomic_t *stop, struct mq_err *e)
 					srv_read(s, c);
 			}
 		}
-		srv_commit(s);
+		srv_commit(s, 0);
 		int tick = mono_ms() - s->tick_ms >= 1000;
 		srv_wake(s, tick);
 		for (struct conn *c = s->conns, *nx; c; c = nx) {
@@ -9970,7 +10024,7 @@ static void srv_free(struct srv *s)
 		t->c->waiting = 0;
 	}
 	s->waiting = NULL;
-	srv_commit(s);
+	srv_commit(s, 1);
 	int64_t until = mono_ms() + 5000;
 	for (;;) {
 		int left = 0;

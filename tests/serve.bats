@@ -1020,3 +1020,28 @@ EOF2
 	assert_eq "$rc" 0
 	assert_eq "$(mq peek r | tr '\n' ' ')" "d1 d2 d4 "
 }
+
+@test "serve: a partition another process holds delays only the puts into it; the server goes on serving the rest" {
+	serve_start
+	mq put q first
+	mq put r first
+	local gate=$BATS_TEST_TMPDIR/gate qpid rc=0
+	mkfifo "$gate"
+	# (held for 30 s at most, so a server that waits for it still stops)
+	bg flock -x "$MQ_SPOOL/q/0/lock" timeout 30 sh -c "touch '$BATS_TEST_TMPDIR/held'; read -r _ <'$gate'"
+	wait_for '[ -e "$BATS_TEST_TMPDIR/held" ]'
+	"$MQ" put q second &
+	qpid=$!
+	# the other queue is served meanwhile, puts and gets alike
+	run -0 timeout 20 "$MQ" put r second
+	run -0 timeout 20 "$MQ" get -n 2 r
+	assert_eq "$output" "$(printf '%s\n' first second)"
+	run -0 mq peek q
+	assert_eq "$output" first
+	proc_gone "$qpid" && { echo "the put into the held partition was answered" >&2; return 1; }
+	echo go >"$gate"
+	wait "$qpid" || rc=$?
+	assert_eq "$rc" 0
+	run -0 mq peek q
+	assert_eq "$output" "$(printf '%s\n' first second)"
+}
