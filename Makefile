@@ -16,7 +16,7 @@ SAN      = -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-re
 
 BATS_FILES = $(sort $(wildcard tests/*.bats))
 
-.PHONY: all deps demo check check-werror unit bats bats-asan lint bench install uninstall clean
+.PHONY: all deps demo check check-werror unit bats bats-remote bats-asan lint bench install uninstall clean
 
 all: mq
 
@@ -53,7 +53,7 @@ demo: deps
 # suite against the normal build and again against the sanitizer build,
 # and the man pages through mandoc -Tlint.
 check: deps
-	@$(MAKE) --no-print-directory check-werror unit lint bats bats-asan
+	@$(MAKE) --no-print-directory check-werror unit lint bats bats-remote bats-asan
 
 check-werror:
 	$(CC) $(WARN) -O2 $(PKG_CFLAGS) -fsyntax-only mq.c
@@ -64,6 +64,15 @@ unit: tests/unit
 
 bats: mq mq-fault
 	MQ=$(CURDIR)/mq MQ_FAULT_BIN=$(CURDIR)/mq-fault bats --jobs 1 $(BATS_FILES)
+
+# The files of the commands that work through a server, again with every
+# mq command going through a real mq serve on loopback (MQ_VIA_SERVER=1:
+# tests/helper.bash starts one per test and exports MQ_SERVER).
+BATS_REMOTE_FILES = $(addprefix tests/,$(addsuffix .bats,cli consume create delay get groups \
+	leases locking peek put retention retry stat tags tail))
+
+bats-remote: mq mq-fault
+	MQ=$(CURDIR)/mq MQ_FAULT_BIN=$(CURDIR)/mq-fault MQ_VIA_SERVER=1 bats --jobs 1 $(BATS_REMOTE_FILES)
 
 bats-asan: mq-asan mq-fault
 	MQ=$(CURDIR)/mq-asan MQ_FAULT_BIN=$(CURDIR)/mq-fault MQ_ASAN=1 bats $(BATS_FILES)

@@ -6704,7 +6704,8 @@ static int receipt_parse(const char *s, struct receipt *r)
 
 /*
  * Answer the receipts rs[0..n) that name group g and partition part:
- * ack (the message is done) or nack (it failed: retried after delay_ms,
+ * ack (nack 0: the message is done) or nack (nack is why it failed, an
+ * MQ_WHY_* code, MQ_WHY_NACK for mq nack: retried after delay_ms,
  * or the queue's backoff when delay_ms < 0).  Each gets a result: RC_OK;
  * RC_ALREADY (done before: acked, or its lease expired and another
  * consumer finished it); RC_STALE (its lease expired and the message is
@@ -6733,7 +6734,7 @@ static int grp_answer(struct queue *q, const char *g, int part, struct receipt *
 		if (x && x->kind == GE_LEASED && x->lease == r->lease) {
 			r->result = RC_OK;
 			if (nack)
-				rc = grp_failed(&c, r->off, 1, x->attempt, MQ_WHY_NACK, now_ms(), delay_ms, e);
+				rc = grp_failed(&c, r->off, 1, x->attempt, (uint32_t)nack, now_ms(), delay_ms, e);
 			else
 				gs_done(&c.gs, r->off, 1);
 			c.dirty = 1;
@@ -6998,6 +6999,7 @@ struct rconn {
 	char addr[256];
 	int broken;      /* a send or receive failed: no answer is coming */
 	volatile sig_atomic_t *stop; /* set by a signal: a wait is given up */
+	void (*notice)(void *ctx, const char *msg); /* the server's NOTICE lines */
 };
 
 /* Connect (to port defport when addr names none); with ms > 0, give up
@@ -7165,6 +7167,15 @@ static int rc_next(struct rconn *c, char **line, struct mq_err *e)
 {
 	if (rc_line(c, line, e) < 0)
 		return -1;
+	while (!strncmp(*line, "NOTICE ", 7)) { /* the server's spool notice: as a local one */
+		struct preq r = {0};
+		if (proto_parse(*line, &r, e) == 0 && preq_npos(&r) == 1)
+			if (c->notice)
+				c->notice(NULL, preq_pos(&r, 0));
+		preq_free(&r);
+		if (rc_line(c, line, e) < 0)
+			return -1;
+	}
 	char *l = *line;
 	if (!strncmp(l, "OK", 2) && (!l[2] || l[2] == ' ')) {
 		*line = l[2] ? l + 3 : l + 2;
@@ -7366,6 +7377,7 @@ struct srv {
 	struct ticket *waiting;
 	unsigned rr;           /* rotates the partition a get starts at */
 	int64_t started_ms, tick_ms;
+	struct ticket *cur;       /* the request being run: spool notices go to it too */
 	struct tchild *tck;       /* txn-check runs, one per queue at a time */
 	int ntck;
 	int64_t tck_scan_ms;      /* monotonic: the last look for queues to check */
@@ -7907,11 +7919,20 @@ static int v_put(struct srv *s, struct conn *c, struct preq *r, struct ticket *t
 		        "partition and offsets");
 		return 0;
 	}
+	struct qconf chk; /* bad settings are refused before the queue is created */
+	conf_defaults(&chk);
+	for (int i = 0; i < nset; i++)
+		if (conf_set(&chk, set[i].k, set[i].v, "request", &t->err) < 0) {
+			t->err.code = MQ_EX_USAGE;
+			return 0;
+		}
 	if (!(c->psq = srv_queue(s, name, (int)create, &qe))) {
 		t->err = qe;
 		return 0;
 	}
 	struct queue *q = c->psq->q;
+	if (dly_tick(q, &qe) > 0) /* due delayed messages join their partitions, as a local put */
+		c->psq->changed = 1;  /* moves them */
 	if (preq_opt(r, "partition") && part >= (uint64_t)q->nparts) {
 		err_set(&t->err, MQ_EX_USAGE, "partition %" PRIu64 " does not exist (the queue has %d)",
 		        part, q->nparts);
@@ -8011,7 +8032,9 @@ static void srv_frame(struct srv *s, struct conn *c, const char *body, size_t bl
 				q->flen--;
 		}
 		t->inflight--;
-		err_set(&t->err, MQ_EX_DATAERR, "message %" PRIu64 ": %s", t->nread, e.msg);
+		err_set(&t->err, MQ_EX_DATAERR, "message %" PRIu64 " is longer than the maximum of %"
+		        PRId64 " bytes (max-message-bytes); it and the rest of the put were not written",
+		        t->nread, c->ppr->q->conf.max_message);
 	} else if (k < 0 && !c->own) {
 		srv_log(s, "level=error event=commit queue=%s error=\"%s\"", c->psq->q->name, e.msg);
 		sq_failed(c->psq, &e);
@@ -8270,7 +8293,8 @@ static void srv_wake(struct srv *s, int tick)
 			abort();
 		int k = proto_parse(line, &r, &e) < 0 ||
 		        srv_allowed(s, t->c, NEED_READ, preq_pos(&r, 0), &e) < 0 /* a reload */
-		        ? -1 : t->rerun(s, t, &r, &e);
+		        ? -1 : (s->cur = t, t->rerun(s, t, &r, &e));
+		s->cur = NULL;
 		free(line);
 		preq_free(&r);
 		if (k == 1)
@@ -8297,8 +8321,14 @@ static int v_ack(struct srv *s, struct conn *c, struct preq *r, struct ticket *t
 	int nset = ropt_settings(r, set);
 	struct queue *q;
 	(void)c;
-	if (ropt_u64(r, "delay", 0, &delay, e) < 0)
+	uint64_t why = MQ_WHY_NACK; /* why=: the consumer's reason (consume through a server) */
+	if (ropt_u64(r, "delay", 0, &delay, e) < 0 || ropt_u64(r, "why", MQ_WHY_NACK, &why, e) < 0)
 		return -1;
+	if (nack && ((why & 0xff) < MQ_WHY_EXIT || (why & 0xff) > MQ_WHY_EXPIRED || why > UINT32_MAX))
+		return err_set(e, MQ_EX_USAGE, "bad why '%s' (an MQ_WHY_* code, see mq.h)",
+		               preq_opt(r, "why"));
+	if (nack)
+		nack = (int)why;
 	struct receipt *rs = calloc((size_t)n, sizeof *rs);
 	if (!rs)
 		abort();
@@ -9073,7 +9103,7 @@ static void srv_request(struct srv *s, struct conn *c, char *line)
 	for (int i = 0; rc == 0 && v->fn != v_put && i < (v->all_pos && np ? np : 1); i++)
 		rc = srv_allowed(s, c, v->need, preq_pos(&r, i), &e); /* a put checks in v_put */
 	if (rc == 0)
-		rc = v->fn(s, c, &r, t, &e);
+		s->cur = t, rc = v->fn(s, c, &r, t, &e), s->cur = NULL;
 	if (rc < 0)
 		tk_err(t, &e);
 	if (c->put == t && t->count == 0)
@@ -9248,9 +9278,9 @@ static void srv_parse(struct srv *s, struct conn *c)
 			int64_t max = c->psq ? c->psq->q->conf.max_message : 0;
 			if (c->put->err.code || !c->ppr || blen > (unsigned long long)max) {
 				if (!c->put->err.code) /* refused without buffering it */
-					err_set(&c->put->err, MQ_EX_DATAERR, "message %" PRIu64 ": message of %llu "
-					        "bytes is over the maximum of %" PRId64 " (max-message-bytes)",
-					        c->put->nread + 1, blen, max);
+					err_set(&c->put->err, MQ_EX_DATAERR, "message %" PRIu64 " is longer than "
+					        "the maximum of %" PRId64 " bytes (max-message-bytes); it and the rest "
+					        "of the put were not written", c->put->nread + 1, max);
 				c->put->nread++;
 				c->ipos += ll + 1;
 				c->skip = (uint64_t)blen + 1;
@@ -10691,8 +10721,13 @@ static int opt_partition(struct args *a, const struct queue *q, int *part)
 static int rmt_open(struct args *a, struct rconn *c, struct mq_err *e)
 {
 	char *line;
+	memset(c, 0, sizeof *c);
+	c->fd = -1;
+	if (a->queue && q_check_name("queue", a->queue, e) < 0) /* as locally, before anything */
+		return -1;
 	if (rc_open(c, a->server, MQ_DEFAULT_PORT, a->connect_ms, e) < 0)
 		return -1;
+	c->notice = notice_stderr;
 	const char *tok = getenv("MQ_TOKEN");
 	struct buf b = {0};
 	buf_adds(&b, "HELLO 1\n");
@@ -11479,7 +11514,13 @@ static int put_remote(struct args *a, struct putctx *pc, int64_t due)
 {
 	struct mq_err e = {0};
 	struct rput rp;
+	struct qconf tmp;
 	int rc = 0;
+	conf_defaults(&tmp); /* a bad --fsync is 64 here, before the queue is created there */
+	if (opt_val(a, "fsync") && conf_set(&tmp, "fsync", opt_val(a, "fsync"), "option", &e) < 0) {
+		e.code = MQ_EX_USAGE;
+		return fail(a, &e);
+	}
 	memset(&rp, 0, sizeof rp);
 	rp.queue = a->pos[0];
 	static const char *const pass[] = {"key", "tag", "fsync", "id", "partition"};
@@ -11568,9 +11609,10 @@ static int put_remote(struct args *a, struct putctx *pc, int64_t due)
 		rc = stdout_done(a);
 	}
 	if (rc == 0 && rp.dup[0])
-		fprintf(stderr, "%s: put: %s: id '%s' is already stored (partition:offset %s, within "
-		        "the dedupe window): nothing stored\n", progname, rp.queue, opt_val(a, "id"),
-		        rp.dup);
+		fprintf(stderr, "%s: put: %s: id '%s' is already stored (partition %.*s offset %s, "
+		        "within the dedupe window): nothing stored\n", progname, rp.queue,
+		        opt_val(a, "id"), (int)strcspn(rp.dup, ":"),
+		        rp.dup, strchr(rp.dup, ':') ? strchr(rp.dup, ':') + 1 : "?");
 	rput_free(&rp);
 	buf_free(&rp.opts);
 	return rc;
@@ -12178,7 +12220,11 @@ static int rsetting_line(void *ctx, char *line, struct mq_err *e)
 	const char *v = preq_npos(&q) == 1 ? preq_pos(&q, 0) : "";
 	if (!strcmp(q.t[0].val, "LINE") && !strncmp(v, r->key, kl) && v[kl] == ':') {
 		v += kl + 1 + strspn(v + kl + 1, " ");
-		strfmt(r->out, r->n, "%.*s", (int)strcspn(v, " "), v);
+		const char *end = strstr(v, " #"); /* the value, then where it came from */
+		size_t n = end ? (size_t)(end - v) : strlen(v);
+		while (n && v[n - 1] == ' ')
+			n--;
+		strfmt(r->out, r->n, "%.*s", (int)n, v);
 	}
 	preq_free(&q);
 	return 0;
@@ -13002,6 +13048,22 @@ static int consume_remote(struct args *a, struct consume *cs, int64_t wait_ms)
 	cs->q = &fake;
 	if (rmt_open(a, &c, &e) < 0)
 		return fail(a, &e);
+	/* the retry settings the server applies, for the failure notices */
+	struct kv set[2];
+	int nset = opt_retry_settings(a, set);
+	char v[256];
+	conf_defaults(&fake.conf);
+	for (int i = 0; i < 2; i++) {
+		const char *key = i ? "backoff" : "retries";
+		if (rmt_setting(&c, a->queue, key, v, sizeof v, &e) < 0) {
+			rc_close(&c);
+			return fail(a, &e);
+		}
+		if (*v)
+			conf_set(&fake.conf, key, v, "server", &e);
+	}
+	for (int i = 0; i < nset; i++)
+		conf_set(&fake.conf, set[i].k, set[i].v, "option", &e);
 	signal(SIGPIPE, SIG_IGN);
 	while (!stop_flag && (cs->max == 0 || cs->done + cs->failed < cs->max)) {
 		c.stop = &stop_flag; /* a signal ends a wait for messages, not an ack */
@@ -13052,19 +13114,27 @@ static int consume_remote(struct args *a, struct consume *cs, int64_t wait_ms)
 				poll(NULL, 0, 5);
 		}
 		int ok = !killed && WIFEXITED(st) && WEXITSTATUS(st) == 0;
-		if (!ok) {
-			char w[64];
+		if (!ok) { /* the notices a local consume prints; the server does the same */
+			char w[64], d[32];
 			why_text(run_why(st, killed), w, sizeof w);
-			fprintf(stderr, "%s: '%s' failed on %s/%d offset %" PRIu64 " (%s, attempt %u); "
-			        "the server retries it after the backoff, or after the last retry moves it "
-			        "to %s.dlq\n", progname, cs->argv[0], a->queue, b.rm.part, b.rm.offset, w,
-			        b.rm.attempt, a->queue);
+			fmt_duration(d, sizeof d, backoff_ms(&fake.conf, b.rm.attempt));
+			if ((int64_t)b.rm.attempt <= fake.conf.retries)
+				fprintf(stderr, "%s: '%s' failed on %s/%d offset %" PRIu64 " (%s, attempt %u of %"
+				        PRId64 "); retry in %s\n", progname, cs->argv[0], a->queue, b.rm.part,
+				        b.rm.offset, w, b.rm.attempt, fake.conf.retries + 1, d);
+			else
+				fprintf(stderr, "%s: %s/%d: group '%s': offsets %" PRIu64 "-%" PRIu64 " failed %u "
+				        "times (last: %s); moved to %s%s\n", progname, a->queue, b.rm.part,
+				        cs->group, b.rm.offset, b.rm.offset + b.n - 1, b.rm.attempt, w, a->queue,
+				        MQ_DLQ_SUFFIX);
 		}
 		req.len = 0;
 		buf_adds(&req, ok ? "ACK " : "NACK ");
 		proto_esc(&req, a->queue, strlen(a->queue));
-		if (!ok)
+		if (!ok) {
 			rmt_retry_opts(a, &req);
+			buf_printf(&req, " why=%" PRIu32, run_why(st, killed)); /* for the dead letter */
+		}
 		buf_add(&req, b.receipts.p, b.receipts.len);
 		if ((rc = rmt_call(&c, &req, NULL, NULL, NULL, &e)) < 0)
 			break;
@@ -13670,7 +13740,7 @@ static int cmd_ack(struct args *a)
 	           q_open(&a->sp, a->queue, 0, set, nset, &q, &e) < 0) {
 		rc = fail(a, &e);
 		goto out;
-	} else if (grp_answer_all(q, rs, nr, nack, delay, 0, &e) < 0) {
+	} else if (grp_answer_all(q, rs, nr, nack ? MQ_WHY_NACK : 0, delay, 0, &e) < 0) {
 		rc = fail(a, &e);
 	}
 	int failed = rc != MQ_EX_OK;
@@ -14117,6 +14187,20 @@ static void serve_notice(void *ctx, const char *msg)
 	serve_log(ctx, line);
 }
 
+/* A spool notice (a recovery, a warning): logged, and when it comes from
+ * a request, also sent in its answer as a NOTICE line, which mq prints on
+ * stderr as the local command would. */
+static void srv_spool_notice(void *ctx, const char *msg)
+{
+	struct srv *s = ctx;
+	serve_notice(NULL, msg);
+	if (s->cur && s->cur->c) {
+		buf_adds(&s->cur->resp, "NOTICE ");
+		proto_esc(&s->cur->resp, msg, strlen(msg));
+		buf_add(&s->cur->resp, "\n", 1);
+	}
+}
+
 /* What mq serve and mq nameserver do alike with signals. */
 static void serve_signals(void)
 {
@@ -14223,6 +14307,8 @@ static int cmd_serve(struct args *a)
 		return fail(a, &e);
 	}
 	s.log = serve_log;
+	a->sp.notice = srv_spool_notice;
+	a->sp.notice_ctx = &s;
 	serve_signals();
 	int rc = 0;
 	for (int i = 0; i < o.nlisten && rc == 0; i++)

@@ -199,6 +199,7 @@ table_commands() {
 }
 
 @test "cli: \$MQ_SPOOL selects the spool when there is no -d" {
+	local_only "\$MQ_SPOOL names the spool of local commands only"
 	local other=$BATS_TEST_TMPDIR/other
 	MQ_SPOOL=$other run -0 mq put q x
 	[ -d "$other/q" ]
@@ -208,6 +209,7 @@ table_commands() {
 }
 
 @test "cli: without -d or \$MQ_SPOOL the spool is /var/spool/mq for root, else XDG state" {
+	local_only "\$MQ_SPOOL names the spool of local commands only"
 	if [ "$(id -u)" -eq 0 ]; then
 		# config only reads, so this touches nothing
 		MQ_SPOOL= run -0 mq config
@@ -259,6 +261,7 @@ table_commands() {
 }
 
 @test "cli: long work shows a progress line on a terminal only" {
+	local_only "verify's progress line is drawn where it runs: on the server's terminal"
 	mq create q --segment-bytes 4k
 	seq 1 3000 | mq put q
 	# Not a terminal: stderr stays empty.

@@ -99,7 +99,7 @@ load helper
 		"$MQ" consume q -g w -- sh -c "cat >>'$BATS_TEST_TMPDIR/c$c'" &
 		BG_PIDS+=("$!")
 	done
-	wait
+	wait_jobs
 	run -0 bash -c "cat '$BATS_TEST_TMPDIR'/c1 '$BATS_TEST_TMPDIR'/c2 | sort -n"
 	assert_eq "$output" "$(seq 1 200)"
 }
@@ -115,6 +115,7 @@ load helper
 }
 
 @test "consume --parallel: runs at once, never two of one key at once, each message once" {
+	local_only "consume --parallel exits 64 through a server"
 	local k
 	for k in a b c; do seq 1 6 | mq put q -k "$k"; done
 	seq 1 6 | mq put q
@@ -137,7 +138,7 @@ JOB
 	done ) &
 	run -0 mq consume q -g w --parallel 3 -- "$BATS_TEST_TMPDIR/job.sh"
 	touch "$BATS_TEST_TMPDIR/stop"
-	wait
+	wait_jobs
 	[ ! -e "$BATS_TEST_TMPDIR/conflicts" ]
 	[ "$(wc -l <"$BATS_TEST_TMPDIR/done")" -eq 24 ]
 	[ "$(sort "$BATS_TEST_TMPDIR/done" | uniq -d | wc -l)" -eq 0 ]

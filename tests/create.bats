@@ -31,6 +31,7 @@ load helper
 @test "create: settings not given follow mq.yaml later; given ones do not" {
 	mq create q --segment-bytes 1M
 	printf 'defaults:\n  segment-bytes: 2M\n  compression: zlib\n' >"$MQ_SPOOL/mq.yaml"
+	reload_config
 	run -0 mq config q
 	grep -Eqx "segment-bytes: 1M +# $MQ_SPOOL/q/meta.yaml:[0-9]+" <<<"$output"
 	grep -Eqx "compression: zlib +# $MQ_SPOOL/mq.yaml:3" <<<"$output"
@@ -89,6 +90,7 @@ load helper
 	grep -Eqx "max-message-bytes: 32M +# $MQ_SPOOL/q/meta.yaml:[0-9]+" <<<"$output"
 	# 1024 partitions is the maximum (checked without creating them all)
 	printf 'queues:\n  wide:\n    partitions: 1024\n' >"$MQ_SPOOL/mq.yaml"
+	reload_config
 	run -0 mq config wide
 	grep -Eqx "partitions: 1024 +# $MQ_SPOOL/mq.yaml:3" <<<"$output"
 }
@@ -120,7 +122,7 @@ load helper
 			echo "$rc" >"$BATS_TEST_TMPDIR/rc.$k"
 		) &
 	done
-	wait
+	wait_jobs
 	assert_eq "$(cat "$BATS_TEST_TMPDIR"/rc.* | sort | tr '\n' ' ')" "0 65 65 65 65 65 "
 	assert_eq "$(ls -A "$MQ_SPOOL")" q
 	run -0 mq stat --json q

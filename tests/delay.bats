@@ -413,6 +413,7 @@ sweep() {
 }
 
 @test "delay: kill -9 at every fdatasync, pwrite, open, unlink, fsync, rmdir of a move: no loss, no duplicate" {
+	local_only "fault injection (mq-fault) and spool copies under the server"
 	[ -x "$MQ_FAULT_BIN" ] || skip "no fault-injection build at $MQ_FAULT_BIN"
 	crash_template
 	for call in fdatasync pwrite open unlink fsync rmdir; do
@@ -439,6 +440,7 @@ put_between() {
 }
 
 @test "delay: a move killed again while resuming, or with a put in between, still loses and duplicates nothing" {
+	local_only "fault injection (mq-fault) and spool copies under the server"
 	[ -x "$MQ_FAULT_BIN" ] || skip "no fault-injection build at $MQ_FAULT_BIN"
 	crash_template
 	sweep fdatasync crash_again
@@ -477,6 +479,7 @@ put_between() {
 }
 
 @test "delay: a delayed put killed at any write, sync, open or mkdir stores all of its messages or none; the wheel goes on" {
+	local_only "fault injection (mq-fault) in the client, not the server"
 	[ -x "$MQ_FAULT_BIN" ] || skip "no fault-injection build at $MQ_FAULT_BIN"
 	s=$(due_second 2000)
 	[ -z "${MQ_ASAN:-}" ] || s=$((s + 2))

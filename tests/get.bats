@@ -105,7 +105,7 @@ long_name() { head -c "$1" /dev/zero | tr '\0' n; }
 	for i in 1 2 3 4; do
 		(while "$MQ" get q -n 7 >>"$BATS_TEST_TMPDIR/out.$i"; do :; done) &
 	done
-	wait
+	wait_jobs
 	sort -n "$BATS_TEST_TMPDIR"/out.* | cmp - <(seq 600)
 	# each consumer's own output is in order
 	for i in 1 2 3 4; do
@@ -209,8 +209,8 @@ long_name() { head -c "$1" /dev/zero | tr '\0' n; }
 	local f=$BATS_TEST_TMPDIR/out t0 t1
 	t0=$(now_ms)
 	bg "$MQ" get q -w 10s -f '%s\n' >"$f"
-	# let it reach its wait (it watches the head files with inotify)
-	wait_for "ls -l /proc/${BG_PIDS[-1]}/fd | grep -q inotify" 10
+	# let it reach its wait
+	wait_waiting "${BG_PIDS[-1]}"
 	mq put q -p 2 woken
 	wait_for "grep -qx woken '$f'" 10
 	wait "${BG_PIDS[-1]}"
@@ -224,8 +224,9 @@ long_name() { head -c "$1" /dev/zero | tr '\0' n; }
 	"$MQ" get q -w &
 	local pid=$!
 	BG_PIDS+=("$pid")
-	wait_for "ls -l /proc/$pid/fd | grep -q inotify" 10
+	wait_waiting "$pid"
 	kill -TERM "$pid"
+	wait_for "proc_gone $pid" 10
 	local rc=0
 	wait "$pid" || rc=$?
 	assert_eq "$rc" 1
@@ -240,6 +241,10 @@ long_name() { head -c "$1" /dev/zero | tr '\0' n; }
 	run bash -c "'$MQ' get q -n 5 | head -c 1 >/dev/null"
 	run -0 mq stat --json q
 	assert_eq "$(json_eval 'd["groups"][0]["lag"]' <<<"$output")" 5
+	if via_server; then
+		assert_lease_held q default 5
+		return 0
+	fi
 	run -0 mq get q -n 0
 	[ "${#lines[@]}" -eq 5 ]
 	assert_eq "$(cut -c1 <<<"$output" | tr -d '\n')" 12345
@@ -249,8 +254,12 @@ long_name() { head -c "$1" /dev/zero | tr '\0' n; }
 	mq put q a b c
 	run -74 --separate-stderr bash -c "'$MQ' get q -n 3 >&-"
 	[[ "$stderr" == "mq: get: q: "* ]]
-	run -0 mq get q -n 0
-	assert_eq "$output" "$(printf 'a\nb\nc')"
+	if via_server; then
+		assert_lease_held q default 3
+	else
+		run -0 mq get q -n 0
+		assert_eq "$output" "$(printf 'a\nb\nc')"
+	fi
 	run -0 mq verify q
 }
 
@@ -264,9 +273,8 @@ long_name() { head -c "$1" /dev/zero | tr '\0' n; }
 @test "bad queue names are refused (64) by put, get, create and peek; nothing is created" {
 	local name cmd long
 	long=$(long_name 129)
-	mkdir "$BATS_TEST_TMPDIR/box"
-	export MQ_SPOOL="$BATS_TEST_TMPDIR/box/spool"
-	mkdir "$MQ_SPOOL"
+	mkdir -p "$BATS_TEST_TMPDIR/box/spool"
+	use_spool "$BATS_TEST_TMPDIR/box/spool"
 	local bad=""
 	for name in ../x a/b .hidden '' "$long" '-' 'a b' 'x:y' 'é' '..' '.'; do
 		for cmd in put get create peek; do

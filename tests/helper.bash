@@ -1,6 +1,13 @@
 # Shared set-up for the bats suite.  Each test gets a fresh spool under
 # $BATS_TEST_TMPDIR; $MQ names the binary under test (the Makefile passes
 # the normal build, then the ASan+UBSan build).
+#
+# With MQ_VIA_SERVER=1 (make bats-remote) setup() also starts `mq serve`
+# on that spool and exports MQ_SERVER, so every `mq` and "$MQ" without -d
+# runs through the server; teardown() stops it (it must exit 0 on SIGTERM)
+# and fails the test on a sanitizer report in its log.  A test that checks
+# what only a local command does calls local_only REASON first.  A bare
+# `wait` would wait for that server too: use wait_jobs.
 bats_require_minimum_version 1.5.0
 
 : "${MQ:=$BATS_TEST_DIRNAME/../mq}"
@@ -15,14 +22,112 @@ setup() {
 	export MQ_SPOOL="$BATS_TEST_TMPDIR/spool"
 	mkdir -p "$MQ_SPOOL"
 	BG_PIDS=()
+	if via_server; then
+		serve_start
+	fi
 }
 
 teardown() {
-	local p
+	local p rc=0
 	for p in "${BG_PIDS[@]}"; do
-		kill -9 "$p" 2>/dev/null || true
+		[ "$p" = "${SERVE_PID:-}" ] || kill -9 "$p" 2>/dev/null || true
 	done
+	if [ -n "${SERVE_PID:-}" ]; then
+		# a server left running must stop cleanly on SIGTERM
+		serve_stop || rc=1
+		[ "${SERVE_RC:-0}" = 0 ] || { echo "teardown: mq serve exited $SERVE_RC" >&2; rc=1; }
+	fi
 	wait 2>/dev/null || true
+	# a sanitizer report from any server of the test fails it
+	if grep -l 'Sanitizer\|runtime error:' "$BATS_TEST_TMPDIR"/serve.*.log >/dev/null 2>&1; then
+		cat "$BATS_TEST_TMPDIR"/serve.*.log >&2
+		rc=1
+	elif [ "$rc" != 0 ] || [ -z "${BATS_TEST_COMPLETED:-}" ]; then
+		# a failed test shows the end of its servers' logs
+		for p in "$BATS_TEST_TMPDIR"/serve.*.log; do
+			[ -e "$p" ] || continue
+			echo "--- last lines of $p" >&2
+			tail -n 20 "$p" >&2
+		done
+	fi
+	return "$rc"
+}
+
+# Does this run send every mq command through a server (MQ_VIA_SERVER=1)?
+via_server() { [ "${MQ_VIA_SERVER:-}" = 1 ]; }
+
+# Skip the test when it runs through a server: it checks what only a
+# local command does (the spool's files while a server holds them, a
+# command that exits 64 through a server, fault injection, ...).  $1 says
+# why; it is required.
+local_only() {
+	[ -n "${1:-}" ] || { echo "local_only: give the reason" >&2; return 1; }
+	! via_server || skip "local only: $1"
+}
+
+# Make $1 the test's spool: $MQ_SPOOL for local commands and, when the
+# test runs through a server, a new `mq serve` on it (the old one must
+# stop cleanly).
+use_spool() {
+	export MQ_SPOOL=$1
+	[ -n "${SERVE_PID:-}" ] || return 0
+	serve_stop || return 1
+	[ "$SERVE_RC" = 0 ] || { echo "use_spool: mq serve exited $SERVE_RC" >&2; return 1; }
+	SERVE_SPOOL=$1 serve_start
+}
+
+# Wait (at most 10 s) until the `mq get -w` or `mq tail -F` of process $1
+# waits for new messages.  Locally it then watches the head files with
+# inotify.  Through a server it waits there (GET -w, WATCH a second at a
+# time) and sleeps in one read meanwhile: asleep for 300 ms without a
+# context switch, longer than an idle server takes to answer anything else.
+wait_waiting() {
+	if via_server; then
+		wait_for "asleep_for $1 0.3" 10
+	else
+		wait_for "ls -l /proc/$1/fd | grep -q inotify" 10
+	fi
+}
+
+# Has process $1 slept through the last $2 seconds (no voluntary context
+# switch meanwhile)?
+asleep_for() {
+	local a b
+	a=$(awk '/^State:/ { s = $2 } /^voluntary_ctxt_switches:/ { print s, $2 }' "/proc/$1/status") || return 1
+	sleep "$2"
+	b=$(awk '/^State:/ { s = $2 } /^voluntary_ctxt_switches:/ { print s, $2 }' "/proc/$1/status") || return 1
+	[ "$a" = "$b" ] && [ "${b%% *}" = S ]
+}
+
+# After a test writes SPOOL/mq.yaml: a server reads it at start and on
+# SIGHUP (mq(1), serve), so send SIGHUP and wait for its reload line.
+reload_config() {
+	[ -n "${SERVE_PID:-}" ] || return 0
+	local n
+	n=$(grep -c ' event=reload ' "$SERVE_LOG" || true)
+	kill -HUP "$SERVE_PID"
+	wait_for "[ \$(grep -c ' event=reload ' '$SERVE_LOG') -gt $n ]" 10
+}
+
+# Through a server, get without --lease and consume take their messages
+# under a lease (get: 60 s; consume: --timeout plus a minute, else an
+# hour) and acknowledge them only once done (mq(1), "Through a server").
+# After one that failed or was killed, check that group $2 of queue $1
+# holds them, $3 of them, all leased (none lost, none committed): they
+# come again when the lease runs out, where locally they come at once.
+assert_lease_held() {
+	run -0 mq groups --json "$1"
+	assert_eq "$(json_eval "[[g['lag'], g['leased']] for g in d if g['group'] == '$2']" <<<"$output")" "[[$3, $3]]"
+}
+
+# Wait for every background job of the test except the server started by
+# setup (a bare `wait` would wait for it too); their statuses are ignored,
+# as a bare `wait` ignores them.
+wait_jobs() {
+	local p
+	for p in $(jobs -p); do
+		[ "$p" = "${SERVE_PID:-}" ] || wait "$p" 2>/dev/null || true
+	done
 }
 
 # mq with the test spool, so `run mq ...` reads naturally.

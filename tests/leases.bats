@@ -276,7 +276,7 @@ crash_worker() {
 		crash_worker "$t" "$w" "$CRASH_ROUNDS" &
 		BG_PIDS+=("$!")
 	done
-	wait
+	wait_jobs
 	# Drain without kills: expired leases come back after 1s + 100ms.
 	local deadline=$((SECONDS + 25))
 	for ((k = 0; ; k++)); do
@@ -376,7 +376,7 @@ EOF
 		) &
 		BG_PIDS+=("$!")
 	done
-	wait
+	wait_jobs
 	[ ! -e "$t/errors" ] || { cat "$t/errors"; return 1; }
 	cat "$t"/b.* >"$t/all"
 	assert_eq "$(wc -l <"$t/all")" "$N"

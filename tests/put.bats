@@ -226,6 +226,7 @@ print(h % int(sys.argv[2]))' "$1" "$2"
 }
 
 @test "put: the spool directory itself is created on first use" {
+	local_only "\$MQ_SPOOL names the spool of local commands; a server has made its own"
 	export MQ_SPOOL="$BATS_TEST_TMPDIR/new/deeper/spool"
 	run -0 mq put q x
 	run -0 mq peek q
@@ -324,7 +325,13 @@ print(h % int(sys.argv[2]))' "$1" "$2"
 @test "put: lines before a 50 MB line are stored, the rest is not" {
 	run -65 bash -c "{ echo before; head -c 50000000 /dev/zero | tr '\0' a; echo; echo after; } | '$MQ' put q"
 	run -0 mq peek q
-	assert_eq "$output" before
+	if via_server; then
+		# through a server the requests sent after the refused message may
+		# have stored what followed it (mq(1), "Through a server")
+		[[ "$output" == before || "$output" == $'before\nafter' ]]
+	else
+		assert_eq "$output" before
+	fi
 }
 
 @test "put: order is preserved for 10000 lines" {
@@ -472,7 +479,7 @@ print(h % int(sys.argv[2]))' "$1" "$2"
 @test "put --id: concurrent puts of one id store it once" {
 	mq create q --partitions 2
 	for n in 1 2 3 4 5 6 7 8; do mq put q --id same "v$n" 2>/dev/null & done
-	wait
+	wait_jobs
 	[ "$(mq peek q | wc -l)" -eq 1 ]
 }
 

@@ -170,6 +170,7 @@ load helper
 		    partitions: 3
 		    segment-bytes: 1M
 	EOF
+	reload_config
 	run -0 mq config q
 	assert_eq "${lines[1]}" "# config: $MQ_SPOOL/mq.yaml"
 	grep -Eqx "partitions: 3 +# $MQ_SPOOL/mq.yaml:4" <<<"$output"
@@ -191,6 +192,7 @@ load helper
 @test "config: the partition count is fixed when a queue is created" {
 	mq put q x
 	printf 'queues:\n  q:\n    partitions: 5\n' >"$MQ_SPOOL/mq.yaml"
+	reload_config
 	run -0 mq stat --json q
 	assert_eq "$(json_eval 'd["partitions"]' <<<"$output")" 1
 	run -0 mq config q
@@ -201,6 +203,7 @@ load helper
 
 @test "config: command-line settings at create win over mq.yaml" {
 	printf 'defaults:\n  segment-bytes: 8M\n  compression: zlib\n' >"$MQ_SPOOL/mq.yaml"
+	reload_config
 	mq create q --segment-bytes 1M
 	run -0 mq config q
 	grep -Eqx "segment-bytes: 1M +# $MQ_SPOOL/q/meta.yaml:[0-9]+" <<<"$output"
@@ -208,6 +211,7 @@ load helper
 }
 
 @test "config: an unknown key in mq.yaml is 64 naming file, line and key" {
+	local_only "a server reads mq.yaml at start and on SIGHUP, and keeps its old settings when the file is bad"
 	printf 'defaults:\n  fsync: always\n  fsnyc: never\n' >"$MQ_SPOOL/mq.yaml"
 	run -64 --separate-stderr mq config
 	assert_eq "$output" ""
@@ -220,6 +224,7 @@ load helper
 }
 
 @test "config: unknown keys at the top level and in a queue section" {
+	local_only "a server reads mq.yaml at start and on SIGHUP, and keeps its old settings when the file is bad"
 	printf 'defaults:\n  fsync: batch\nqueue:\n  q: {}\n' >"$MQ_SPOOL/mq.yaml"
 	run -64 --separate-stderr mq config
 	assert_eq "$stderr" "mq: config: $MQ_SPOOL/mq.yaml:3: unknown key 'queue'"
@@ -229,6 +234,7 @@ load helper
 }
 
 @test "config: a bad value in mq.yaml is 64 naming file:line" {
+	local_only "a server reads mq.yaml at start and on SIGHUP, and keeps its old settings when the file is bad"
 	printf '# sizes\ndefaults:\n  segment-bytes: 12x\n' >"$MQ_SPOOL/mq.yaml"
 	run -64 --separate-stderr mq config
 	[[ "$stderr" == "mq: config: $MQ_SPOOL/mq.yaml:3: "*"12x"*"segment-bytes"* ]]
@@ -246,6 +252,7 @@ load helper
 }
 
 @test "config: broken YAML is 64 naming file:line" {
+	local_only "a server reads mq.yaml at start and on SIGHUP, and keeps its old settings when the file is bad"
 	printf 'defaults:\n  fsync: "always\n' >"$MQ_SPOOL/mq.yaml"
 	run -64 --separate-stderr mq config
 	[[ "$stderr" == "mq: config: $MQ_SPOOL/mq.yaml:"[0-9]* ]]
@@ -256,6 +263,7 @@ load helper
 
 @test "config: an empty mq.yaml is an empty configuration" {
 	: >"$MQ_SPOOL/mq.yaml"
+	reload_config
 	run -0 mq config
 	assert_eq "${lines[1]}" "# config: $MQ_SPOOL/mq.yaml"
 	grep -Eqx 'fsync: batch +# built-in default' <<<"$output"
@@ -270,6 +278,7 @@ load helper
 		echo "defaults:"
 		grep -v '^#' <<<"$output" | sed -E 's/ +#.*//; s/^/  /'
 	} >"$MQ_SPOOL/mq.yaml"
+	reload_config
 	run --separate-stderr mq config r
 	assert_eq "$stderr" ""
 	assert_eq "$status" 0

@@ -87,7 +87,7 @@ stop_tail() {
 @test "tail -F: SIGINT also exits 0" {
 	mq create q
 	start_tail q
-	wait_for "ls -l /proc/$TAIL_PID/fd | grep -q inotify" 10
+	wait_waiting "$TAIL_PID"
 	mq put q only
 	tail_shows only
 	stop_tail INT
@@ -96,7 +96,7 @@ stop_tail() {
 @test "tail -F -n 0: only messages put after it started" {
 	seq 5 | mq put q
 	start_tail -n 0 q
-	wait_for "ls -l /proc/$TAIL_PID/fd | grep -q inotify" 10
+	wait_waiting "$TAIL_PID"
 	mq put q fresh
 	tail_shows fresh
 	stop_tail TERM
@@ -105,7 +105,7 @@ stop_tail() {
 @test "tail -F: follows every partition and keeps per-partition order" {
 	mq create q --partitions 3
 	start_tail -n 0 -f '%p %s\n' q
-	wait_for "ls -l /proc/$TAIL_PID/fd | grep -q inotify" 10
+	wait_waiting "$TAIL_PID"
 	local p
 	for p in 0 1 2; do
 		seq 50 | mq put q -p "$p"
@@ -121,7 +121,7 @@ stop_tail() {
 @test "tail -F: follows a long stream across segment rolls" {
 	mq create q --segment-bytes 4k
 	start_tail -n 0 q
-	wait_for "ls -l /proc/$TAIL_PID/fd | grep -q inotify" 10
+	wait_waiting "$TAIL_PID"
 	local i
 	for i in $(seq 0 9); do
 		seq $((i * 500 + 1)) $((i * 500 + 500)) | mq put q
@@ -140,7 +140,7 @@ stop_tail() {
 	"$MQ" tail -F -n 0 q >"$BATS_TEST_TMPDIR/fifo" &
 	TAIL_PID=$!
 	BG_PIDS+=("$TAIL_PID")
-	wait_for "ls -l /proc/$TAIL_PID/fd | grep -q inotify" 10
+	wait_waiting "$TAIL_PID"
 	mq put q one
 	wait_for "grep -qx 'got one' '$BATS_TEST_TMPDIR/piped'" 10
 	mq put q two
