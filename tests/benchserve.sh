@@ -81,6 +81,10 @@ line "put, 8 connections, 100 per PUT, 8 PUTs in flight" "$(median <"$work/p8")"
 line "put, 8 connections, each waits for its ack, fsync batch" "$(median <"$work/s8b")"
 line "put, 8 connections, each waits for its ack, fsync always" "$(median <"$work/s8a")"
 line "put, 1 connection, waits for each ack, fsync always" "$(median <"$work/s1a")"
+"$NB" fsync "$work/spool" >"$work/fsync"
+awk '{ printf "%-58s %12s\n", "fdatasync of a 100 B append on this disk: median / p99", \
+	$1 " / " $2 " us"; printf "%-58s %12d\n", \
+	"  so 8 connections waiting for each ack do at most", 8e6 / $1 }' "$work/fsync"
 line "lease GET count=100 + ACK, 8 connections" "$(median <"$work/lease")"
 if [ -n "$have_redis" ]; then
 	line "redis XADD, appendfsync always, 8 connections" "$(median <"$work/r8")"

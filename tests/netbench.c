@@ -19,6 +19,7 @@
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -275,13 +276,40 @@ static void latency(uint64_t n)
 	exit(0);
 }
 
+/* netbench fsync DIR: the disk's floor for acks that each wait for an
+ * fdatasync: append 100 B to a fresh file and fdatasync it, n times (as
+ * a segment grows); prints the median and p99 in microseconds. */
+static void fsync_floor(const char *dir, uint64_t n)
+{
+	char path[4096], b[100];
+	snprintf(path, sizeof path, "%s/netbench-fsync", dir);
+	int fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0644);
+	int64_t *t = calloc(n, sizeof *t);
+	if (fd < 0 || !t)
+		die("open");
+	memset(b, 'x', sizeof b);
+	for (uint64_t i = 0; i < n; i++) {
+		int64_t t0 = now_us();
+		if (write(fd, b, sizeof b) != (ssize_t)sizeof b || fdatasync(fd) < 0)
+			die("write");
+		t[i] = now_us() - t0;
+	}
+	close(fd);
+	unlink(path);
+	qsort(t, n, sizeof *t, cmp64);
+	printf("%" PRId64 " %" PRId64 "\n", t[n / 2], t[n * 99 / 100]);
+	exit(0);
+}
+
 int main(int argc, char **argv)
 {
 	uint64_t n = 100000, per = 100, depth = 8;
 	int conns = 1;
+	if (argc == 3 && !strcmp(argv[1], "fsync"))
+		fsync_floor(argv[2], 2000);
 	if (argc < 5) {
 		fprintf(stderr, "usage: netbench put|lease|lat HOST PORT QUEUE [-c N] [-n N] [-b N] "
-		        "[-d N]\n");
+		        "[-d N]\n       netbench fsync DIR\n");
 		return 64;
 	}
 	host = argv[2];

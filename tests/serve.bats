@@ -98,7 +98,7 @@ AGES='s/"(oldest_age_ms|oldest_unconsumed_age_ms)":[0-9]+/"\1":"AGE"/g; s/(oldes
 	assert_eq "$output" "$(printf '0:20\n0:21')"
 	both 0 put --id ID-1 q once
 	both 0 put --id ID-1 q again
-	[[ "$stderr" == *"id 'ID-1' is already stored (partition:offset 0:22,"* ]]
+	[[ "$stderr" == *"id 'ID-1' is already stored (partition 0 offset 22,"* ]]
 	both 0 put --delay 1h q later
 	both 64 put --whole -0 q x
 	both 64 put -H novalue q x
