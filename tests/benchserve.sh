@@ -82,9 +82,15 @@ line "put, 8 connections, each waits for its ack, fsync batch" "$(median <"$work
 line "put, 8 connections, each waits for its ack, fsync always" "$(median <"$work/s8a")"
 line "put, 1 connection, waits for each ack, fsync always" "$(median <"$work/s1a")"
 "$NB" fsync "$work/spool" >"$work/fsync"
+# what bounds producers that each wait for their ack: every round costs
+# at least one fdatasync and one wake-up of a waiting process
+"$NB" pingpong >"$work/pingpong"
 awk '{ printf "%-58s %12s\n", "fdatasync of a 100 B append on this disk: median / p99", \
-	$1 " / " $2 " us"; printf "%-58s %12d\n", \
-	"  so 8 connections waiting for each ack do at most", 8e6 / $1 }' "$work/fsync"
+	$1 " / " $2 " us" }' "$work/fsync"
+awk '{ printf "%-58s %12s\n", "round trip between two processes: median / p99", \
+	$1 " / " $2 " us" }' "$work/pingpong"
+awk -v f="$(cut -d' ' -f1 "$work/fsync")" -v p="$(cut -d' ' -f1 "$work/pingpong")" 'BEGIN {
+	printf "%-58s %12d\n", "  so 8 connections waiting for each ack do at most", 8e6 / (f + p) }'
 line "lease GET count=100 + ACK, 8 connections" "$(median <"$work/lease")"
 if [ -n "$have_redis" ]; then
 	line "redis XADD, appendfsync always, 8 connections" "$(median <"$work/r8")"

@@ -301,15 +301,48 @@ static void fsync_floor(const char *dir, uint64_t n)
 	exit(0);
 }
 
+/* netbench pingpong: a one-byte round trip between two processes over a
+ * socketpair, median in microseconds: what an ack costs a producer that
+ * waits for it, before any work. */
+static void pingpong(uint64_t n)
+{
+	int sv[2];
+	char c = 'x';
+	int64_t *t = calloc(n, sizeof *t);
+	if (!t || socketpair(AF_UNIX, SOCK_STREAM, 0, sv) < 0)
+		die("socketpair");
+	pid_t pid = fork();
+	if (pid == 0) {
+		close(sv[0]);
+		while (read(sv[1], &c, 1) == 1 && write(sv[1], &c, 1) == 1)
+			;
+		_exit(0);
+	}
+	close(sv[1]);
+	for (uint64_t i = 0; i < n; i++) {
+		int64_t t0 = now_us();
+		if (write(sv[0], &c, 1) != 1 || read(sv[0], &c, 1) != 1)
+			die("pingpong");
+		t[i] = now_us() - t0;
+	}
+	close(sv[0]);
+	waitpid(pid, NULL, 0);
+	qsort(t, n, sizeof *t, cmp64);
+	printf("%" PRId64 " %" PRId64 "\n", t[n / 2], t[n * 99 / 100]);
+	exit(0);
+}
+
 int main(int argc, char **argv)
 {
 	uint64_t n = 100000, per = 100, depth = 8;
 	int conns = 1;
 	if (argc == 3 && !strcmp(argv[1], "fsync"))
 		fsync_floor(argv[2], 2000);
+	if (argc == 2 && !strcmp(argv[1], "pingpong"))
+		pingpong(5000);
 	if (argc < 5) {
 		fprintf(stderr, "usage: netbench put|lease|lat HOST PORT QUEUE [-c N] [-n N] [-b N] "
-		        "[-d N]\n       netbench fsync DIR\n");
+		        "[-d N]\n       netbench fsync DIR | pingpong\n");
 		return 64;
 	}
 	host = argv[2];
