@@ -793,10 +793,19 @@ static int dur_mkdir(const char *path, struct mq_err *e)
 	return 0;
 }
 
+/* Set by mq serve: no lock is waited for, whatever the caller asks.  One
+ * event loop serves every connection, so a lock held by another process
+ * (or by a request of another connection, such as a pipe step's group
+ * claim) would stall them all; the request fails with 75 instead and the
+ * client sends it again (mq-protocol(7)). */
+static int dur_lock_nowait;
+
 /* flock with EINTR retried.  Returns 0, or -1 with code 75 when nonblock
- * and another process holds it. */
+ * (or dur_lock_nowait) and another process holds it. */
 static int dur_lock(int fd, int op, const char *path, struct mq_err *e)
 {
+	if (dur_lock_nowait && !(op & LOCK_UN))
+		op |= LOCK_NB;
 	while (flock(fd, op) < 0) {
 		if (errno == EINTR)
 			continue;
@@ -5315,19 +5324,16 @@ static void prod_free(struct prod *pr)
 /* Milliseconds until a flush is due (0 = now), or -1 if nothing waits. */
 static int64_t prod_due(const struct prod *pr)
 {
-	int64_t now = mono_ms(), due = -1;
+	int64_t now = mono_ms(), due = INT64_MAX; /* (overdue is negative: now) */
 	if (pr->pending)
 		due = pr->oldest_ms + MQ_SYNC_EVERY_MS - now;
-	if (pr->pending && pr->retry_ms > now && due < pr->retry_ms - now)
-		due = pr->retry_ms - now; /* a lock was busy: not before then */
 	if (pr->q->conf.fsync == MQ_FSYNC_INTERVAL)
 		for (int i = 0; i < pr->q->nparts; i++)
-			if (pr->dirty[i]) {
-				int64_t d = pr->dirty_ms[i] + pr->q->conf.fsync_ms - now;
-				if (due < 0 || d < due)
-					due = d;
-			}
-	return due < 0 ? -1 : due > 0 ? due : 0;
+			if (pr->dirty[i] && pr->dirty_ms[i] + pr->q->conf.fsync_ms - now < due)
+				due = pr->dirty_ms[i] + pr->q->conf.fsync_ms - now;
+	if (due != INT64_MAX && pr->retry_ms > now && due < pr->retry_ms - now)
+		due = pr->retry_ms - now; /* a lock was busy: not before then */
+	return due == INT64_MAX ? -1 : due > 0 ? due : 0;
 }
 
 /* Is a message with header MQ_ID_HEADER = pr->id in partition p, put
@@ -5433,7 +5439,15 @@ static int prod_flush(struct prod *pr, int final, struct mq_err *e)
 			rec_enc_reset(enc);
 			continue;
 		}
-		if (!held && part_lock(p, 0, e) < 0) {
+		/* A put waits for the writer lock, even in mq serve (dur_lock_nowait):
+		 * writers hold it only for an append and its sync, and failing here
+		 * would fail the put (the shared producer takes its locks above,
+		 * without waiting). */
+		int nowait = dur_lock_nowait;
+		dur_lock_nowait = 0;
+		int lk = held ? 0 : part_lock(p, 0, e);
+		dur_lock_nowait = nowait;
+		if (lk < 0) {
 			pr->failed = 1;
 			return -1;
 		}
@@ -7641,7 +7655,7 @@ static void srv_unwait(struct srv *s, struct ticket *t)
 
 /* Drop the connection's transaction if it was never prepared: no id was
  * acknowledged for it. */
-static void srv_tx_drop(struct conn *c)
+static void srv_tx_drop(struct srv *s, struct conn *c)
 {
 	if (c->tx && c->tx->fd >= 0 && !c->tx->valid && !c->pcl) /* (a pipe's step file stays) */
 		sys.unlink(c->tx->path);
@@ -7657,6 +7671,9 @@ static void srv_tx_drop(struct conn *c)
 		grp_release(c->pcl, &ignored);
 		free(c->pcl);
 		c->pcl = NULL;
+		for (struct sq *q = s->queues; q; q = q->next)
+			if (!strcmp(q->q->name, c->psrc->name))
+				q->changed = 1; /* waiting readers of the group look again */
 	}
 	q_close(c->psrc);
 	c->psrc = NULL;
@@ -7671,7 +7688,7 @@ static void srv_close(struct srv *s, struct conn *c, const char *why)
 		own_free(c);
 		c->put->inflight = 0;
 	}
-	srv_tx_drop(c);
+	srv_tx_drop(s, c);
 	preq_free(&c->fr);
 	if (c->pq)
 		q_close(c->pq);
@@ -7884,8 +7901,21 @@ static void own_acked(void *ctx, int part, uint64_t off)
  * mode, id or due time gets a producer of its own, synced when its last
  * frame is in.  An error here still reads (and drops) the frames.
  */
+static int v_put_start(struct srv *s, struct conn *c, struct preq *r, struct ticket *t,
+                       struct mq_err *e);
+
 static int v_put(struct srv *s, struct conn *c, struct preq *r, struct ticket *t,
                  struct mq_err *e)
+{
+	int k = v_put_start(s, c, r, t, e);
+	const char *txn = preq_opt(r, "txn");
+	if (c->tx && txn && !strcmp(txn, "1") && (k < 0 || t->err.code))
+		c->txbad = 1; /* a refused part of a transaction (or pipe step) dooms it */
+	return k;
+}
+
+static int v_put_start(struct srv *s, struct conn *c, struct preq *r, struct ticket *t,
+                       struct mq_err *e)
 {
 	uint64_t part = 0, at = 0, create = 1;
 	const char *name = preq_pos(r, 0), *id = preq_opt(r, "id");
@@ -8649,7 +8679,8 @@ static int v_verify(struct srv *s, struct conn *c, struct preq *r, struct ticket
 		return -1;
 	if (np == 0 && q_list(s->sp, &names, &n, e) < 0)
 		return -1;
-	srv_commit(s, 1); /* what the shared producers hold, on disk first */
+	srv_commit(s, 0); /* what the shared producers hold, on disk first (a busy partition
+	                     stays busy: verifying it then answers 75) */
 	size_t total = np ? (size_t)np : n;
 	for (size_t i = 0; i < total && rc == 0; i++) {
 		struct queue *q = NULL;
@@ -8695,7 +8726,7 @@ static int v_begin(struct srv *s, struct conn *c, struct preq *r, struct ticket 
 	if (!(c->tx = calloc(1, sizeof *c->tx)))
 		abort();
 	if (txn_open(c->txq, NULL, TX_CREATE, c->tx, e) < 0) {
-		srv_tx_drop(c);
+		srv_tx_drop(s, c);
 		return -1;
 	}
 	c->txbad = 0;
@@ -8721,7 +8752,7 @@ static int v_prepare(struct srv *s, struct conn *c, struct preq *r, struct ticke
 		rc = -1;
 	else
 		buf_printf(&t->resp, "OK txn=%s\n", c->tx->name);
-	srv_tx_drop(c); /* removes it unless sealed */
+	srv_tx_drop(s, c); /* removes it unless sealed */
 	return rc;
 }
 
@@ -8967,7 +8998,7 @@ static int v_pipebegin(struct srv *s, struct conn *c, struct preq *r, struct tic
 	    ropt_u64(r, "hi", 0, &pt.hi, e) < 0 || ropt_u64(r, "sum", 0, &sum, e) < 0 ||
 	    spipe_names(s, c, r, e) < 0)
 		return -1;
-	if (pt.n == 0 || sum > UINT32_MAX)
+	if (pt.n == 0 || pt.n > MQ_ANSWER_MSGS || sum > UINT32_MAX)
 		return err_set(e, MQ_EX_USAGE, "PIPEBEGIN needs n, lo, hi and sum as PIPEGET gave them");
 	pt.sum = (uint32_t)sum;
 	if (q_open(s->sp, preq_pos(r, 0), 0, NULL, 0, &c->psrc, e) < 0 ||
@@ -9005,7 +9036,7 @@ static int v_pipebegin(struct srv *s, struct conn *c, struct preq *r, struct tic
 	buf_adds(&t->resp, "OK\n");
 	return 0;
 fail:
-	srv_tx_drop(c);
+	srv_tx_drop(s, c);
 	return -1;
 }
 
@@ -9027,13 +9058,14 @@ static int v_pipecommit(struct srv *s, struct conn *c, struct preq *r, struct ti
 	for (struct sq *q = s->queues; rc == 0 && q; q = q->next)
 		if (!strcmp(q->q->name, c->txq->name))
 			q->changed = 1; /* waiting readers look again */
-	srv_tx_drop(c);
+	srv_tx_drop(s, c);
 	return rc;
 }
 
-/* MOVE SOURCE DEST [group=G] [count=N]: q_move() (group "move", all
- * messages by default): "OK MOVED busy=B", B partitions skipped because
- * another consumer of the group holds them (ask again for the rest). */
+/* MOVE SOURCE DEST [group=G] [count=N]: q_move() (group "move", up to N,
+ * at most MQ_ANSWER_MSGS, messages): "OK MOVED busy=B", B partitions
+ * skipped because another consumer of the group holds them (ask again
+ * for the rest). */
 static int v_move(struct srv *s, struct conn *c, struct preq *r, struct ticket *t,
                   struct mq_err *e)
 {
@@ -9048,6 +9080,8 @@ static int v_move(struct srv *s, struct conn *c, struct preq *r, struct ticket *
 		return err_set(e, MQ_EX_USAGE, "source and destination are the same queue");
 	if (!(sq = srv_queue(s, preq_pos(r, 0), 0, e)) || !(dq = srv_queue(s, preq_pos(r, 1), 1, e)))
 		return -1;
+	if (want == 0 || want > MQ_ANSWER_MSGS)
+		want = MQ_ANSWER_MSGS; /* one request moves a bounded amount: others wait meanwhile */
 	int rc = q_move(sq->q, dq->q, g, want, 1, &moved, &busy, e);
 	if (moved)
 		dq->changed = 1; /* waiting readers look again */
@@ -9816,6 +9850,7 @@ static int srv_init(struct srv *s, struct spool *sp, const struct srv_opts *o, s
 	s->verbs = verbs;
 	s->nverbs = sizeof verbs / sizeof *verbs;
 	s->started_ms = s->tick_ms = mono_ms();
+	dur_lock_nowait = 1;
 	s->ep = epoll_create1(EPOLL_CLOEXEC);
 	if (s->ep < 0)
 		return err_sys(e, MQ_EX_IOERR, "cannot create an epoll instance");
@@ -10054,6 +10089,7 @@ static void srv_free(struct srv *s)
 		t->c->waiting = 0;
 	}
 	s->waiting = NULL;
+	dur_lock_nowait = 0; /* stopping: the last commit waits for its partitions */
 	srv_commit(s, 1);
 	int64_t until = mono_ms() + 5000;
 	for (;;) {
@@ -10751,8 +10787,17 @@ static int rmt_open(struct args *a, struct rconn *c, struct mq_err *e)
 	return 0;
 }
 
+/* Is e the server's "a lock is held" answer (ERR 75 ... is locked by
+ * another process), which means the request did nothing? */
+static int rmt_locked(const struct mq_err *e)
+{
+	return e->code == MQ_EX_TEMPFAIL && strstr(e->msg, " is locked by another process");
+}
+
 /* Send one request line (b, newline added) and read its answer's data
- * lines through fn (which may be NULL); *rest gets the OK line's rest. */
+ * lines through fn (which may be NULL); *rest gets the OK line's rest.
+ * A request that found a lock held and did nothing is sent again every
+ * 10 ms, as a local command waits for the lock. */
 static int rmt_call(struct rconn *c, struct buf *b, int (*fn)(void *ctx, char *line,
                     struct mq_err *e), void *ctx, char **rest, struct mq_err *e)
 {
@@ -10761,11 +10806,21 @@ static int rmt_call(struct rconn *c, struct buf *b, int (*fn)(void *ctx, char *l
 	if (rest)
 		*rest = "";
 	buf_add(b, "\n", 1);
-	if (rc_send(c, b->p, b->len, e) < 0)
-		return -1;
-	while ((k = rc_next(c, &line, e)) == 1)
-		if (fn && fn(ctx, line, e) < 0)
+	for (;;) {
+		size_t lines = 0;
+		if (rc_send(c, b->p, b->len, e) < 0)
 			return -1;
+		while ((k = rc_next(c, &line, e)) == 1) {
+			lines++;
+			if (fn && fn(ctx, line, e) < 0)
+				return -1;
+		}
+		if (k < 0 && lines == 0 && rmt_locked(e) && !stop_flag && !c->broken) {
+			poll(NULL, 0, 10);
+			continue;
+		}
+		break;
+	}
 	if (k == 0 && rest)
 		*rest = line;
 	return k;
@@ -13114,19 +13169,15 @@ static int consume_remote(struct args *a, struct consume *cs, int64_t wait_ms)
 				poll(NULL, 0, 5);
 		}
 		int ok = !killed && WIFEXITED(st) && WEXITSTATUS(st) == 0;
-		if (!ok) { /* the notices a local consume prints; the server does the same */
+		if (!ok && (int64_t)b.rm.attempt <= fake.conf.retries) {
+			/* the notice a local consume prints (that of a dead letter comes
+			 * from the server, as a NOTICE line of the NACK's answer) */
 			char w[64], d[32];
 			why_text(run_why(st, killed), w, sizeof w);
 			fmt_duration(d, sizeof d, backoff_ms(&fake.conf, b.rm.attempt));
-			if ((int64_t)b.rm.attempt <= fake.conf.retries)
-				fprintf(stderr, "%s: '%s' failed on %s/%d offset %" PRIu64 " (%s, attempt %u of %"
-				        PRId64 "); retry in %s\n", progname, cs->argv[0], a->queue, b.rm.part,
-				        b.rm.offset, w, b.rm.attempt, fake.conf.retries + 1, d);
-			else
-				fprintf(stderr, "%s: %s/%d: group '%s': offsets %" PRIu64 "-%" PRIu64 " failed %u "
-				        "times (last: %s); moved to %s%s\n", progname, a->queue, b.rm.part,
-				        cs->group, b.rm.offset, b.rm.offset + b.n - 1, b.rm.attempt, w, a->queue,
-				        MQ_DLQ_SUFFIX);
+			fprintf(stderr, "%s: '%s' failed on %s/%d offset %" PRIu64 " (%s, attempt %u of %"
+			        PRId64 "); retry in %s\n", progname, cs->argv[0], a->queue, b.rm.part,
+			        b.rm.offset, w, b.rm.attempt, fake.conf.retries + 1, d);
 		}
 		req.len = 0;
 		buf_adds(&req, ok ? "ACK " : "NACK ");
@@ -13476,8 +13527,9 @@ static int pipe_remote(struct args *a, struct pipe *pp, int64_t wait_ms)
 				                      pipe waits for it */
 				continue;
 			}
-			if (strtoull(rest, NULL, 10) == 0 && b)
-				break; /* empty (after the wait, if any) */
+			if (rest[0] == '0' && (!rest[1] || rest[1] == ' '))
+				break; /* empty (after the wait, if any; a stopping server says
+				          just "OK 0") */
 			rc = err_set(&e, MQ_EX_UNAVAILABLE, "server '%s' answered '%s' to PIPEGET",
 			             a->server, rest);
 			break;
@@ -13523,8 +13575,9 @@ static int pipe_remote(struct args *a, struct pipe *pp, int64_t wait_ms)
 		int kc = rc < 0 ? -1 : rmt_answer(&rp.c, &ce);
 		if (rc < 0 || rp.c.broken)
 			rc = rc < 0 ? -1 : (e = kc < 0 ? ce : kp < 0 ? pe : be, -1);
-		else if (kb < 0 && be.code == MQ_EX_TEMPFAIL)
-			continue;
+		else if ((kb < 0 && be.code == MQ_EX_TEMPFAIL) || (kb == 0 && kp == 0 && kc < 0 &&
+		                                                    rmt_locked(&ce)))
+			continue; /* nothing of the step was done: take it again */
 		else if (kb < 0 || kp < 0 || kc < 0)
 			rc = (e = kb < 0 ? be : kp < 0 ? pe : ce, -1);
 		if (rc < 0 && kb == 0 && kp < 0 && pe.code == MQ_EX_DATAERR) /* output refused */
@@ -13789,13 +13842,18 @@ static int move_remote(struct args *a, const char *g, uint64_t want, uint64_t *m
 		buf_add(&b, " ", 1);
 		proto_esc(&b, a->pos[1], strlen(a->pos[1]));
 		proto_opt(&b, "group", g, strlen(g));
-		if (want)
-			buf_printf(&b, " count=%" PRIu64, want - *moved);
+		uint64_t ask = want && want - *moved < MQ_ANSWER_MSGS ? want - *moved : MQ_ANSWER_MSGS;
+		buf_printf(&b, " count=%" PRIu64, ask);
 		if ((rc = rmt_call(&c, &b, NULL, NULL, &rest, e)) < 0)
 			break;
 		const char *busy = strstr(rest, "busy=");
-		*moved += strtoull(rest, NULL, 10);
-		if (!busy || atoi(busy + 5) == 0 || (want && *moved >= want))
+		uint64_t got = strtoull(rest, NULL, 10);
+		*moved += got;
+		if (want && *moved >= want)
+			break;
+		if (got == ask) /* (the server moves at most MQ_ANSWER_MSGS at a time) */
+			continue;
+		if (!busy || atoi(busy + 5) == 0)
 			break;
 		poll(NULL, 0, 10);
 	}

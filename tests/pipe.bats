@@ -282,3 +282,43 @@ assert_piped() {
 	run -0 mq -d "$MQ_SPOOL" txn ls
 	assert_eq "$output" ""
 }
+
+@test "pipe -s: while a step holds the group, seek and groups rm through the server wait for it, and the server keeps serving" {
+	serve_start
+	mq put src a b c
+	local ok sum fd seekpid rmpid
+	srv_open fd
+	srv_send "$fd" 'PIPEGET src dst g count=2\n'
+	run -0 srv_answer "$fd"
+	ok=${lines[${#lines[@]}-1]}
+	[[ "$ok" == "OK 2 partition=0 lo=0 hi=2 sum="* ]]
+	sum=${ok##*sum=}
+	srv_send "$fd" 'PIPEBEGIN src dst g 0 n=2 lo=0 hi=2 sum=%s\n' "$sum"
+	run -0 srv_answer "$fd"
+	assert_eq "$output" OK
+	# the group's lock is held by this connection's step: both wait for it
+	bg mq seek src -g g --to 1
+	seekpid=$!
+	bg mq groups rm src g
+	rmpid=$!
+	sleep 0.5
+	! proc_gone "$seekpid"
+	! proc_gone "$rmpid"
+	run -0 mq stat src # everything else is served meanwhile
+	run -0 mq put src d
+	# a PUT refused inside the step dooms it: PIPECOMMIT fails, nothing consumed
+	srv_send "$fd" 'PUT dst 1 txn=1 partition=3\n1\nx\n'
+	run -0 srv_answer "$fd"
+	[[ "$output" == "ERR 64 "* ]]
+	srv_send "$fd" 'PIPECOMMIT dst\n'
+	run -0 srv_answer "$fd"
+	[[ "$output" == "ERR 65 "* ]]
+	wait_for "proc_gone $seekpid && proc_gone $rmpid" 10
+	wait "$seekpid"
+	wait "$rmpid"
+	srv_shut "$fd"
+	run -0 mq peek dst
+	assert_eq "$output" ""
+	run -0 mq get src -g g -n 4
+	[ "$output" = "$(printf '%s\n' a b c d)" ] || [ "$output" = "$(printf '%s\n' b c d)" ]
+}
