@@ -4373,7 +4373,10 @@ static int dly_append(struct queue *q, int part, int64_t due_ms, struct rec_enc 
 {
 	int64_t sec = due_ms / 1000 + (due_ms % 1000 != 0);
 	char dir[PATH_MAX + 64], path[PATH_MAX + 96], name[64];
+	int nowait = dur_lock_nowait; /* a put waits, even in mq serve: movers hold the */
+	dur_lock_nowait = 0;          /* wheel's lock only while they move due batches */
 	int lk = dly_lock(q, 1, 0, e), fd = -1, r = -1;
+	dur_lock_nowait = nowait;
 	if (lk < 0)
 		return -1;
 	strfmt(name, sizeof name, "%0*" PRId64, MQ_DELAY_DIGITS, sec / 1000);
