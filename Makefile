@@ -16,7 +16,7 @@ SAN      = -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-re
 
 BATS_FILES = $(sort $(wildcard tests/*.bats))
 
-.PHONY: all deps plugfs demo check check-werror unit bats bats-remote bats-asan lint bench install uninstall clean
+.PHONY: all deps plugfs torture demo check check-werror unit bats bats-remote bats-asan lint bench install uninstall clean
 
 all: mq
 
@@ -83,6 +83,10 @@ BATS_REMOTE_FILES = $(addprefix tests/,$(addsuffix .bats,cli consume create dela
 
 bats-remote: mq mq-fault
 	MQ=$(CURDIR)/mq MQ_FAULT_BIN=$(CURDIR)/mq-fault MQ_VIA_SERVER=1 bats --jobs 1 $(BATS_REMOTE_FILES)
+
+# More plug pulls than make check's: PLUG_ROUNDS per fsync mode.
+torture: mq mq-fault plugfs
+	MQ=$(CURDIR)/mq MQ_FAULT_BIN=$(CURDIR)/mq-fault PLUG_ROUNDS=$${PLUG_ROUNDS:-100} bats tests/powerloss.bats
 
 bats-asan: mq-asan mq-fault plugfs
 	MQ=$(CURDIR)/mq-asan MQ_FAULT_BIN=$(CURDIR)/mq-fault MQ_ASAN=1 bats $(BATS_FILES)

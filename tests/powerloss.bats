@@ -4,9 +4,11 @@
 # memory until fsync/fdatasync and every create, rename and unlink until
 # its directory is fsynced (the model is at the top of tests/plugfs.c).
 # Each round runs, in a process group of its own:
-#  - a streaming producer (`mq put --print-offsets` fed at a steady pace;
-#    each offset line is stamped with the time it was read);
-#  - a loop of short puts (`mq put --print-offsets` of 1-20 messages);
+#  - a streaming producer (`mq put -p 0 --print-offsets` fed at a steady
+#    pace; each offset line is stamped with the time it was read);
+#  - a loop of short puts (`mq put -p 1 --print-offsets` of 1-20 messages;
+#    a partition of their own, so that their syncs at exit do not sync
+#    the streaming put's data and hide its interval);
 #  - a loop of group consumers (`mq get -g g -n 20`);
 # then, at a random moment, kills the whole group with SIGKILL, waits until
 # every process of it is gone and "pulls the plug" (plugfs drops whatever
@@ -105,14 +107,14 @@ ms_now() { echo $((${EPOCHREALTIME/./} / 1000)); }
 write_round_script() {
 	cat >"$1" <<'EOF'
 r=$1 t=$2
-"$PY" -c "$GEN" "r${r}a" | "$MQ" put q --print-offsets >"$t/r$r.a.fifo" 2>"$t/r$r.a.err" &
+"$PY" -c "$GEN" "r${r}a" | "$MQ" put q -p 0 --print-offsets >"$t/r$r.a.fifo" 2>"$t/r$r.a.err" &
 (
 	i=0
 	while :; do
 		i=$((i + 1))
 		echo $((${EPOCHREALTIME/./} / 1000)) >"$t/r$r.b$i.t"
 		seq -f "r${r}b${i}-%07g" 1 $((RANDOM % 20 + 1)) |
-			"$MQ" put q --print-offsets >"$t/r$r.b$i.out" 2>"$t/r$r.b$i.err"
+			"$MQ" put q -p 1 --print-offsets >"$t/r$r.b$i.out" 2>"$t/r$r.b$i.err"
 		echo $? >"$t/r$r.b$i.rc"
 	done
 ) &
@@ -120,7 +122,7 @@ r=$1 t=$2
 	i=0
 	while :; do
 		i=$((i + 1))
-		"$MQ" get q -g g -n 20 --wait=200ms -f '%o %s\n' >"$t/r$r.c$i.out" 2>"$t/r$r.c$i.err"
+		"$MQ" get q -g g -n 20 --wait=200ms -f '%p:%o %s\n' >"$t/r$r.c$i.out" 2>"$t/r$r.c$i.err"
 		echo $? >"$t/r$r.c$i.rc"
 	done
 ) &
@@ -174,13 +176,13 @@ def first(path, default=""):
 out = []
 for n, l in enumerate(lines("%s/r%s.a.acks" % (t, r)), 1):
     ms, po = l.split()
-    out.append("%s r%sa-%07d %s 0" % (po.split(":")[1], r, n, ms))
+    out.append("%s r%sa-%07d %s 0" % (po, r, n, ms))
 for f in glob.glob("%s/r%s.b*.t" % (t, r)):
     b = f[:-2]
     i = b.rsplit(".b", 1)[1]
     ms, ok = first(f, "0"), first(b + ".rc") == "0"
     for n, l in enumerate(lines(b + ".out"), 1):
-        out.append("%s r%sb%s-%07d %s %d" % (l.split(":")[1], r, i, n, ms, ok))
+        out.append("%s r%sb%s-%07d %s %d" % (l, r, i, n, ms, ok))
 sys.stdout.write("".join(x + "\n" for x in out))
 dl, okl = [], []
 for f in glob.glob("%s/r%s.c*.out" % (t, r)):
@@ -198,7 +200,7 @@ run_mode() {
 	PY=python3
 	[ -x /usr/bin/python3 ] && PY=/usr/bin/python3
 	write_round_script "$t/round.sh"
-	mq create q --fsync "$mode${ms:+:$ms}" --segment-bytes 64k
+	mq create q --fsync "$mode${ms:+:$ms}" --segment-bytes 64k --partitions 2
 	# A group that never reads keeps segments the consumers are done with
 	# from being removed, so every message stays to be checked.  Made
 	# durable here whatever the mode (a queue made long before the plug).
@@ -206,7 +208,6 @@ run_mode() {
 	echo sync >"$MNT/.plugfs"
 	: >"$t/prev"
 	: >"$t/delivered_ok"
-	local okmax=-1
 	deadline=$((SECONDS + ${PLUG_SECONDS:-12}))
 	while :; do
 		if [ -n "${PLUG_ROUNDS:-}" ]; then
@@ -223,10 +224,10 @@ run_mode() {
 		# The spool opens and verifies clean.
 		run mq verify
 		[ "$status" = 0 ] || { echo "round $r: mq verify exited $status: $output"; return 1; }
-		run --separate-stderr mq peek q -f '%o %s\n'
+		run --separate-stderr mq peek q -f '%p:%o %s\n'
 		[[ "$status" =~ ^(0|1)$ ]] || { echo "round $r: mq peek exited $status: $stderr"; return 1; }
 		printf '%s\n' "${lines[@]}" | sed '/^$/d' >"$t/stored"
-		awk 'NR - 1 != $1 { print "round '"$r"': offsets not dense at line " NR ": " $0; exit 1 }' "$t/stored"
+		awk '{ split($1, a, ":") } a[2] != n[a[1]]++ { print "round '"$r"': offsets not dense at line " NR ": " $0; exit 1 }' "$t/stored"
 		run -0 bash -c "cut -d' ' -f2 '$t/stored' | sort | uniq -d"
 		assert_eq "$output" ""
 		# each producer's survivors are a prefix of what it sent, in order
@@ -277,18 +278,22 @@ run_mode() {
 		if [ "$mode" = always ] || [ "$mode" = batch ]; then
 			run -0 comm -13 <(sort "$t/stored") <(sort "$t/r$r.delivered")
 			[ -z "$output" ] || { echo "round $r: delivered but not stored:"; echo "$output" | head; return 1; }
-			okmax=$(awk 'BEGIN { m = -1 } $1 > m { m = $1 } END { print m }' "$t/delivered_ok")
 			run -0 mq groups --json q
-			local committed
-			committed=$(json_eval "[g['offsets'][0] for g in d if g['group'] == 'g'] or [0]" <<<"$output" | tr -d '[]')
-			[ "$committed" -gt "$okmax" ] ||
-				{ echo "round $r: group g committed $committed, but a get that exited 0 had offset $okmax"; return 1; }
+			local committed p okmax
+			committed=$(json_eval "' '.join(map(str, [g['offsets'] for g in d if g['group'] == 'g'][0]))" <<<"$output")
+			for p in 0 1; do
+				okmax=$(awk -F'[: ]' -v p=$p 'BEGIN { m = -1 } $1 == p && $2 > m { m = $2 } END { print m }' "$t/delivered_ok")
+				set -- $committed
+				shift "$p"
+				[ "$1" -gt "$okmax" ] ||
+					{ echo "round $r: group g committed $1 in partition $p, but a get that exited 0 had offset $okmax"; return 1; }
+			done
 		fi
 		cp "$t/stored" "$t/prev"
 	done
 
 	# At-least-once: drained, the group skipped nothing stored.
-	run mq get q -g g -n 0 -f '%o %s\n'
+	run mq get q -g g -n 0 -f '%p:%o %s\n'
 	[[ "$status" =~ ^(0|1)$ ]]
 	if [ "$mode" = always ] || [ "$mode" = batch ]; then
 		run -0 comm -23 <(sort "$t/stored") <(sort -u <(printf '%s\n' "${lines[@]}") "$t"/r*.delivered)
