@@ -16,7 +16,7 @@ SAN      = -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-re
 
 BATS_FILES = $(sort $(wildcard tests/*.bats))
 
-.PHONY: all deps demo check check-werror unit bats bats-remote bats-asan lint bench install uninstall clean
+.PHONY: all deps plugfs torture demo check check-werror unit bats bats-remote bats-asan lint bench install uninstall clean
 
 all: mq
 
@@ -42,6 +42,16 @@ tests/leasebench: tests/leasebench.c mq.c mq.h
 tests/netbench: tests/netbench.c
 	$(CC) $(WARN) $(CFLAGS) -o $@ tests/netbench.c
 
+# The power-loss file system of tests/powerloss.bats (libfuse3).  Built
+# when libfuse3's development files are there (make deps installs them);
+# without them tests/powerloss.bats skips and says why.
+tests/plugfs: tests/plugfs.c
+	$(CC) $(WARN) $(CFLAGS) $(shell pkg-config --cflags fuse3) -o $@ tests/plugfs.c $(shell pkg-config --libs fuse3)
+
+plugfs:
+	@if pkg-config --exists fuse3; then $(MAKE) --no-print-directory tests/plugfs; \
+	else echo "mq: libfuse3-dev missing: tests/powerloss.bats will skip (make deps)" >&2; fi
+
 deps:
 	@sh tests/deps.sh
 
@@ -62,7 +72,7 @@ check-werror:
 unit: tests/unit
 	./tests/unit
 
-bats: mq mq-fault
+bats: mq mq-fault plugfs
 	MQ=$(CURDIR)/mq MQ_FAULT_BIN=$(CURDIR)/mq-fault bats --jobs 1 $(BATS_FILES)
 
 # The files of the commands that work through a server, again with every
@@ -74,7 +84,11 @@ BATS_REMOTE_FILES = $(addprefix tests/,$(addsuffix .bats,cli consume create dela
 bats-remote: mq mq-fault
 	MQ=$(CURDIR)/mq MQ_FAULT_BIN=$(CURDIR)/mq-fault MQ_VIA_SERVER=1 bats --jobs 1 $(BATS_REMOTE_FILES)
 
-bats-asan: mq-asan mq-fault
+# More plug pulls than make check's: PLUG_ROUNDS per fsync mode.
+torture: mq mq-fault plugfs
+	MQ=$(CURDIR)/mq MQ_FAULT_BIN=$(CURDIR)/mq-fault PLUG_ROUNDS=$${PLUG_ROUNDS:-100} bats tests/powerloss.bats
+
+bats-asan: mq-asan mq-fault plugfs
 	MQ=$(CURDIR)/mq-asan MQ_FAULT_BIN=$(CURDIR)/mq-fault MQ_ASAN=1 bats $(BATS_FILES)
 
 lint:
@@ -97,4 +111,4 @@ uninstall:
 		$(MANDIR)/man7/mq-protocol.7
 
 clean:
-	rm -f mq mq-asan mq-fault tests/unit tests/leasebench tests/netbench
+	rm -f mq mq-asan mq-fault tests/unit tests/leasebench tests/netbench tests/plugfs

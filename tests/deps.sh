@@ -8,9 +8,12 @@ command -v pkg-config >/dev/null 2>&1 || missing="$missing pkg-config"
 if command -v pkg-config >/dev/null 2>&1; then
 	pkg-config --exists yaml-0.1 || missing="$missing libyaml-dev"
 	pkg-config --exists zlib || missing="$missing zlib1g-dev"
+	# tests/powerloss.bats: tests/plugfs is a libfuse3 file system
+	pkg-config --exists fuse3 || missing="$missing libfuse3-dev"
 else
-	missing="$missing libyaml-dev zlib1g-dev"
+	missing="$missing libyaml-dev zlib1g-dev libfuse3-dev"
 fi
+command -v fusermount3 >/dev/null 2>&1 || missing="$missing fuse3"
 command -v bats >/dev/null 2>&1 || missing="$missing bats"
 command -v mandoc >/dev/null 2>&1 || missing="$missing mandoc"
 # The tests check -f json output with an independent JSON parser.
